@@ -1,0 +1,166 @@
+//! The contract between sockmesh's kernel programs and its user-space agent.
+//!
+//! Everything both sides must agree on lives here and nowhere else: map names (which are also
+//! the pin file names under the bpffs directory), map sizes, and the `#[repr(C)]` layouts of
+//! keys and values. Addresses are kept the way the kernel hands them to programs: IPv4 and IPv6
+//! addresses as network-order `u32` words (an IPv4 address in word 0, the rest zero), ports in
+//! host order.
+#![no_std]
+
+/// Default bpffs directory the agent pins its maps under.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sockmesh";
+
+/// Map names. The kernel keeps at most 15 characters of a map name, so every name fits.
+pub mod map_names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const SKIP_PORTS: &str = "SKIP_PORTS";
+    pub const SKIP_NETS_V4: &str = "SKIP_NETS_V4";
+    pub const SKIP_NETS_V6: &str = "SKIP_NETS_V6";
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    pub const COUNTERS: &str = "COUNTERS";
+
+    /// Every map the agent pins, in a stable order.
+    pub const ALL: [&str; 7] = [
+        CONFIG,
+        SKIP_PORTS,
+        SKIP_NETS_V4,
+        SKIP_NETS_V6,
+        ORIG_BY_COOKIE,
+        ORIG_BY_TUPLE,
+        COUNTERS,
+    ];
+}
+
+/// Program names (the Rust function names in agent-ebpf), as `bpftool prog show` lists them.
+/// Like map names, the kernel keeps 15 characters, so each fits.
+pub mod program_names {
+    pub const CONNECT4: &str = "sockmesh_conn4";
+    pub const CONNECT6: &str = "sockmesh_conn6";
+    pub const GETPEERNAME4: &str = "sockmesh_peer4";
+    pub const GETPEERNAME6: &str = "sockmesh_peer6";
+    pub const GETSOCKOPT: &str = "sockmesh_getopt";
+    pub const SOCKOPS: &str = "sockmesh_ops";
+
+    pub const ALL: [&str; 6] = [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, GETSOCKOPT, SOCKOPS];
+}
+
+/// Entries of the two original-destination maps. Both are LRU maps, so a leak (a socket whose
+/// close the kernel never reported to us) can only ever evict the oldest entries.
+pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
+/// Entries of each skip-network LPM trie.
+pub const MAX_SKIP_NETWORKS: u32 = 1_024;
+/// The skip-port bitmap: one bit per TCP port, 64 ports per word.
+pub const SKIP_PORT_WORDS: u32 = 65_536 / 64;
+
+/// Socket mark the agent sets on its own upstream sockets. connect4/6 never redirect a socket
+/// carrying it, so the agent can run inside the cgroup it meshes without proxying to itself.
+pub const DEFAULT_BYPASS_MARK: u32 = 0x534d_0001;
+
+/// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST`, both 80.
+pub const SO_ORIGINAL_DST: i32 = 80;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Where connect4/connect6 send intercepted connections, written once by the agent at start-up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// IPv4 listener address, network order.
+    pub proxy_ip4: u32,
+    /// IPv6 listener address, network-order words.
+    pub proxy_ip6: [u32; 4],
+    /// Listener port (both families), host order.
+    pub proxy_port: u16,
+    /// 1 once the agent has filled this in; connect hooks do nothing before that.
+    pub enabled: u16,
+    /// Socket mark of the agent's own sockets, which are never redirected.
+    pub bypass_mark: u32,
+}
+
+/// The destination an application asked for before connect4/6 rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// Network-order words; IPv4 in word 0.
+    pub addr: [u32; 4],
+    /// Host order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+}
+
+/// A redirected connection as the client socket sees it: client address -> proxy listener.
+/// The proxy looks up its accepted socket with (peer, local), which is the same tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnTuple {
+    pub src_addr: [u32; 4],
+    pub dst_addr: [u32; 4],
+    /// Host order.
+    pub src_port: u16,
+    /// Host order.
+    pub dst_port: u16,
+    pub family: u16,
+    pub pad: u16,
+}
+
+/// Kernel-side counters, one slot per CPU; user space sums the slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// TCP connects sent to the proxy.
+    pub redirected: u64,
+    /// TCP connects left alone because the destination port is skipped.
+    pub bypassed_port: u64,
+    /// TCP connects left alone because the destination network is skipped.
+    pub bypassed_network: u64,
+    /// The agent's own connects (bypass mark) and connects to the proxy itself.
+    pub bypassed_self: u64,
+    /// Map updates that failed; the connect went direct (fail-open).
+    pub errors: u64,
+}
+
+/// Word index and bit mask of `port` in the skip-port bitmap.
+#[inline(always)]
+pub const fn skip_port_slot(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1u64 << (port % 64))
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] plain integers and arrays without implicit padding.
+    unsafe impl aya::Pod for super::ProxyConfig {}
+    unsafe impl aya::Pod for super::OriginalDst {}
+    unsafe impl aya::Pod for super::ConnTuple {}
+    unsafe impl aya::Pod for super::KernelCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_port_slots_cover_every_port_once() {
+        assert_eq!(skip_port_slot(0), (0, 1));
+        assert_eq!(skip_port_slot(63), (0, 1 << 63));
+        assert_eq!(skip_port_slot(64), (1, 1));
+        assert_eq!(skip_port_slot(65_535), (SKIP_PORT_WORDS - 1, 1 << 63));
+    }
+
+    #[test]
+    fn shared_types_have_no_padding() {
+        assert_eq!(core::mem::size_of::<ProxyConfig>(), 4 + 16 + 2 + 2 + 4);
+        assert_eq!(core::mem::size_of::<OriginalDst>(), 16 + 2 + 2);
+        assert_eq!(core::mem::size_of::<ConnTuple>(), 32 + 8);
+        assert_eq!(core::mem::size_of::<KernelCounters>(), 5 * 8);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in map_names::ALL.iter().chain(program_names::ALL.iter()) {
+            assert!(name.len() <= 15, "{name}");
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! sockmesh kernel programs, attached to one cgroup v2 by the agent.
+//!
+//! One entry point per program; the logic lives in small modules, one per concern:
+//! `redirect` (connect4/6), `tracking` (sockops), `disguise` (getpeername4/6, getsockopt).
+//! Every program returns "allow": sockmesh never makes a socket call fail.
+#![no_std]
+#![no_main]
+
+mod access;
+mod disguise;
+mod maps;
+mod redirect;
+mod tracking;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+};
+
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn sockmesh_conn4(ctx: SockAddrContext) -> i32 {
+    redirect::connect4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sockmesh_conn6(ctx: SockAddrContext) -> i32 {
+    redirect::connect6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sockmesh_peer4(ctx: SockAddrContext) -> i32 {
+    disguise::getpeername4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sockmesh_peer6(ctx: SockAddrContext) -> i32 {
+    disguise::getpeername6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sockopt(getsockopt)]
+pub fn sockmesh_getopt(ctx: SockoptContext) -> i32 {
+    disguise::getsockopt(&ctx);
+    ALLOW
+}
+
+#[sock_ops]
+pub fn sockmesh_ops(ctx: SockOpsContext) -> u32 {
+    tracking::on_sock_op(&ctx);
+    ALLOW as u32
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,56 @@
+//! Map definitions. BTF-style (`.maps` section) so the kernel knows each key and value type and
+//! `bpftool map dump` prints named fields. Names, sizes and types come from agent-common.
+
+use agent_common::{
+    ConnTuple, KernelCounters, MAX_SKIP_NETWORKS, MAX_TRACKED_CONNECTIONS, OriginalDst,
+    ProxyConfig, SKIP_PORT_WORDS,
+};
+use aya_ebpf::{
+    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+
+const TRACKED: usize = MAX_TRACKED_CONNECTIONS as usize;
+const NETWORKS: usize = MAX_SKIP_NETWORKS as usize;
+
+/// Slot 0: where to redirect to. Written by the agent before any program is attached.
+#[btf_map]
+pub static CONFIG: Array<ProxyConfig, 1> = Array::new();
+
+/// One bit per destination port that connect4/6 leave alone.
+#[btf_map]
+pub static SKIP_PORTS: Array<u64, { SKIP_PORT_WORDS as usize }> = Array::new();
+
+/// Destination networks that connect4/6 leave alone (value unused).
+#[btf_map]
+pub static SKIP_NETS_V4: LpmTrie<[u8; 4], u8, NETWORKS> = LpmTrie::new();
+
+#[btf_map]
+pub static SKIP_NETS_V6: LpmTrie<[u8; 16], u8, NETWORKS> = LpmTrie::new();
+
+/// Original destination of each redirected client socket, by socket cookie. Lives as long as
+/// the socket, for getpeername.
+#[btf_map]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OriginalDst, TRACKED> = LruHashMap::new();
+
+/// Original destination of each established redirected connection, by its address tuple, for
+/// the proxy (map lookup or SO_ORIGINAL_DST).
+#[btf_map]
+pub static ORIG_BY_TUPLE: LruHashMap<ConnTuple, OriginalDst, TRACKED> = LruHashMap::new();
+
+#[btf_map]
+pub static COUNTERS: PerCpuArray<KernelCounters, 1> = PerCpuArray::new();
+
+/// Adds one to a kernel counter on this CPU.
+#[inline(always)]
+pub fn count(field: fn(&mut KernelCounters) -> &mut u64) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, only this program instance touches it while it runs.
+        unsafe { *field(&mut *counters) += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn proxy_config() -> Option<&'static ProxyConfig> {
+    CONFIG.get(0).filter(|config| config.enabled != 0)
+}

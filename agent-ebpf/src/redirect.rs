@@ -1,0 +1,156 @@
+//! connect4/connect6: decide whether a TCP connect goes to the proxy, and if so remember where
+//! it was going and rewrite it. Every path returns "allow": the hooks never refuse a connect.
+
+use agent_common::{AF_INET, AF_INET6, KernelCounters, OriginalDst, ProxyConfig, skip_port_slot};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_ANY, bpf_sock_addr},
+    helpers::generated::bpf_get_socket_cookie,
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+
+use crate::maps::{count, proxy_config, ORIG_BY_COOKIE, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS};
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+enum Decision {
+    Redirect,
+    BypassSelf,
+    BypassPort,
+    BypassNetwork,
+}
+
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext) {
+    let Some(config) = proxy_config() else { return };
+    // SAFETY: the kernel's bpf_sock_addr for this call.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if !is_tcp(sa) {
+        return;
+    }
+    let dst = OriginalDst {
+        addr: [sa.user_ip4, 0, 0, 0],
+        port: u16::from_be(sa.user_port as u16),
+        family: AF_INET,
+    };
+    let decision = decide(sa, config, &dst, || skip_network_v4(sa.user_ip4));
+    if record(ctx, decision, &dst) {
+        sa.user_ip4 = config.proxy_ip4;
+        sa.user_port = u32::from(config.proxy_port.to_be());
+    }
+}
+
+#[inline(always)]
+pub fn connect6(ctx: &SockAddrContext) {
+    let Some(config) = proxy_config() else { return };
+    // SAFETY: the kernel's bpf_sock_addr for this call.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if !is_tcp(sa) {
+        return;
+    }
+    let ip6 = sa.user_ip6;
+    let dst = OriginalDst {
+        addr: ip6,
+        port: u16::from_be(sa.user_port as u16),
+        family: AF_INET6,
+    };
+    let decision = decide(sa, config, &dst, || skip_network_v6(ip6));
+    if record(ctx, decision, &dst) {
+        set_user_ip6(sa, &config.proxy_ip6);
+        sa.user_port = u32::from(config.proxy_port.to_be());
+    }
+}
+
+/// Writes `user_ip6` one word at a time: the verifier refuses the byte-wise copy the compiler
+/// would emit for an array assignment into the context.
+#[inline(always)]
+pub fn set_user_ip6(sa: &mut bpf_sock_addr, words: &[u32; 4]) {
+    for (slot, word) in sa.user_ip6.iter_mut().zip(words) {
+        // SAFETY: slot points into the context the kernel handed us.
+        unsafe { core::ptr::write_volatile(slot, *word) };
+    }
+}
+
+#[inline(always)]
+fn is_tcp(sa: &bpf_sock_addr) -> bool {
+    sa.type_ == SOCK_STREAM && sa.protocol == IPPROTO_TCP
+}
+
+#[inline(always)]
+fn decide(
+    sa: &bpf_sock_addr,
+    config: &ProxyConfig,
+    dst: &OriginalDst,
+    skip_network: impl Fn() -> bool,
+) -> Decision {
+    // SAFETY: for sock_addr programs the verifier types ctx->sk as a non-null socket.
+    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
+    if mark == config.bypass_mark || is_proxy(config, dst) {
+        return Decision::BypassSelf;
+    }
+    if port_is_skipped(dst.port) {
+        return Decision::BypassPort;
+    }
+    if skip_network() {
+        return Decision::BypassNetwork;
+    }
+    Decision::Redirect
+}
+
+/// Counts the decision; on Redirect, records the original destination. Returns whether the
+/// caller should rewrite the destination (false when recording failed: fail open).
+#[inline(always)]
+fn record(ctx: &SockAddrContext, decision: Decision, dst: &OriginalDst) -> bool {
+    match decision {
+        Decision::BypassSelf => count(|c: &mut KernelCounters| &mut c.bypassed_self),
+        Decision::BypassPort => count(|c: &mut KernelCounters| &mut c.bypassed_port),
+        Decision::BypassNetwork => count(|c: &mut KernelCounters| &mut c.bypassed_network),
+        Decision::Redirect => {
+            // SAFETY: bpf_get_socket_cookie is allowed in sock_addr programs.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            if ORIG_BY_COOKIE.insert(cookie, dst, u64::from(BPF_ANY)).is_err() {
+                count(|c: &mut KernelCounters| &mut c.errors);
+                return false;
+            }
+            count(|c: &mut KernelCounters| &mut c.redirected);
+            return true;
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn is_proxy(config: &ProxyConfig, dst: &OriginalDst) -> bool {
+    dst.port == config.proxy_port
+        && match dst.family {
+            AF_INET => dst.addr[0] == config.proxy_ip4,
+            _ => dst.addr == config.proxy_ip6,
+        }
+}
+
+#[inline(always)]
+fn port_is_skipped(port: u16) -> bool {
+    let (word, bit) = skip_port_slot(port);
+    SKIP_PORTS.get(word).is_some_and(|bits| bits & bit != 0)
+}
+
+#[inline(always)]
+fn skip_network_v4(ip4: u32) -> bool {
+    SKIP_NETS_V4.get(&Key::new(32, ip4.to_ne_bytes())).is_some()
+}
+
+/// IPv4-mapped IPv6 destinations (::ffff:a.b.c.d) are checked against the IPv4 networks too.
+#[inline(always)]
+fn skip_network_v6(ip6: [u32; 4]) -> bool {
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0xffff_u32.to_be() {
+        return skip_network_v4(ip6[3]);
+    }
+    let mut bytes = [0u8; 16];
+    for (i, word) in ip6.iter().enumerate() {
+        bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    SKIP_NETS_V6.get(&Key::new(128, bytes)).is_some()
+}
+

@@ -1,0 +1,95 @@
+//! sockops: follow each redirected client socket through its life. When it connects we ask for
+//! state callbacks; once established we publish its original destination under the connection's
+//! addresses (what the proxy sees on accept); when it closes we forget both entries.
+
+use agent_common::{AF_INET, ConnTuple, KernelCounters};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
+    helpers::generated::bpf_get_socket_cookie,
+    programs::SockOpsContext,
+};
+
+use crate::{
+    access::{read_field, read_words},
+    maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE, count},
+};
+
+#[inline(always)]
+pub fn on_sock_op(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(ctx),
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: bpf_get_socket_cookie is allowed in sock_ops programs.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Only sockets that connect4/6 redirected get state callbacks: everything else costs nothing.
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    // SAFETY: only checked for presence; no reference is kept.
+    if unsafe { ORIG_BY_COOKIE.get(cookie(ctx)) }.is_some() {
+        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+        if ctx.set_cb_flags(flags as i32).is_err() {
+            count(|c: &mut KernelCounters| &mut c.errors);
+        }
+    }
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    let Some(dst) = ORIG_BY_COOKIE.get_ptr(cookie(ctx)) else { return };
+    // SAFETY: copied out at once; the entry is only removed by this socket's own close.
+    let dst = unsafe { *dst };
+    if ORIG_BY_TUPLE.insert(client_tuple(ctx), dst, u64::from(BPF_ANY)).is_err() {
+        count(|c: &mut KernelCounters| &mut c.errors);
+    }
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    let cookie = cookie(ctx);
+    // SAFETY: only checked for presence.
+    if unsafe { ORIG_BY_COOKIE.get(cookie) }.is_some() {
+        let _ = ORIG_BY_TUPLE.remove(client_tuple(ctx));
+        let _ = ORIG_BY_COOKIE.remove(cookie);
+    }
+}
+
+/// The client socket's view: local address -> proxy listener.
+#[inline(always)]
+fn client_tuple(ctx: &SockOpsContext) -> ConnTuple {
+    let ops = ctx.ops;
+    // SAFETY (all reads): ops is the kernel's bpf_sock_ops for this call.
+    let family = unsafe { read_field(&raw const (*ops).family) } as u16;
+    let (src_addr, dst_addr) = if family == AF_INET {
+        let local = unsafe { read_field(&raw const (*ops).local_ip4) };
+        let remote = unsafe { read_field(&raw const (*ops).remote_ip4) };
+        ([local, 0, 0, 0], [remote, 0, 0, 0])
+    } else {
+        let local = unsafe { read_words(&raw const (*ops).local_ip6) };
+        let remote = unsafe { read_words(&raw const (*ops).remote_ip6) };
+        (local, remote)
+    };
+    let local_port = unsafe { read_field(&raw const (*ops).local_port) };
+    let remote_port = unsafe { read_field(&raw const (*ops).remote_port) };
+    ConnTuple {
+        src_addr,
+        dst_addr,
+        // local_port is host order; remote_port holds the network-order port in its upper half.
+        src_port: local_port as u16,
+        dst_port: u16::from_be((remote_port >> 16) as u16),
+        family,
+        pad: 0,
+    }
+}

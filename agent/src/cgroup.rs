@@ -1,0 +1,103 @@
+//! cgroup v2 plumbing: find the cgroup2 mount, create the default meshed cgroup, and move a
+//! process into a cgroup (for `sockmesh exec`).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Name of the cgroup `sockmesh run` creates when `--cgroup` is not given.
+pub const DEFAULT_CGROUP_NAME: &str = "sockmesh";
+
+/// The cgroup2 mount point, from /proc/self/mountinfo (it is /sys/fs/cgroup on most systems,
+/// /sys/fs/cgroup/unified on hybrid ones).
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    find_cgroup2_mount(&mountinfo).context("no cgroup2 file system is mounted")
+}
+
+/// Parses mountinfo: field 5 is the mount point, the field after " - " is the fs type.
+fn find_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount_fields, fs_fields) = line.split_once(" - ")?;
+        let fs_type = fs_fields.split_whitespace().next()?;
+        let mount_point = mount_fields.split_whitespace().nth(4)?;
+        (fs_type == "cgroup2").then(|| PathBuf::from(unescape_octal(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
+            let text = std::str::from_utf8(digits).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup given on the command line, or the default one (created if missing).
+pub fn resolve(given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let path = cgroup2_mount()?.join(DEFAULT_CGROUP_NAME);
+    if !path.exists() {
+        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        tracing::info!(cgroup = %path.display(), "created the meshed cgroup");
+    }
+    Ok(path)
+}
+
+/// Moves the calling process into `cgroup`.
+pub fn enter(cgroup: &Path) -> Result<()> {
+    let procs = cgroup.join("cgroup.procs");
+    if !procs.exists() {
+        bail!("{} is not a cgroup v2 directory", cgroup.display());
+    }
+    // Writing "0" moves the writing process itself.
+    fs::write(&procs, "0").with_context(|| format!("joining cgroup {}", cgroup.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_mountinfo() {
+        let mountinfo = "\
+25 30 0:23 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs ro,mode=755
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
+42 31 0:39 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu";
+        assert_eq!(find_cgroup2_mount(mountinfo), Some("/sys/fs/cgroup/unified".into()));
+    }
+
+    #[test]
+    fn no_cgroup2_mount() {
+        assert_eq!(find_cgroup2_mount("25 30 0:23 / /sys rw - sysfs sysfs rw"), None);
+        assert_eq!(find_cgroup2_mount("garbage"), None);
+    }
+
+    #[test]
+    fn unescapes_mount_points() {
+        assert_eq!(unescape_octal(r"/mnt/with\040space"), "/mnt/with space");
+        assert_eq!(unescape_octal(r"/plain\"), r"/plain\");
+    }
+}

@@ -1,0 +1,112 @@
+//! Command-line interface. Every flag of `run` has an environment-variable twin so the same
+//! binary is configured by flags on a VM and by env in a DaemonSet.
+
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{
+    Config, NetworkList, PortSet, parse_cgroup_dir, parse_duration, parse_listen_port,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "sockmesh", version, about = "eBPF-accelerated node-level proxy agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to a cgroup and proxy every outbound TCP connection of its processes.
+    Run(RunArgs),
+    /// Run a command inside the meshed cgroup, so its connections go through the agent.
+    Exec(ExecArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG is used when this is not given.
+    #[arg(long, env = "SOCKMESH_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    #[arg(long, env = "SOCKMESH_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct CgroupArg {
+    /// cgroup v2 directory to mesh [default: a `sockmesh` cgroup under the cgroup2 mount,
+    /// created if missing]
+    #[arg(long, env = "SOCKMESH_CGROUP", value_parser = parse_cgroup_dir)]
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub cgroup: CgroupArg,
+    /// Port of the outbound proxy listener (on 127.0.0.1 and ::1).
+    #[arg(long, env = "SOCKMESH_OUTBOUND_PORT", default_value = "4140",
+          value_parser = parse_listen_port)]
+    pub outbound_port: u16,
+    /// Destination ports that bypass the proxy, e.g. `80,4000-4100`. Added to the agent's own
+    /// ports (admin), which are always skipped.
+    #[arg(long, env = "SOCKMESH_SKIP_OUTBOUND_PORTS", default_value = "")]
+    pub skip_outbound_ports: PortSet,
+    /// Destination networks that bypass the proxy, e.g. `10.0.0.0/8,fd00::/8`.
+    #[arg(long, env = "SOCKMESH_SKIP_OUTBOUND_NETWORKS", default_value = "")]
+    pub skip_outbound_networks: NetworkList,
+    /// Address of the admin server (/metrics, /ready, /live).
+    #[arg(long, env = "SOCKMESH_ADMIN_ADDR", default_value = "127.0.0.1:4191")]
+    pub admin_addr: SocketAddr,
+    /// How long open connections may take to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "SOCKMESH_SHUTDOWN_GRACE", default_value = "30s",
+          value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// How long to wait for an upstream TCP connect.
+    #[arg(long, env = "SOCKMESH_CONNECT_TIMEOUT", default_value = "10s",
+          value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// bpffs directory the agent pins its maps in (inspect them with bpftool).
+    #[arg(long, env = "SOCKMESH_PIN_DIR", default_value = agent_common::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// SO_MARK put on the agent's own upstream sockets so they are never redirected.
+    #[arg(long, env = "SOCKMESH_BYPASS_MARK", default_value_t = agent_common::DEFAULT_BYPASS_MARK)]
+    pub bypass_mark: u32,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub cgroup: CgroupArg,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<OsString>,
+}
+
+impl RunArgs {
+    /// The one typed configuration, given the cgroup the caller resolved.
+    pub fn into_config(self, cgroup: PathBuf) -> Config {
+        let skip_outbound_ports =
+            Config::builtin_skip_ports(self.admin_addr).with(&self.skip_outbound_ports);
+        Config {
+            cgroup,
+            outbound_port: self.outbound_port,
+            skip_outbound_ports,
+            skip_outbound_networks: self.skip_outbound_networks,
+            admin_addr: self.admin_addr,
+            shutdown_grace: self.shutdown_grace,
+            connect_timeout: self.connect_timeout,
+            pin_dir: self.pin_dir,
+            bypass_mark: self.bypass_mark,
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Intercept: load the kernel programs, pin and fill their maps, attach them to the meshed
+//! cgroup, and detach them again. Links are deliberately not pinned: when the agent dies, the
+//! kernel drops them and the cgroup's traffic flows directly again (fail-open).
+
+use std::{
+    fs,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use agent_common::{
+    ConnTuple, KernelCounters, OriginalDst, ProxyConfig, SKIP_PORT_WORDS, map_names,
+    program_names, skip_port_slot,
+};
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps},
+};
+use ipnetwork::IpNetwork;
+
+use crate::config::Config;
+
+/// The compiled agent-ebpf object, embedded at build time (see build.rs).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh-ebpf.o"));
+
+/// bpffs magic number (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The loaded programs and the maps user space keeps using while they run.
+pub struct Intercept {
+    ebpf: Ebpf,
+    /// Attached links; dropping one detaches its program.
+    links: Vec<Box<dyn Send + Sync>>,
+    pin_dir: PathBuf,
+}
+
+/// Read access to the original-destination map, shared with every connection task.
+pub struct OriginalDstMap(HashMap<MapData, ConnTuple, OriginalDst>);
+
+/// Read access to the per-CPU kernel counters, for /metrics.
+pub struct KernelCounterMap(PerCpuArray<MapData, KernelCounters>);
+
+impl Intercept {
+    /// Loads the programs and pins and fills the maps; nothing is attached yet.
+    pub fn load(config: &Config) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!(
+                "this sockmesh binary was built without its eBPF object; build it with \
+                 `cargo xtask build` (or `cargo xtask run`)"
+            );
+        }
+        let ebpf = EbpfLoader::new().load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let mut intercept = Self { ebpf, links: Vec::new(), pin_dir: config.pin_dir.clone() };
+        intercept.pin_maps()?;
+        intercept.fill_maps(config)?;
+        Ok(intercept)
+    }
+
+    /// Pins every map under the pin dir, replacing pins a previous agent left behind.
+    fn pin_maps(&mut self) -> Result<()> {
+        prepare_pin_dir(&self.pin_dir)?;
+        for name in map_names::ALL {
+            let path = self.pin_dir.join(name);
+            if path.exists() {
+                fs::remove_file(&path)
+                    .with_context(|| format!("removing stale pin {}", path.display()))?;
+            }
+            let map = self.ebpf.map(name).with_context(|| format!("map {name} missing"))?;
+            map.pin(&path).with_context(|| format!("pinning map {name} at {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn fill_maps(&mut self, config: &Config) -> Result<()> {
+        let proxy = ProxyConfig {
+            proxy_ip4: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+            proxy_ip6: ipv6_words(Ipv6Addr::LOCALHOST),
+            proxy_port: config.outbound_port,
+            enabled: 1,
+            bypass_mark: config.bypass_mark,
+        };
+        let mut skip_words = [0u64; SKIP_PORT_WORDS as usize];
+        for port in config.skip_outbound_ports.ports() {
+            let (word, bit) = skip_port_slot(port);
+            skip_words[word as usize] |= bit;
+        }
+        let mut skip_ports: Array<_, u64> = self.typed_map(map_names::SKIP_PORTS)?;
+        for (index, bits) in skip_words.iter().enumerate() {
+            if *bits != 0 {
+                skip_ports.set(index as u32, bits, 0).context("writing SKIP_PORTS")?;
+            }
+        }
+        self.fill_skip_networks(&config.skip_outbound_networks.0)?;
+        // CONFIG last: the connect hooks do nothing until `enabled` is set.
+        let mut config_map: Array<_, ProxyConfig> = self.typed_map(map_names::CONFIG)?;
+        config_map.set(0, proxy, 0).context("writing CONFIG")?;
+        Ok(())
+    }
+
+    fn fill_skip_networks(&mut self, networks: &[IpNetwork]) -> Result<()> {
+        let mut v4: LpmTrie<_, [u8; 4], u8> = self.typed_map(map_names::SKIP_NETS_V4)?;
+        for net in networks.iter().filter_map(|n| match n {
+            IpNetwork::V4(net) => Some(net),
+            IpNetwork::V6(_) => None,
+        }) {
+            let key = Key::new(u32::from(net.prefix()), net.network().octets());
+            v4.insert(&key, 1, 0).with_context(|| format!("adding skip network {net}"))?;
+        }
+        let mut v6: LpmTrie<_, [u8; 16], u8> = self.typed_map(map_names::SKIP_NETS_V6)?;
+        for net in networks.iter().filter_map(|n| match n {
+            IpNetwork::V6(net) => Some(net),
+            IpNetwork::V4(_) => None,
+        }) {
+            let key = Key::new(u32::from(net.prefix()), net.network().octets());
+            v6.insert(&key, 1, 0).with_context(|| format!("adding skip network {net}"))?;
+        }
+        Ok(())
+    }
+
+    /// A typed handle on a map the agent keeps (the Ebpf keeps its own reference too).
+    fn typed_map<T>(&mut self, name: &str) -> Result<T>
+    where
+        T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let path = self.pin_dir.join(name);
+        let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let map = aya::maps::Map::from_map_data(data).with_context(|| format!("map {name}"))?;
+        T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    }
+
+    pub fn original_dst_map(&mut self) -> Result<OriginalDstMap> {
+        self.typed_map(map_names::ORIG_BY_TUPLE).map(OriginalDstMap)
+    }
+
+    pub fn kernel_counter_map(&mut self) -> Result<KernelCounterMap> {
+        self.typed_map(map_names::COUNTERS).map(KernelCounterMap)
+    }
+
+    /// Loads and attaches every program to `cgroup`. From here on, connects in the cgroup are
+    /// redirected, so the listeners must already be up.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<()> {
+        let cgroup_dir = fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let cgroup_fd = cgroup_dir.as_fd();
+        // bpf_link attachments are always "multi"; the kernel wants no attach flags with them.
+        let mode = CgroupAttachMode::Single;
+        let Self { ebpf, links, .. } = self;
+        for name in [
+            program_names::CONNECT4,
+            program_names::CONNECT6,
+            program_names::GETPEERNAME4,
+            program_names::GETPEERNAME6,
+        ] {
+            let program: &mut CgroupSockAddr = program_named(ebpf, name)?.try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+            let id = program.attach(cgroup_fd, mode).with_context(|| format!("attaching {name}"))?;
+            links.push(Box::new(program.take_link(id)?));
+        }
+        let name = program_names::GETSOCKOPT;
+        let program: &mut CgroupSockopt = program_named(ebpf, name)?.try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        let id = program.attach(cgroup_fd, mode).with_context(|| format!("attaching {name}"))?;
+        links.push(Box::new(program.take_link(id)?));
+
+        let name = program_names::SOCKOPS;
+        let program: &mut SockOps = program_named(ebpf, name)?.try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        let id = program.attach(cgroup_fd, mode).with_context(|| format!("attaching {name}"))?;
+        links.push(Box::new(program.take_link(id)?));
+        tracing::info!(cgroup = %cgroup.display(), programs = links.len(), "attached");
+        Ok(())
+    }
+
+    /// Detaches every program: new connects in the cgroup go direct from now on. The maps stay,
+    /// so connections already redirected can still be resolved.
+    pub fn detach(&mut self) {
+        let count = self.links.len();
+        self.links.clear();
+        tracing::info!(programs = count, "detached");
+    }
+}
+
+impl Drop for Intercept {
+    fn drop(&mut self) {
+        self.links.clear();
+        for name in map_names::ALL {
+            let _ = fs::remove_file(self.pin_dir.join(name));
+        }
+        let _ = fs::remove_dir(&self.pin_dir);
+    }
+}
+
+impl OriginalDstMap {
+    pub fn get(&self, tuple: &ConnTuple) -> Option<OriginalDst> {
+        self.0.get(tuple, 0).ok()
+    }
+}
+
+impl KernelCounterMap {
+    /// The counters summed over all CPUs.
+    pub fn read(&self) -> Result<KernelCounters> {
+        let per_cpu = self.0.get(&0, 0).context("reading COUNTERS")?;
+        Ok(per_cpu.iter().fold(KernelCounters::default(), |mut sum, cpu| {
+            sum.redirected += cpu.redirected;
+            sum.bypassed_port += cpu.bypassed_port;
+            sum.bypassed_network += cpu.bypassed_network;
+            sum.bypassed_self += cpu.bypassed_self;
+            sum.errors += cpu.errors;
+            sum
+        }))
+    }
+}
+
+fn program_named<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name).with_context(|| format!("program {name} missing"))
+}
+
+/// Network-order words of an IPv6 address, as the kernel's `user_ip6` holds them.
+pub fn ipv6_words(addr: Ipv6Addr) -> [u32; 4] {
+    let octets = addr.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([octets[i * 4], octets[i * 4 + 1], octets[i * 4 + 2], octets[i * 4 + 3]])
+    })
+}
+
+/// Makes sure the pin dir exists on a bpffs, mounting bpffs at /sys/fs/bpf when it is missing.
+fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent) {
+        if parent != Path::new("/sys/fs/bpf") {
+            bail!("{} is not on a bpf file system (mount -t bpf bpf DIR)", parent.display());
+        }
+        mount_bpffs(parent)?;
+    }
+    fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated and stat is a valid out-pointer.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn mount_bpffs(path: &Path) -> Result<()> {
+    tracing::info!(path = %path.display(), "mounting bpffs");
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: all strings are NUL-terminated; no data argument.
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting bpffs at {}", path.display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_words_are_network_order() {
+        let words = ipv6_words(Ipv6Addr::LOCALHOST);
+        assert_eq!(words[..3], [0, 0, 0]);
+        assert_eq!(words[3].to_ne_bytes(), [0, 0, 0, 1]);
+    }
+}

@@ -1,0 +1,248 @@
+//! Metrics: typed label sets and metric families, exposed by the admin server in the
+//! Prometheus/OpenMetrics text format (prometheus-client). Names follow Linkerd's proxy so
+//! existing dashboards work. Labels are bounded: direction is a closed enum, target_port has at
+//! most 65536 values, errno is one of a fixed list of names.
+
+use std::{fmt, sync::Arc};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
+    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::intercept::KernelCounterMap;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+/// Labels of every per-connection TCP metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: Direction,
+    pub target_port: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpCloseLabels {
+    pub direction: Direction,
+    pub target_port: u16,
+    /// Empty for a clean close, else the errno name (ECONNRESET, ...).
+    pub errno: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum LookupResult {
+    /// Answered by SO_ORIGINAL_DST (the agent runs inside the meshed cgroup).
+    Getsockopt,
+    /// Answered from the pinned ORIG_BY_TUPLE map.
+    Map,
+    /// Not a redirected connection; it was reset.
+    NotFound,
+}
+
+impl LookupResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Getsockopt => "getsockopt",
+            Self::Map => "map",
+            Self::NotFound => "not_found",
+        }
+    }
+}
+
+/// Enum label values render as their lowercase names.
+macro_rules! label_value_as_str {
+    ($($name:ty),+) => {$(
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+                fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    )+};
+}
+
+label_value_as_str!(Direction, LookupResult);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabels {
+    pub result: LookupResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectErrorLabels {
+    pub direction: Direction,
+    pub target_port: u16,
+    pub errno: &'static str,
+}
+
+/// Every metric family of the agent, plus the registry that renders them.
+pub struct Metrics {
+    registry: Registry,
+    pub tcp_open_total: Family<TcpLabels, Counter>,
+    pub tcp_open_connections: Family<TcpLabels, Gauge>,
+    /// Bytes the proxy read from the destination (server -> client).
+    pub tcp_read_bytes_total: Family<TcpLabels, Counter>,
+    /// Bytes the proxy wrote to the destination (client -> server).
+    pub tcp_write_bytes_total: Family<TcpLabels, Counter>,
+    pub tcp_close_total: Family<TcpCloseLabels, Counter>,
+    pub tcp_connect_errors_total: Family<ConnectErrorLabels, Counter>,
+    pub original_dst_lookups_total: Family<LookupLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new(kernel: Arc<KernelCounterMap>) -> Self {
+        let mut registry = Registry::default();
+        let metrics = Self {
+            tcp_open_total: Family::default(),
+            tcp_open_connections: Family::default(),
+            tcp_read_bytes_total: Family::default(),
+            tcp_write_bytes_total: Family::default(),
+            tcp_close_total: Family::default(),
+            tcp_connect_errors_total: Family::default(),
+            original_dst_lookups_total: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "tcp_open",
+            "TCP connections opened through the proxy",
+            metrics.tcp_open_total.clone(),
+        );
+        registry.register(
+            "tcp_open_connections",
+            "TCP connections currently open through the proxy",
+            metrics.tcp_open_connections.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from destinations (server to client)",
+            metrics.tcp_read_bytes_total.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to destinations (client to server)",
+            metrics.tcp_write_bytes_total.clone(),
+        );
+        registry.register(
+            "tcp_close",
+            "TCP connections closed, by errno (empty when clean)",
+            metrics.tcp_close_total.clone(),
+        );
+        registry.register(
+            "tcp_connect_errors",
+            "Upstream connects that failed; the client connection was reset",
+            metrics.tcp_connect_errors_total.clone(),
+        );
+        registry.register(
+            "sockmesh_original_dst_lookups",
+            "Original-destination lookups on accepted connections, by how they resolved",
+            metrics.original_dst_lookups_total.clone(),
+        );
+        registry.register_collector(Box::new(KernelCollector(kernel)));
+        Self { registry, ..metrics }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Result<String, fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// Reads the kernel's per-CPU counters at scrape time.
+struct KernelCollector(Arc<KernelCounterMap>);
+
+impl fmt::Debug for KernelCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KernelCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let counters = match self.0.read() {
+            Ok(counters) => counters,
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "reading kernel counters");
+                return Ok(());
+            }
+        };
+        let decisions = [
+            ("redirected", counters.redirected),
+            ("bypassed_port", counters.bypassed_port),
+            ("bypassed_network", counters.bypassed_network),
+            ("bypassed_self", counters.bypassed_self),
+        ];
+        let probe = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "sockmesh_kernel_connects",
+            "TCP connects seen by the cgroup connect4/6 programs, by decision",
+            None,
+            probe.metric_type(),
+        )?;
+        for (decision, value) in decisions {
+            let labels = DecisionLabels { decision };
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        let errors = ConstCounter::new(counters.errors);
+        let metric = encoder.encode_descriptor(
+            "sockmesh_kernel_errors",
+            "Kernel map updates that failed; the connect went direct (fail-open)",
+            None,
+            errors.metric_type(),
+        )?;
+        errors.encode(metric)
+    }
+}
+
+/// A bounded errno label: the name of common socket errors, "EOTHER" for the rest.
+pub fn errno_name(error: &std::io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::ECONNRESET) => "ECONNRESET",
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED",
+        Some(libc::ECONNABORTED) => "ECONNABORTED",
+        Some(libc::EPIPE) => "EPIPE",
+        Some(libc::ETIMEDOUT) => "ETIMEDOUT",
+        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH",
+        Some(libc::ENETUNREACH) => "ENETUNREACH",
+        Some(libc::EADDRNOTAVAIL) => "EADDRNOTAVAIL",
+        Some(libc::EMFILE) => "EMFILE",
+        Some(libc::ENOMEM) => "ENOMEM",
+        _ if error.kind() == std::io::ErrorKind::TimedOut => "ETIMEDOUT",
+        _ => "EOTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_names_are_bounded() {
+        let reset = std::io::Error::from_raw_os_error(libc::ECONNRESET);
+        assert_eq!(errno_name(&reset), "ECONNRESET");
+        let odd = std::io::Error::from_raw_os_error(libc::EXDEV);
+        assert_eq!(errno_name(&odd), "EOTHER");
+        let timeout = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        assert_eq!(errno_name(&timeout), "ETIMEDOUT");
+    }
+}

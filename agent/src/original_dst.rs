@@ -1,0 +1,148 @@
+//! Original destination: where a redirected client meant to connect. Asked first the way
+//! iptables REDIRECT users ask (getsockopt SO_ORIGINAL_DST, answered by our cgroup hook when the
+//! agent runs inside the meshed cgroup), then from the pinned map by the connection's addresses.
+
+use std::{
+    io, mem,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsRawFd,
+};
+
+use agent_common::{AF_INET, AF_INET6, ConnTuple, OriginalDst, SO_ORIGINAL_DST};
+
+use crate::{intercept::OriginalDstMap, metrics::LookupResult};
+
+/// Resolves the original destination of an accepted connection.
+pub fn lookup(
+    socket: &impl AsRawFd,
+    peer: SocketAddr,
+    local: SocketAddr,
+    map: &OriginalDstMap,
+) -> (Option<SocketAddr>, LookupResult) {
+    if let Ok(addr) = so_original_dst(socket, local.is_ipv4()) {
+        return (Some(addr), LookupResult::Getsockopt);
+    }
+    match map.get(&conn_tuple(peer, local)) {
+        Some(dst) => (Some(to_socket_addr(&dst)), LookupResult::Map),
+        None => (None, LookupResult::NotFound),
+    }
+}
+
+/// getsockopt(SOL_IP|SOL_IPV6, SO_ORIGINAL_DST).
+fn so_original_dst(socket: &impl AsRawFd, ipv4: bool) -> io::Result<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data; zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let (level, mut len) = if ipv4 {
+        (libc::SOL_IP, mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+    } else {
+        (libc::SOL_IPV6, mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+    };
+    // SAFETY: storage is large enough for len bytes; the kernel writes at most len.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            (&raw mut storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    sockaddr_to_socket_addr(&storage)
+}
+
+fn sockaddr_to_socket_addr(storage: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says this is a sockaddr_in, which fits in sockaddr_storage.
+            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this is a sockaddr_in6, which fits in sockaddr_storage.
+            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Ok(canonical(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), 0, 0))))
+        }
+        family => Err(io::Error::other(format!("SO_ORIGINAL_DST returned family {family}"))),
+    }
+}
+
+/// The map key: the client's address -> the proxy listener, as sockops recorded it.
+pub fn conn_tuple(peer: SocketAddr, local: SocketAddr) -> ConnTuple {
+    ConnTuple {
+        src_addr: ip_words(peer.ip()),
+        dst_addr: ip_words(local.ip()),
+        src_port: peer.port(),
+        dst_port: local.port(),
+        family: if peer.is_ipv4() { AF_INET } else { AF_INET6 },
+        pad: 0,
+    }
+}
+
+fn ip_words(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        IpAddr::V6(v6) => crate::intercept::ipv6_words(v6),
+    }
+}
+
+pub fn to_socket_addr(dst: &OriginalDst) -> SocketAddr {
+    if dst.family == AF_INET {
+        let ip = Ipv4Addr::from(dst.addr[0].to_ne_bytes());
+        return SocketAddr::V4(SocketAddrV4::new(ip, dst.port));
+    }
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(dst.addr) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    canonical(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(octets), dst.port, 0, 0)))
+}
+
+/// An IPv4-mapped IPv6 destination (::ffff:a.b.c.d) is dialled as plain IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_values_become_socket_addrs() {
+        let v4 = OriginalDst {
+            addr: [u32::from_ne_bytes([10, 1, 2, 3]), 0, 0, 0],
+            port: 8080,
+            family: AF_INET,
+        };
+        assert_eq!(to_socket_addr(&v4), "10.1.2.3:8080".parse().unwrap());
+        let v6 = OriginalDst {
+            addr: crate::intercept::ipv6_words("fd00::1".parse().unwrap()),
+            port: 443,
+            family: AF_INET6,
+        };
+        assert_eq!(to_socket_addr(&v6), "[fd00::1]:443".parse().unwrap());
+    }
+
+    #[test]
+    fn mapped_ipv4_destinations_are_dialled_as_ipv4() {
+        let mapped = OriginalDst {
+            addr: crate::intercept::ipv6_words("::ffff:127.0.0.1".parse().unwrap()),
+            port: 6379,
+            family: AF_INET6,
+        };
+        assert_eq!(to_socket_addr(&mapped), "127.0.0.1:6379".parse().unwrap());
+    }
+
+    #[test]
+    fn tuple_is_client_to_proxy() {
+        let tuple = conn_tuple("127.0.0.1:50000".parse().unwrap(), "127.0.0.1:4140".parse().unwrap());
+        assert_eq!(tuple.src_port, 50000);
+        assert_eq!(tuple.dst_port, 4140);
+        assert_eq!(tuple.family, AF_INET);
+        assert_eq!(tuple.src_addr[0].to_ne_bytes(), [127, 0, 0, 1]);
+    }
+}

@@ -1,0 +1,100 @@
+//! `sockmesh run`: the agent's life. Start-up order is listeners, then programs attached,
+//! then ready; shutdown is not ready, programs detached (new connections go direct), open
+//! connections drained within the grace period, exit 0.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin::{self, AdminState},
+    cgroup,
+    cli::RunArgs,
+    intercept::Intercept,
+    metrics::Metrics,
+    proxy::{self, Proxy},
+};
+
+pub fn run(mut args: RunArgs) -> Result<()> {
+    raise_fd_limit();
+    let cgroup = cgroup::resolve(args.cgroup.cgroup.take())?;
+    let config = args.into_config(cgroup);
+    tracing::info!(
+        cgroup = %config.cgroup.display(),
+        outbound_port = config.outbound_port,
+        admin = %config.admin_addr,
+        skip_ports = %config.skip_outbound_ports,
+        skip_networks = %config.skip_outbound_networks,
+        "starting"
+    );
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: crate::config::Config) -> Result<()> {
+    let mut intercept = Intercept::load(&config)?;
+    let metrics = Arc::new(Metrics::new(Arc::new(intercept.kernel_counter_map()?)));
+    let proxy = Arc::new(Proxy::new(
+        Arc::clone(&metrics),
+        intercept.original_dst_map()?,
+        config.bypass_mark,
+        config.connect_timeout,
+    ));
+    let admin_state = Arc::new(AdminState { metrics, ready: false.into() });
+    let shutdown = CancellationToken::new();
+    let connections = TaskTracker::new();
+
+    // Listeners first: once the programs are attached, connects arrive at once.
+    let admin_listener = admin::bind(config.admin_addr).await?;
+    tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin_state), shutdown.child_token()));
+    let proxy_shutdown = CancellationToken::new();
+    for listener in proxy::bind_listeners(config.outbound_port)? {
+        tokio::spawn(proxy::serve(
+            listener,
+            Arc::clone(&proxy),
+            connections.clone(),
+            proxy_shutdown.clone(),
+        ));
+    }
+    intercept.attach(&config.cgroup)?;
+    admin_state.ready.store(true, Ordering::SeqCst);
+    tracing::info!("ready");
+
+    let signal_name = wait_for_signal().await?;
+    tracing::info!(signal = signal_name, "shutting down");
+    admin_state.ready.store(false, Ordering::SeqCst);
+    intercept.detach();
+    proxy_shutdown.cancel();
+    connections.close();
+    if tokio::time::timeout(config.shutdown_grace, connections.wait()).await.is_err() {
+        tracing::warn!(open = connections.len(), "grace period over; closing open connections");
+    }
+    shutdown.cancel();
+    drop(intercept);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<&'static str> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+/// Each proxied connection costs two sockets and, while bytes move, a pipe: use the whole
+/// hard limit of open files rather than the usual soft 1024.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: limit is a valid out-pointer for getrlimit and a valid in-pointer for setrlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
