@@ -1,1 +1,147 @@
-fn main(){}
+//! `cargo xtask`: build, run and test sockmesh, setting up the eBPF toolchain when it is missing.
+//!
+//! The kernel programs are built for bpfel-unknown-none. Two routes work (see
+//! ../shared/TOOLCHAIN.md): Debian's rustc (rustc-web, with a prebuilt `core` for the BPF
+//! target) plus bpf-linker, or a rustup nightly with rust-src (-Z build-std=core). The first is
+//! what `setup` installs.
+
+mod toolchain;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::toolchain::{EbpfToolchain, run_checked};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test sockmesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the eBPF programs needs (Debian's rustc-web, bpf-linker, bpftool).
+    Setup,
+    /// Build the eBPF object and the agent.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `sockmesh run` as root with the given arguments.
+    Run {
+        #[arg(long)]
+        release: bool,
+        /// Arguments for `sockmesh run`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build everything and run the whole test suite, privileged tests included.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    let root = workspace_root()?;
+    match task {
+        Task::Setup => EbpfToolchain::ensure().map(|_| ()),
+        Task::Build { release } => build(&root, release).map(|_| ()),
+        Task::Run { release, args } => {
+            let agent = build(&root, release)?;
+            run_agent(&agent, &args)
+        }
+        Task::Test { args } => test(&root, &args),
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest_dir = env::var_os("CARGO_MANIFEST_DIR").context("run me through `cargo xtask`")?;
+    Ok(Path::new(&manifest_dir).parent().context("xtask has no parent directory")?.to_path_buf())
+}
+
+/// Builds the eBPF object, then the agent with it embedded. Returns the agent binary's path.
+fn build(root: &Path, release: bool) -> Result<PathBuf> {
+    let toolchain = EbpfToolchain::ensure()?;
+    let object = toolchain.build(&root.join("agent-ebpf"))?;
+    let mut cargo = Command::new(cargo());
+    cargo.current_dir(root).args(["build", "--package", "agent"]);
+    if release {
+        cargo.arg("--release");
+    }
+    cargo.env("SOCKMESH_EBPF_OBJECT", &object);
+    run_checked(&mut cargo, "building the agent")?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(root.join("target").join(profile).join("sockmesh"))
+}
+
+fn run_agent(agent: &Path, args: &[String]) -> Result<()> {
+    let mut command = if is_root() {
+        Command::new(agent)
+    } else {
+        eprintln!("xtask: sockmesh needs root (CAP_BPF, CAP_NET_ADMIN, cgroup writes); using sudo");
+        let mut sudo = Command::new("sudo");
+        sudo.arg(agent);
+        sudo
+    };
+    command.arg("run").args(args);
+    eprintln!("xtask: running {command:?}");
+    eprintln!(
+        "xtask: it meshes the cgroup `sockmesh` under the cgroup2 mount (or --cgroup); \
+         put a program in it with `{} exec -- CMD`",
+        agent.display()
+    );
+    let status = command.status().context("starting the agent")?;
+    if !status.success() {
+        bail!("sockmesh exited with {status}");
+    }
+    Ok(())
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    let agent = build(root, false)?;
+    toolchain::ensure_test_tools()?;
+    let mut cargo = Command::new(cargo());
+    cargo.current_dir(root).args(["test", "--workspace"]).args(args);
+    cargo.env("SOCKMESH_BIN", &agent);
+    cargo.env("SOCKMESH_EBPF_OBJECT", root.join(toolchain::EBPF_OBJECT));
+    if !is_root() {
+        eprintln!(
+            "xtask: not root: privileged tests will skip (set SOCKMESH_REQUIRE_PRIVILEGED=1 to \
+             make them fail instead)"
+        );
+    }
+    run_checked(&mut cargo, "running the tests")
+}
+
+fn cargo() -> String {
+    env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

@@ -1,1 +1,153 @@
-fn main(){}
+//! meshprobe: the test client that runs inside the meshed cgroup (through `sockmesh exec`).
+//! It speaks the byte patterns of the test servers and prints what it saw.
+//!
+//!   meshprobe bulk ADDR SEND RECEIVE    send SEND bytes, half-close, expect RECEIVE bytes back
+//!   meshprobe echo ADDR CONNS BYTES     CONNS concurrent connections, each echoes BYTES
+//!   meshprobe peer ADDR                 print getpeername() after connecting
+//!   meshprobe expect-close ADDR         connect and wait for the connection to be closed
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    process::ExitCode,
+    sync::{Arc, Barrier},
+    thread,
+    time::Duration,
+};
+
+use integration_tests::{
+    pattern,
+    servers::{CLIENT_SEED, SERVER_SEED},
+};
+
+const ECHO_SEED: u8 = 3;
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn main() -> ExitCode {
+    raise_fd_limit();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["bulk", addr, send, receive] => bulk(parse(addr), num(send), num(receive)),
+        ["echo", addr, conns, bytes] => echo(parse(addr), num(conns), num(bytes)),
+        ["peer", addr] => peer(parse(addr)),
+        ["expect-close", addr] => expect_close(parse(addr)),
+        _ => Err("usage: meshprobe bulk|echo|peer|expect-close ...".to_string()),
+    };
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("meshprobe: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse(addr: &str) -> SocketAddr {
+    addr.parse().expect("an address like 127.0.0.1:80")
+}
+
+fn num(text: &str) -> u64 {
+    text.parse().expect("a number")
+}
+
+fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+/// Sends and receives at the same time (a writer thread), so large transfers cannot deadlock.
+fn bulk(addr: SocketAddr, send: u64, receive: u64) -> Result<String, String> {
+    let stream = connect(addr)?;
+    let peer = stream.peer_addr().map_err(|e| e.to_string())?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let sender = thread::spawn(move || {
+        let sent = pattern::write_stream(&mut writer, send, CLIENT_SEED);
+        let _ = writer.shutdown(Shutdown::Write);
+        sent
+    });
+    let mut reader = stream;
+    let received = pattern::read_stream(&mut reader, SERVER_SEED).map_err(|e| format!("receive: {e}"))?;
+    sender.join().map_err(|_| "sender panicked")?.map_err(|e| format!("send: {e}"))?;
+    if received != receive {
+        return Err(format!("received {received} bytes, expected {receive}"));
+    }
+    Ok(format!("ok sent={send} received={received} peer={peer}"))
+}
+
+fn echo(addr: SocketAddr, conns: u64, bytes: u64) -> Result<String, String> {
+    // Every connection is open before any sends: they are concurrent, not sequential.
+    let barrier = Arc::new(Barrier::new(conns as usize));
+    let workers: Vec<_> = (0..conns)
+        .map(|_| {
+            let barrier = Arc::clone(&barrier);
+            thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let stream = connect(addr);
+                    barrier.wait();
+                    echo_one(stream?, bytes)
+                })
+                .expect("spawning a worker")
+        })
+        .collect();
+    let failures: Vec<String> = workers
+        .into_iter()
+        .filter_map(|worker| worker.join().unwrap_or_else(|_| Err("panicked".into())).err())
+        .collect();
+    if let Some(first) = failures.first() {
+        return Err(format!("{} of {conns} connections failed; first: {first}", failures.len()));
+    }
+    Ok(format!("ok connections={conns} bytes={bytes}"))
+}
+
+fn echo_one(stream: TcpStream, bytes: u64) -> Result<(), String> {
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let sender = thread::spawn(move || {
+        let sent = pattern::write_stream(&mut writer, bytes, ECHO_SEED);
+        let _ = writer.shutdown(Shutdown::Write);
+        sent
+    });
+    let mut reader = stream;
+    let received = pattern::read_stream(&mut reader, ECHO_SEED).map_err(|e| e.to_string())?;
+    sender.join().map_err(|_| "sender panicked")?.map_err(|e| e.to_string())?;
+    if received != bytes {
+        return Err(format!("echoed {received} of {bytes} bytes"));
+    }
+    Ok(())
+}
+
+fn peer(addr: SocketAddr) -> Result<String, String> {
+    let stream = connect(addr)?;
+    let peer = stream.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
+    Ok(format!("peer={peer}"))
+}
+
+/// Waits at most IO_TIMEOUT for the far end to close; prints how it closed.
+fn expect_close(addr: SocketAddr) -> Result<String, String> {
+    let mut stream = connect(addr)?;
+    let _ = stream.write_all(b"hello");
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => Ok("closed=eof".to_string()),
+        Ok(n) => Err(format!("unexpected {n} bytes")),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok("closed=reset".to_string()),
+        Err(e) => Err(format!("not closed: {e}")),
+    }
+}
+
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid pointers to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! A real `sockmesh run`, attached to a test cgroup, on ports and a pin dir of its own so tests
+//! can run side by side.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{Metrics, TestCgroup, free_port, sockmesh_bin, temp_dir};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+pub struct AgentOptions {
+    /// Extra flags for `sockmesh run`.
+    pub args: Vec<String>,
+    /// Run the agent inside the meshed cgroup itself (as in a DaemonSet whose pod is meshed).
+    pub inside_cgroup: bool,
+}
+
+pub struct Agent {
+    child: Child,
+    pub outbound_port: u16,
+    pub admin: SocketAddr,
+    pub pin_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(cgroup: &TestCgroup) -> Self {
+        Self::start_with(cgroup, AgentOptions::default())
+    }
+
+    pub fn start_with(cgroup: &TestCgroup, options: AgentOptions) -> Self {
+        let outbound_port = free_port();
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let name = cgroup.path().file_name().expect("cgroup name").to_string_lossy().into_owned();
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
+        let log = temp_dir("agent").join("agent.log");
+        let mut command = if options.inside_cgroup {
+            cgroup.command(sockmesh_bin())
+        } else {
+            Command::new(sockmesh_bin())
+        };
+        command
+            .arg("run")
+            .arg("--cgroup")
+            .arg(cgroup.path())
+            .arg("--outbound-port")
+            .arg(outbound_port.to_string())
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args(&options.args)
+            .env("RUST_LOG", "info,sockmesh=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("agent log"));
+        let child = command.spawn().expect("starting sockmesh run");
+        let mut agent = Self { child, outbound_port, admin, pin_dir, log };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("sockmesh run exited early ({status}):\n{}", self.log_text());
+            }
+            if self.get("/ready").is_ok_and(|(status, _)| status == 200) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("sockmesh run not ready after {READY_TIMEOUT:?}:\n{}", self.log_text());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A plain HTTP/1.0 GET on the admin server: (status, body).
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.admin, path)
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let (status, body) = self.get("/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "/metrics answered {status}");
+        Metrics::parse(&body)
+    }
+
+    /// Open descriptors of the agent process.
+    pub fn fd_count(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|dir| dir.count()).unwrap_or(0)
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Waits (bounded) for the agent to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for sockmesh") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "sockmesh did not exit:\n{}", self.log_text());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Ok(entries) = fs::read_dir(&self.pin_dir) {
+            for entry in entries.flatten() {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let _ = fs::remove_dir(&self.pin_dir);
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {response:?}")))?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    Ok((status, body))
+}

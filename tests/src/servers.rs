@@ -1,0 +1,232 @@
+//! Destination servers on loopback: small Rust servers that check and produce byte patterns,
+//! and real Debian servers (python3 http.server, redis-server) started on private ports.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
+};
+
+use crate::{free_port, pattern, process::eventually};
+
+/// Client streams use seed 1, server replies seed 2.
+pub const CLIENT_SEED: u8 = 1;
+pub const SERVER_SEED: u8 = 2;
+
+/// What a server saw on one connection.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub bytes: u64,
+    pub error: Option<String>,
+}
+
+/// Accept loop on a thread; stops when dropped.
+struct AcceptLoop {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl AcceptLoop {
+    fn start(addr: SocketAddr, mut on_connection: impl FnMut(TcpStream) + Send + 'static) -> Self {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        let addr = listener.local_addr().expect("local addr");
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        thread::spawn(move || {
+            while !stopped.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        stream.set_nonblocking(false).expect("blocking stream");
+                        on_connection(stream);
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Self { addr, stop }
+    }
+}
+
+impl Drop for AcceptLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Reads the client's pattern to EOF while sending `reply_bytes` of its own, then closes.
+/// With a gate, it pauses after the first `pause_after` bytes until the test opens the gate.
+pub struct PatternServer {
+    accept: AcceptLoop,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+pub struct Gate {
+    pub pause_after: u64,
+    pub reached: mpsc::Sender<()>,
+    pub open: mpsc::Receiver<()>,
+}
+
+impl PatternServer {
+    pub fn start(addr: &str, reply_bytes: u64) -> Self {
+        Self::start_gated(addr, reply_bytes, None)
+    }
+
+    pub fn start_gated(addr: &str, reply_bytes: u64, gate: Option<Gate>) -> Self {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let results = Arc::clone(&received);
+        let gate = Arc::new(Mutex::new(gate));
+        let addr: SocketAddr = addr.parse().expect("server address");
+        let accept = AcceptLoop::start(addr, move |stream| {
+            let results = Arc::clone(&results);
+            let gate = gate.lock().expect("gate").take();
+            thread::spawn(move || {
+                let result = serve_pattern(stream, reply_bytes, gate);
+                results.lock().expect("results").push(result);
+            });
+        });
+        Self { accept, received }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.accept.addr
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().expect("results").clone()
+    }
+}
+
+fn serve_pattern(stream: TcpStream, reply_bytes: u64, gate: Option<Gate>) -> Received {
+    let mut writer = stream.try_clone().expect("clone stream");
+    let sender = thread::spawn(move || {
+        let sent = pattern::write_stream(&mut writer, reply_bytes, SERVER_SEED);
+        let _ = writer.shutdown(Shutdown::Write);
+        sent
+    });
+    let mut reader = stream;
+    let mut offset = 0;
+    if let Some(gate) = gate {
+        let mut head = vec![0u8; gate.pause_after as usize];
+        if let Err(error) = reader.read_exact(&mut head) {
+            return Received { bytes: 0, error: Some(error.to_string()) };
+        }
+        if let Err(bad) = pattern::check(&head, 0, CLIENT_SEED) {
+            return Received { bytes: 0, error: Some(format!("corrupt at {bad}")) };
+        }
+        offset = gate.pause_after;
+        let _ = gate.reached.send(());
+        let _ = gate.open.recv_timeout(Duration::from_secs(60));
+    }
+    let rest = read_pattern_from(&mut reader, offset);
+    let sent = sender.join().expect("sender thread");
+    match (rest, sent) {
+        (Ok(bytes), Ok(())) => Received { bytes: offset + bytes, error: None },
+        (Ok(bytes), Err(error)) => Received { bytes: offset + bytes, error: Some(format!("send: {error}")) },
+        (Err(error), _) => Received { bytes: offset, error: Some(error.to_string()) },
+    }
+}
+
+fn read_pattern_from(reader: &mut impl Read, start: u64) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut offset = start;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(offset - start);
+        }
+        pattern::check(&buf[..n], offset, CLIENT_SEED)
+            .map_err(|bad| std::io::Error::other(format!("corrupt at byte {bad}")))?;
+        offset += n as u64;
+    }
+}
+
+/// Echoes every byte back; after the client's EOF, closes its side too.
+pub struct EchoServer {
+    accept: AcceptLoop,
+}
+
+impl EchoServer {
+    pub fn start(addr: &str) -> Self {
+        let addr: SocketAddr = addr.parse().expect("server address");
+        let accept = AcceptLoop::start(addr, |stream| {
+            thread::spawn(move || {
+                let mut reader = stream.try_clone().expect("clone stream");
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+                let _ = writer.shutdown(Shutdown::Write);
+            });
+        });
+        Self { accept }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.accept.addr
+    }
+}
+
+/// A real server process, killed on drop.
+pub struct ServerProcess {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    fn spawn(mut command: Command, addr: SocketAddr) -> Self {
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        let server = Self { child, addr };
+        let up = eventually(Duration::from_secs(20), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        });
+        assert!(up, "{command:?} is not accepting on {addr}");
+        server
+    }
+
+    /// python3's http.server serving `dir` on 127.0.0.1.
+    pub fn http(dir: &Path) -> Self {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut command = Command::new("python3");
+        command
+            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+            .arg(dir)
+            .arg(addr.port().to_string());
+        Self::spawn(command, addr)
+    }
+
+    /// redis-server on 127.0.0.1, no persistence.
+    pub fn redis() -> Self {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()]);
+        command.args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
+        Self::spawn(command, addr)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `len` pseudo-random-looking bytes to `path` (for download checks).
+pub fn write_file(path: &Path, len: usize) {
+    let mut buf = vec![0u8; len];
+    pattern::fill(&mut buf, 0, 7);
+    fs::File::create(path).and_then(|mut file| file.write_all(&buf)).expect("writing a file");
+}

@@ -1,0 +1,174 @@
+//! Finding, installing and using a toolchain that builds Rust for bpfel-unknown-none, and the
+//! Debian packages the test suite runs against.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Where the eBPF object lands, relative to the workspace root.
+pub const EBPF_OBJECT: &str = "agent-ebpf/target/bpfel-unknown-none/release/sockmesh-ebpf";
+
+const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
+const DEBIAN_BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const TOOLCHAIN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "bpftool",
+];
+
+/// Commands the tests run, and the Debian package that provides each.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("curl", "curl"),
+    ("redis-server", "redis-server"),
+    ("redis-cli", "redis-tools"),
+    ("ip", "iproute2"),
+    ("python3", "python3"),
+];
+
+const RUSTFLAGS: &str = "-C debuginfo=2 -C link-arg=--btf";
+
+pub enum EbpfToolchain {
+    /// Debian's rustc 1.96 with a prebuilt core for the BPF target.
+    Debian,
+    /// A rustup nightly with rust-src, building core itself.
+    NightlyBuildStd,
+}
+
+impl EbpfToolchain {
+    /// A working toolchain, installing the Debian route when nothing usable is present.
+    pub fn ensure() -> Result<Self> {
+        if let Some(found) = Self::detect() {
+            return Ok(found);
+        }
+        eprintln!("xtask: no toolchain for bpfel-unknown-none found; setting one up");
+        install_debian_route()?;
+        Self::detect().context("the eBPF toolchain is still missing after installing it")
+    }
+
+    fn detect() -> Option<Self> {
+        if !command_exists("bpf-linker") {
+            return None;
+        }
+        if Path::new(DEBIAN_RUSTC).exists() && Path::new(DEBIAN_BPF_CORE).exists() {
+            return Some(Self::Debian);
+        }
+        nightly_has_rust_src().then_some(Self::NightlyBuildStd)
+    }
+
+    /// Builds the agent-ebpf crate and returns the object's path.
+    pub fn build(&self, crate_dir: &Path) -> Result<PathBuf> {
+        let mut cargo = match self {
+            Self::Debian => {
+                let mut cargo = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+                cargo.env("RUSTC", DEBIAN_RUSTC).env("RUSTC_BOOTSTRAP", "1");
+                cargo.args(["build", "--release", "--target", "bpfel-unknown-none"]);
+                cargo
+            }
+            Self::NightlyBuildStd => {
+                let mut cargo = Command::new("cargo");
+                cargo.env_remove("RUSTUP_TOOLCHAIN").env_remove("RUSTC");
+                cargo.args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none"]);
+                cargo.args(["-Z", "build-std=core"]);
+                cargo
+            }
+        };
+        cargo.current_dir(crate_dir).env("RUSTFLAGS", RUSTFLAGS).env_remove("CARGO_TARGET_DIR");
+        run_checked(&mut cargo, "building the eBPF programs")?;
+        let object = crate_dir.join("target/bpfel-unknown-none/release/sockmesh-ebpf");
+        if !object.exists() {
+            bail!("the eBPF build finished but {} is missing", object.display());
+        }
+        Ok(object)
+    }
+}
+
+fn install_debian_route() -> Result<()> {
+    require_apt("the eBPF toolchain", TOOLCHAIN_PACKAGES)?;
+    apt_install(TOOLCHAIN_PACKAGES)?;
+    if !command_exists("bpf-linker") {
+        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)");
+        let path = format!("{LLVM_PREFIX}/bin:{}", env::var("PATH").unwrap_or_default());
+        let mut cargo = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo
+            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("PATH", path);
+        run_checked(&mut cargo, "installing bpf-linker")?;
+    }
+    Ok(())
+}
+
+/// Installs the Debian packages of any missing test tool.
+pub fn ensure_test_tools() -> Result<()> {
+    let missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(command, _)| !command_exists(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_apt("the test suite", &missing)?;
+    apt_install(&missing)
+}
+
+/// Fails with the exact install command when we cannot install packages ourselves.
+fn require_apt(purpose: &str, packages: &[&str]) -> Result<()> {
+    if is_root() && command_exists("apt-get") {
+        return Ok(());
+    }
+    bail!(
+        "{purpose} needs Debian packages that are missing. As root, run:\n  \
+         apt-get update && apt-get install -y {}\n  \
+         LLVM_PREFIX={LLVM_PREFIX} PATH={LLVM_PREFIX}/bin:$PATH cargo install bpf-linker \
+         --version {BPF_LINKER_VERSION} --no-default-features --features llvm-22",
+        packages.join(" ")
+    )
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    run_checked(Command::new("apt-get").arg("update").arg("-q"), "apt-get update")?;
+    let mut install = Command::new("apt-get");
+    install.args(["install", "-y", "-q", "--no-install-recommends"]).args(packages);
+    install.env("DEBIAN_FRONTEND", "noninteractive");
+    run_checked(&mut install, "apt-get install")
+}
+
+fn nightly_has_rust_src() -> bool {
+    Command::new("rustup")
+        .args(["+nightly", "component", "list", "--installed"])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")))
+}
+
+fn command_exists(name: &str) -> bool {
+    env::var_os("PATH")
+        .is_some_and(|path| env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+}
+
+fn is_root() -> bool {
+    crate::is_root()
+}
+
+/// Runs a command, echoing it first, and fails with `what` when it fails.
+pub fn run_checked(command: &mut Command, what: &str) -> Result<()> {
+    eprintln!("xtask: {what}: {command:?}");
+    let status = command.status().with_context(|| format!("{what}: could not start"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
