@@ -126,9 +126,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
             let counters = ByteCounters::new(metrics, &labels);
             match opaque::splice_bidirectional(client, server, &proxy.pipes, &counters).await {
                 Outcome::Closed => "",
-                Outcome::Reset(error) => {
-                    tracing::debug!(%peer, %dst, %error, "connection reset");
-                    errno_name(&error)
+                Outcome::Reset(failure) => {
+                    tracing::debug!(%peer, %dst, step = failure.step, error = %failure.error, "connection reset");
+                    errno_name(&failure.error)
                 }
             }
         }

@@ -11,10 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Metrics, TestCgroup, free_port, sockmesh_bin, temp_dir};
+use crate::{Metrics, TestCgroup, free_port, process::eventually, sockmesh_bin, temp_dir};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+const METRIC_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 pub struct AgentOptions {
@@ -100,6 +101,18 @@ impl Agent {
         let (status, body) = self.get("/metrics").expect("GET /metrics");
         assert_eq!(status, 200, "/metrics answered {status}");
         Metrics::parse(&body)
+    }
+
+    /// Waits (bounded) until `name{labels}` reaches `expected`, then asserts it. Counters are
+    /// updated as the proxy finishes its side of a connection, which can be a moment after the
+    /// client has already exited.
+    pub fn assert_metric(&self, name: &str, labels: &[(&str, &str)], expected: u64) {
+        let mut last = 0;
+        let reached = eventually(METRIC_TIMEOUT, || {
+            last = self.metrics().count(name, labels);
+            last == expected
+        });
+        assert!(reached, "{name}{labels:?} is {last}, expected {expected}");
     }
 
     /// Open descriptors of the agent process.

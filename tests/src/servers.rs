@@ -39,6 +39,11 @@ impl AcceptLoop {
     fn start(addr: SocketAddr, mut on_connection: impl FnMut(TcpStream) + Send + 'static) -> Self {
         let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
         let addr = listener.local_addr().expect("local addr");
+        // std listens with a backlog of 128; a burst of 1000 connects through the proxy would
+        // overflow it, and the kernel's overflow handling then resets some of them. Real servers
+        // (redis, nginx) ask for more; so do we (listen(2) again just raises the backlog).
+        // SAFETY: a valid listening socket descriptor.
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
         listener.set_nonblocking(true).expect("nonblocking listener");
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
@@ -101,8 +106,15 @@ impl PatternServer {
         self.accept.addr
     }
 
-    pub fn received(&self) -> Vec<Received> {
-        self.received.lock().expect("results").clone()
+    /// What the server saw, once `connections` connections have finished (waits up to 30 s:
+    /// the server records a connection a moment after the client has already finished).
+    pub fn received(&self, connections: usize) -> Vec<Received> {
+        let finished = eventually(Duration::from_secs(30), || {
+            self.received.lock().expect("results").len() >= connections
+        });
+        let received = self.received.lock().expect("results").clone();
+        assert!(finished, "server saw {} of {connections} connections", received.len());
+        received
     }
 }
 

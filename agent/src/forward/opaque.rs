@@ -21,7 +21,21 @@ pub enum Outcome {
     /// Both directions reached EOF and were passed on.
     Closed,
     /// A socket error; both connections were reset.
-    Reset(io::Error),
+    Reset(Failure),
+}
+
+/// Where a forwarded connection failed.
+#[derive(Debug)]
+pub struct Failure {
+    /// "reading client", "writing server", ...
+    pub step: &'static str,
+    pub error: io::Error,
+}
+
+impl Failure {
+    fn tag(step: &'static str) -> impl FnOnce(io::Error) -> Self {
+        move |error| Self { step, error }
+    }
 }
 
 /// Byte counters called as bytes are delivered, per direction.
@@ -37,25 +51,33 @@ pub async fn splice_bidirectional(
     pipes: &PipePool,
     on_bytes: &impl OnBytes,
 ) -> Outcome {
-    let upload = pump(&client, &server, pipes, |n| on_bytes.client_to_server(n));
-    let download = pump(&server, &client, pipes, |n| on_bytes.server_to_client(n));
+    let upload = pump(Side::client(&client), Side::server(&server), pipes, |n| {
+        on_bytes.client_to_server(n)
+    });
+    let download = pump(Side::server(&server), Side::client(&client), pipes, |n| {
+        on_bytes.server_to_client(n)
+    });
     tokio::pin!(upload, download);
     let (mut upload_done, mut download_done) = (false, false);
     while !(upload_done && download_done) {
         let result = tokio::select! {
             result = &mut upload, if !upload_done => {
                 upload_done = true;
-                result.and_then(|()| SockRef::from(&server).shutdown(Shutdown::Write))
+                result.and_then(|()| {
+                    SockRef::from(&server).shutdown(Shutdown::Write).map_err(Failure::tag("shutting down server"))
+                })
             }
             result = &mut download, if !download_done => {
                 download_done = true;
-                result.and_then(|()| SockRef::from(&client).shutdown(Shutdown::Write))
+                result.and_then(|()| {
+                    SockRef::from(&client).shutdown(Shutdown::Write).map_err(Failure::tag("shutting down client"))
+                })
             }
         };
-        if let Err(error) = result {
+        if let Err(failure) = result {
             reset(&client);
             reset(&server);
-            return Outcome::Reset(error);
+            return Outcome::Reset(failure);
         }
     }
     Outcome::Closed
@@ -66,19 +88,37 @@ pub fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// One end of a pump, named for error messages.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    stream: &'a TcpStream,
+    reading: &'static str,
+    writing: &'static str,
+}
+
+impl<'a> Side<'a> {
+    fn client(stream: &'a TcpStream) -> Self {
+        Self { stream, reading: "reading client", writing: "writing client" }
+    }
+
+    fn server(stream: &'a TcpStream) -> Self {
+        Self { stream, reading: "reading server", writing: "writing server" }
+    }
+}
+
 /// Moves bytes from `src` to `dst` until EOF on `src`.
 async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: Side<'_>,
+    dst: Side<'_>,
     pipes: &PipePool,
     on_bytes: impl Fn(u64),
-) -> io::Result<()> {
+) -> Result<(), Failure> {
     loop {
-        src.readable().await?;
+        src.stream.readable().await.map_err(Failure::tag(src.reading))?;
         // Borrow a pipe only now that there is something to move.
-        let pipe = pipes.take()?;
-        let filled = src.try_io(Interest::READABLE, || {
-            splice(src.as_raw_fd(), pipe.write_fd(), pipe.capacity())
+        let pipe = pipes.take().map_err(Failure::tag("allocating a pipe"))?;
+        let filled = src.stream.try_io(Interest::READABLE, || {
+            splice(src.stream.as_raw_fd(), pipe.write_fd(), pipe.capacity())
         });
         match filled {
             Ok(0) => {
@@ -86,21 +126,21 @@ async fn pump(
                 return Ok(());
             }
             Ok(filled) => {
-                drain(&pipe, filled, dst, &on_bytes).await?;
+                drain(&pipe, filled, dst.stream, &on_bytes).await.map_err(Failure::tag(dst.writing))?;
                 pipes.put(pipe);
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => pipes.put(pipe),
             // The pipe is empty: nothing was spliced into it.
             Err(error) => {
                 pipes.put(pipe);
-                return Err(error);
+                return Err(Failure { step: src.reading, error });
             }
         }
     }
 }
 
-/// Splices `len` bytes out of `pipe` into `dst`. On error the pipe is dropped by the caller's
-/// `?` (it may still hold bytes, so it must not go back to the pool).
+/// Splices `len` bytes out of `pipe` into `dst`. On error the pipe is dropped by the caller
+/// (it may still hold bytes, so it must not go back to the pool).
 async fn drain(pipe: &Pipe, mut len: usize, dst: &TcpStream, on_bytes: &impl Fn(u64)) -> io::Result<()> {
     while len > 0 {
         dst.writable().await?;

@@ -1,0 +1,115 @@
+//! Opaque splice forwarding: byte-exact bulk transfers, half-close, many concurrent
+//! connections, and byte counts in /metrics that match what was sent.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpListener},
+    thread,
+    time::Duration,
+};
+
+use integration_tests::{
+    Agent, TestCgroup, meshprobe_bin,
+    process::{eventually, run_ok},
+    require_privileged,
+    servers::{EchoServer, PatternServer},
+};
+
+const HUNDRED_MB: u64 = 100 * 1024 * 1024;
+
+#[test]
+fn hundred_megabytes_each_way_arrive_byte_exact_and_are_counted() {
+    require_privileged!();
+    let server = PatternServer::start("127.0.0.1:0", HUNDRED_MB);
+    let cgroup = TestCgroup::new("bulk");
+    let agent = Agent::start(&cgroup);
+
+    let report = run_ok(
+        cgroup.command(meshprobe_bin()).args([
+            "bulk",
+            &server.addr().to_string(),
+            &HUNDRED_MB.to_string(),
+            &HUNDRED_MB.to_string(),
+        ]),
+        Duration::from_secs(300),
+    );
+    assert!(report.starts_with("ok"), "{report}");
+    let received = server.received(1);
+    assert_eq!(received[0].error, None);
+    assert_eq!(received[0].bytes, HUNDRED_MB);
+
+    let port = server.addr().port().to_string();
+    let labels = [("target_port", port.as_str())];
+    agent.assert_metric("tcp_write_bytes_total", &labels, HUNDRED_MB);
+    agent.assert_metric("tcp_read_bytes_total", &labels, HUNDRED_MB);
+    agent.assert_metric("tcp_close_total", &[("target_port", port.as_str()), ("errno", "")], 1);
+}
+
+/// The client shuts down its sending side first; the server answers only after that EOF.
+#[test]
+fn half_close_still_delivers_the_reply() {
+    require_privileged!();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).unwrap(); // returns only at the client's EOF
+        stream.write_all(format!("got {} bytes after your EOF", request.len()).as_bytes()).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        request
+    });
+    let cgroup = TestCgroup::new("halfclose");
+    let agent = Agent::start(&cgroup);
+
+    // python3 as a real client: send, shutdown(SHUT_WR), then read the reply to EOF.
+    let script = format!(
+        "import socket\n\
+         s = socket.create_connection(('127.0.0.1', {}))\n\
+         s.sendall(b'x' * 70000)\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         reply = b''\n\
+         while True:\n\
+         \x20   chunk = s.recv(65536)\n\
+         \x20   if not chunk: break\n\
+         \x20   reply += chunk\n\
+         print(reply.decode())\n",
+        addr.port()
+    );
+    let reply = run_ok(cgroup.command("python3").args(["-c", &script]), Duration::from_secs(60));
+    assert_eq!(reply.trim(), "got 70000 bytes after your EOF");
+    assert_eq!(server.join().unwrap().len(), 70_000);
+    agent.assert_metric("tcp_close_total", &[("errno", "")], 1);
+}
+
+#[test]
+fn a_thousand_concurrent_connections_are_byte_exact_and_leak_nothing() {
+    require_privileged!();
+    let echo = EchoServer::start("127.0.0.1:0");
+    let cgroup = TestCgroup::new("concurrent");
+    let agent = Agent::start(&cgroup);
+    let baseline = agent.fd_count();
+
+    let report = run_ok(
+        cgroup.command(meshprobe_bin()).args(["echo", &echo.addr().to_string(), "1000", "100000"]),
+        Duration::from_secs(300),
+    );
+    assert!(report.starts_with("ok connections=1000"), "{report}");
+
+    let port = echo.addr().port().to_string();
+    let labels = [("target_port", port.as_str())];
+    agent.assert_metric("tcp_open_total", &labels, 1000);
+    agent.assert_metric("tcp_close_total", &labels, 1000);
+    agent.assert_metric("tcp_open_connections", &labels, 0);
+    agent.assert_metric("tcp_write_bytes_total", &labels, 100_000_000);
+    agent.assert_metric("tcp_read_bytes_total", &labels, 100_000_000);
+    // Sockets are closed; pooled pipes (at most a bounded idle pool) are all the agent keeps.
+    let pool_bound = 2 * 256;
+    let mut now = 0;
+    let settled = eventually(Duration::from_secs(10), || {
+        now = agent.fd_count();
+        now <= baseline + pool_bound
+    });
+    assert!(settled, "agent fds: {baseline} before, {now} after");
+}
+
