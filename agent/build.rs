@@ -7,9 +7,11 @@ use std::{env, fs, path::PathBuf};
 fn main() {
     println!("cargo:rerun-if-env-changed=SOCKMESH_EBPF_OBJECT");
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let object = env::var_os("SOCKMESH_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        manifest_dir.join("../agent-ebpf/target/bpfel-unknown-none/release/sockmesh-ebpf")
-    });
+    let object = env::var_os("SOCKMESH_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            manifest_dir.join("../agent-ebpf/target/bpfel-unknown-none/release/sockmesh-ebpf")
+        });
     println!("cargo:rerun-if-changed={}", object.display());
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("sockmesh-ebpf.o");
     match fs::read(&object) {

@@ -42,7 +42,14 @@ pub mod program_names {
     pub const GETSOCKOPT: &str = "sockmesh_getopt";
     pub const SOCKOPS: &str = "sockmesh_ops";
 
-    pub const ALL: [&str; 6] = [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, GETSOCKOPT, SOCKOPS];
+    pub const ALL: [&str; 6] = [
+        CONNECT4,
+        CONNECT6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        GETSOCKOPT,
+        SOCKOPS,
+    ];
 }
 
 /// Entries of the two original-destination maps. Both are LRU maps, so a leak (a socket whose

@@ -31,7 +31,9 @@ fn original_dst_of(ctx: &SockAddrContext) -> Option<OriginalDst> {
 
 #[inline(always)]
 pub fn getpeername4(ctx: &SockAddrContext) {
-    let Some(dst) = original_dst_of(ctx) else { return };
+    let Some(dst) = original_dst_of(ctx) else {
+        return;
+    };
     if dst.family == AF_INET {
         // SAFETY: the kernel's bpf_sock_addr for this call.
         let sa = unsafe { &mut *ctx.sock_addr };
@@ -42,7 +44,9 @@ pub fn getpeername4(ctx: &SockAddrContext) {
 
 #[inline(always)]
 pub fn getpeername6(ctx: &SockAddrContext) {
-    let Some(dst) = original_dst_of(ctx) else { return };
+    let Some(dst) = original_dst_of(ctx) else {
+        return;
+    };
     if dst.family == AF_INET6 {
         // SAFETY: the kernel's bpf_sock_addr for this call.
         let sa = unsafe { &mut *ctx.sock_addr };
@@ -61,7 +65,10 @@ pub fn getsockopt(ctx: &SockoptContext) {
     // SAFETY: for sockopt programs ctx->sk is a non-null full socket.
     let sk = unsafe { opt.__bindgen_anon_1.sk };
     // SAFETY: copied out at once.
-    let Some(dst) = ORIG_BY_TUPLE.get_ptr(accepted_tuple(sk)).map(|d| unsafe { *d }) else {
+    let Some(dst) = ORIG_BY_TUPLE
+        .get_ptr(accepted_tuple(sk))
+        .map(|d| unsafe { *d })
+    else {
         return;
     };
     let written = match (opt.level, dst.family) {
@@ -114,7 +121,9 @@ fn option_buffer(opt: &mut bpf_sockopt, len: usize) -> Option<*mut u8> {
 
 #[inline(always)]
 fn write_sockaddr_in(opt: &mut bpf_sockopt, dst: &OriginalDst) -> bool {
-    let Some(buf) = option_buffer(opt, SOCKADDR_IN_LEN) else { return false };
+    let Some(buf) = option_buffer(opt, SOCKADDR_IN_LEN) else {
+        return false;
+    };
     let mut sa = [0u8; SOCKADDR_IN_LEN];
     sa[0..2].copy_from_slice(&AF_INET.to_ne_bytes());
     sa[2..4].copy_from_slice(&dst.port.to_be_bytes());
@@ -127,7 +136,9 @@ fn write_sockaddr_in(opt: &mut bpf_sockopt, dst: &OriginalDst) -> bool {
 
 #[inline(always)]
 fn write_sockaddr_in6(opt: &mut bpf_sockopt, dst: &OriginalDst) -> bool {
-    let Some(buf) = option_buffer(opt, SOCKADDR_IN6_LEN) else { return false };
+    let Some(buf) = option_buffer(opt, SOCKADDR_IN6_LEN) else {
+        return false;
+    };
     let mut sa = [0u8; SOCKADDR_IN6_LEN];
     sa[0..2].copy_from_slice(&AF_INET6.to_ne_bytes());
     sa[2..4].copy_from_slice(&dst.port.to_be_bytes());

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 
-use crate::maps::{count, proxy_config, ORIG_BY_COOKIE, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS};
+use crate::maps::{ORIG_BY_COOKIE, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS, count, proxy_config};
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -110,7 +110,10 @@ fn record(ctx: &SockAddrContext, decision: Decision, dst: &OriginalDst) -> bool 
         Decision::Redirect => {
             // SAFETY: bpf_get_socket_cookie is allowed in sock_addr programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            if ORIG_BY_COOKIE.insert(cookie, dst, u64::from(BPF_ANY)).is_err() {
+            if ORIG_BY_COOKIE
+                .insert(cookie, dst, u64::from(BPF_ANY))
+                .is_err()
+            {
                 count(|c: &mut KernelCounters| &mut c.errors);
                 return false;
             }
@@ -153,4 +156,3 @@ fn skip_network_v6(ip6: [u32; 4]) -> bool {
     }
     SKIP_NETS_V6.get(&Key::new(128, bytes)).is_some()
 }
-

@@ -48,10 +48,15 @@ fn on_connect(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
-    let Some(dst) = ORIG_BY_COOKIE.get_ptr(cookie(ctx)) else { return };
+    let Some(dst) = ORIG_BY_COOKIE.get_ptr(cookie(ctx)) else {
+        return;
+    };
     // SAFETY: copied out at once; the entry is only removed by this socket's own close.
     let dst = unsafe { *dst };
-    if ORIG_BY_TUPLE.insert(client_tuple(ctx), dst, u64::from(BPF_ANY)).is_err() {
+    if ORIG_BY_TUPLE
+        .insert(client_tuple(ctx), dst, u64::from(BPF_ANY))
+        .is_err()
+    {
         count(|c: &mut KernelCounters| &mut c.errors);
     }
 }

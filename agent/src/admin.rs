@@ -28,7 +28,9 @@ pub struct AdminState {
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding the admin server {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the admin server {addr}"))
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
@@ -61,7 +63,9 @@ async fn route(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => metrics(&state),
-        (&Method::GET, "/ready") if state.ready.load(Ordering::SeqCst) => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/ready") if state.ready.load(Ordering::SeqCst) => {
+            text(StatusCode::OK, "ready\n")
+        }
         (&Method::GET, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (_, "/metrics" | "/ready" | "/live") => text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
@@ -74,10 +78,16 @@ fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
     match state.metrics.render() {
         Ok(body) => {
             let mut response = Response::new(Full::new(Bytes::from(body)));
-            response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(OPENMETRICS));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(OPENMETRICS),
+            );
             response
         }
-        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n"),
+        Err(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics encoding failed\n",
+        ),
     }
 }
 

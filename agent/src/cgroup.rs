@@ -86,12 +86,18 @@ mod tests {
 25 30 0:23 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs ro,mode=755
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
 42 31 0:39 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu";
-        assert_eq!(find_cgroup2_mount(mountinfo), Some("/sys/fs/cgroup/unified".into()));
+        assert_eq!(
+            find_cgroup2_mount(mountinfo),
+            Some("/sys/fs/cgroup/unified".into())
+        );
     }
 
     #[test]
     fn no_cgroup2_mount() {
-        assert_eq!(find_cgroup2_mount("25 30 0:23 / /sys rw - sysfs sysfs rw"), None);
+        assert_eq!(
+            find_cgroup2_mount("25 30 0:23 / /sys rw - sysfs sysfs rw"),
+            None
+        );
         assert_eq!(find_cgroup2_mount("garbage"), None);
     }
 

@@ -10,7 +10,11 @@ use crate::config::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "sockmesh", version, about = "eBPF-accelerated node-level proxy agent")]
+#[command(
+    name = "sockmesh",
+    version,
+    about = "eBPF-accelerated node-level proxy agent"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -15,7 +15,10 @@ pub struct PortRange {
 
 impl PortRange {
     pub const fn single(port: u16) -> Self {
-        Self { first: port, last: port }
+        Self {
+            first: port,
+            last: port,
+        }
     }
 
     pub fn contains(&self, port: u16) -> bool {
@@ -52,7 +55,8 @@ fn parse_port(text: &str) -> Result<u16, PortError> {
     if text.is_empty() {
         return Err(PortError::Empty);
     }
-    text.parse().map_err(|_| PortError::NotAPort(text.to_string()))
+    text.parse()
+        .map_err(|_| PortError::NotAPort(text.to_string()))
 }
 
 impl FromStr for PortRange {
@@ -104,7 +108,10 @@ impl FromStr for PortSet {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        text.split(',').map(str::parse).collect::<Result<_, _>>().map(Self)
+        text.split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map(Self)
     }
 }
 
@@ -154,7 +161,9 @@ impl fmt::Display for NetworkList {
 /// A duration such as `30s`, `500ms`, `2m` or a plain number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(digits_end);
     let number: u64 = number
         .parse()
@@ -163,7 +172,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => Ok(Duration::from_secs(number)),
         "ms" => Ok(Duration::from_millis(number)),
         "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
-        _ => Err(format!("'{text}' has an unknown unit '{unit}' (use ms, s or m)")),
+        _ => Err(format!(
+            "'{text}' has an unknown unit '{unit}' (use ms, s or m)"
+        )),
     }
 }
 
@@ -183,7 +194,9 @@ pub fn parse_cgroup_dir(text: &str) -> Result<PathBuf, String> {
         return Err(format!("no such cgroup directory: {text}"));
     }
     if !path.join("cgroup.procs").exists() {
-        return Err(format!("{text} is not a cgroup v2 directory (no cgroup.procs)"));
+        return Err(format!(
+            "{text} is not a cgroup v2 directory (no cgroup.procs)"
+        ));
     }
     Ok(path)
 }
@@ -221,11 +234,17 @@ mod tests {
     #[test]
     fn parses_ports_and_ranges() {
         let set: PortSet = "80, 4000-4100,443".parse().unwrap();
-        assert_eq!(set.ranges(), &[
-            PortRange::single(80),
-            PortRange { first: 4000, last: 4100 },
-            PortRange::single(443)
-        ]);
+        assert_eq!(
+            set.ranges(),
+            &[
+                PortRange::single(80),
+                PortRange {
+                    first: 4000,
+                    last: 4100
+                },
+                PortRange::single(443)
+            ]
+        );
         assert!(set.contains(4000) && set.contains(4100) && set.contains(443));
         assert!(!set.contains(3999) && !set.contains(4101) && !set.contains(81));
         assert_eq!(set.to_string(), "80,4000-4100,443");
@@ -238,12 +257,24 @@ mod tests {
 
     #[test]
     fn rejects_bad_ports() {
-        assert_eq!("70000".parse::<PortSet>(), Err(PortError::NotAPort("70000".into())));
-        assert_eq!("9-3".parse::<PortSet>(), Err(PortError::Backwards { first: 9, last: 3 }));
+        assert_eq!(
+            "70000".parse::<PortSet>(),
+            Err(PortError::NotAPort("70000".into()))
+        );
+        assert_eq!(
+            "9-3".parse::<PortSet>(),
+            Err(PortError::Backwards { first: 9, last: 3 })
+        );
         assert_eq!("80,,81".parse::<PortSet>(), Err(PortError::Empty));
-        assert_eq!("http".parse::<PortSet>(), Err(PortError::NotAPort("http".into())));
+        assert_eq!(
+            "http".parse::<PortSet>(),
+            Err(PortError::NotAPort("http".into()))
+        );
         assert_eq!("-5".parse::<PortSet>(), Err(PortError::Empty));
-        assert_eq!("1-2-3".parse::<PortSet>(), Err(PortError::NotAPort("2-3".into())));
+        assert_eq!(
+            "1-2-3".parse::<PortSet>(),
+            Err(PortError::NotAPort("2-3".into()))
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::{
 };
 
 use agent_common::{
-    ConnTuple, KernelCounters, OriginalDst, ProxyConfig, SKIP_PORT_WORDS, map_names,
-    program_names, skip_port_slot,
+    ConnTuple, KernelCounters, OriginalDst, ProxyConfig, SKIP_PORT_WORDS, map_names, program_names,
+    skip_port_slot,
 };
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -24,7 +24,8 @@ use ipnetwork::IpNetwork;
 use crate::config::Config;
 
 /// The compiled agent-ebpf object, embedded at build time (see build.rs).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh-ebpf.o"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh-ebpf.o"));
 
 /// bpffs magic number (statfs f_type).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -52,8 +53,14 @@ impl Intercept {
                  `cargo xtask build` (or `cargo xtask run`)"
             );
         }
-        let ebpf = EbpfLoader::new().load(EBPF_OBJECT).context("loading the eBPF object")?;
-        let mut intercept = Self { ebpf, links: Vec::new(), pin_dir: config.pin_dir.clone() };
+        let ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        let mut intercept = Self {
+            ebpf,
+            links: Vec::new(),
+            pin_dir: config.pin_dir.clone(),
+        };
         intercept.pin_maps()?;
         intercept.fill_maps(config)?;
         Ok(intercept)
@@ -68,8 +75,12 @@ impl Intercept {
                 fs::remove_file(&path)
                     .with_context(|| format!("removing stale pin {}", path.display()))?;
             }
-            let map = self.ebpf.map(name).with_context(|| format!("map {name} missing"))?;
-            map.pin(&path).with_context(|| format!("pinning map {name} at {}", path.display()))?;
+            let map = self
+                .ebpf
+                .map(name)
+                .with_context(|| format!("map {name} missing"))?;
+            map.pin(&path)
+                .with_context(|| format!("pinning map {name} at {}", path.display()))?;
         }
         Ok(())
     }
@@ -90,7 +101,9 @@ impl Intercept {
         let mut skip_ports: Array<_, u64> = self.typed_map(map_names::SKIP_PORTS)?;
         for (index, bits) in skip_words.iter().enumerate() {
             if *bits != 0 {
-                skip_ports.set(index as u32, bits, 0).context("writing SKIP_PORTS")?;
+                skip_ports
+                    .set(index as u32, bits, 0)
+                    .context("writing SKIP_PORTS")?;
             }
         }
         self.fill_skip_networks(&config.skip_outbound_networks.0)?;
@@ -107,7 +120,8 @@ impl Intercept {
             IpNetwork::V6(_) => None,
         }) {
             let key = Key::new(u32::from(net.prefix()), net.network().octets());
-            v4.insert(&key, 1, 0).with_context(|| format!("adding skip network {net}"))?;
+            v4.insert(&key, 1, 0)
+                .with_context(|| format!("adding skip network {net}"))?;
         }
         let mut v6: LpmTrie<_, [u8; 16], u8> = self.typed_map(map_names::SKIP_NETS_V6)?;
         for net in networks.iter().filter_map(|n| match n {
@@ -115,7 +129,8 @@ impl Intercept {
             IpNetwork::V4(_) => None,
         }) {
             let key = Key::new(u32::from(net.prefix()), net.network().octets());
-            v6.insert(&key, 1, 0).with_context(|| format!("adding skip network {net}"))?;
+            v6.insert(&key, 1, 0)
+                .with_context(|| format!("adding skip network {net}"))?;
         }
         Ok(())
     }
@@ -126,7 +141,8 @@ impl Intercept {
         T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
     {
         let path = self.pin_dir.join(name);
-        let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
         let map = aya::maps::Map::from_map_data(data).with_context(|| format!("map {name}"))?;
         T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
     }
@@ -156,19 +172,25 @@ impl Intercept {
         ] {
             let program: &mut CgroupSockAddr = program_named(ebpf, name)?.try_into()?;
             program.load().with_context(|| format!("loading {name}"))?;
-            let id = program.attach(cgroup_fd, mode).with_context(|| format!("attaching {name}"))?;
+            let id = program
+                .attach(cgroup_fd, mode)
+                .with_context(|| format!("attaching {name}"))?;
             links.push(Box::new(program.take_link(id)?));
         }
         let name = program_names::GETSOCKOPT;
         let program: &mut CgroupSockopt = program_named(ebpf, name)?.try_into()?;
         program.load().with_context(|| format!("loading {name}"))?;
-        let id = program.attach(cgroup_fd, mode).with_context(|| format!("attaching {name}"))?;
+        let id = program
+            .attach(cgroup_fd, mode)
+            .with_context(|| format!("attaching {name}"))?;
         links.push(Box::new(program.take_link(id)?));
 
         let name = program_names::SOCKOPS;
         let program: &mut SockOps = program_named(ebpf, name)?.try_into()?;
         program.load().with_context(|| format!("loading {name}"))?;
-        let id = program.attach(cgroup_fd, mode).with_context(|| format!("attaching {name}"))?;
+        let id = program
+            .attach(cgroup_fd, mode)
+            .with_context(|| format!("attaching {name}"))?;
         links.push(Box::new(program.take_link(id)?));
         tracing::info!(cgroup = %cgroup.display(), programs = links.len(), "attached");
         Ok(())
@@ -203,26 +225,34 @@ impl KernelCounterMap {
     /// The counters summed over all CPUs.
     pub fn read(&self) -> Result<KernelCounters> {
         let per_cpu = self.0.get(&0, 0).context("reading COUNTERS")?;
-        Ok(per_cpu.iter().fold(KernelCounters::default(), |mut sum, cpu| {
-            sum.redirected += cpu.redirected;
-            sum.bypassed_port += cpu.bypassed_port;
-            sum.bypassed_network += cpu.bypassed_network;
-            sum.bypassed_self += cpu.bypassed_self;
-            sum.errors += cpu.errors;
-            sum
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(KernelCounters::default(), |mut sum, cpu| {
+                sum.redirected += cpu.redirected;
+                sum.bypassed_port += cpu.bypassed_port;
+                sum.bypassed_network += cpu.bypassed_network;
+                sum.bypassed_self += cpu.bypassed_self;
+                sum.errors += cpu.errors;
+                sum
+            }))
     }
 }
 
 fn program_named<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
-    ebpf.program_mut(name).with_context(|| format!("program {name} missing"))
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing"))
 }
 
 /// Network-order words of an IPv6 address, as the kernel's `user_ip6` holds them.
 pub fn ipv6_words(addr: Ipv6Addr) -> [u32; 4] {
     let octets = addr.octets();
     std::array::from_fn(|i| {
-        u32::from_ne_bytes([octets[i * 4], octets[i * 4 + 1], octets[i * 4 + 2], octets[i * 4 + 3]])
+        u32::from_ne_bytes([
+            octets[i * 4],
+            octets[i * 4 + 1],
+            octets[i * 4 + 2],
+            octets[i * 4 + 3],
+        ])
     })
 }
 
@@ -231,7 +261,10 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/"));
     if !is_bpffs(parent) {
         if parent != Path::new("/sys/fs/bpf") {
-            bail!("{} is not on a bpf file system (mount -t bpf bpf DIR)", parent.display());
+            bail!(
+                "{} is not on a bpf file system (mount -t bpf bpf DIR)",
+                parent.display()
+            );
         }
         mount_bpffs(parent)?;
     }
@@ -253,7 +286,13 @@ fn mount_bpffs(path: &Path) -> Result<()> {
     let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: all strings are NUL-terminated; no data argument.
     let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error())

@@ -152,7 +152,10 @@ impl Metrics {
             metrics.original_dst_lookups_total.clone(),
         );
         registry.register_collector(Box::new(KernelCollector(kernel)));
-        Self { registry, ..metrics }
+        Self {
+            registry,
+            ..metrics
+        }
     }
 
     /// The text exposition of every metric.

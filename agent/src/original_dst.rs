@@ -33,9 +33,15 @@ fn so_original_dst(socket: &impl AsRawFd, ipv4: bool) -> io::Result<SocketAddr> 
     // SAFETY: sockaddr_storage is plain data; zero is a valid value.
     let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let (level, mut len) = if ipv4 {
-        (libc::SOL_IP, mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        (
+            libc::SOL_IP,
+            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
     } else {
-        (libc::SOL_IPV6, mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        (
+            libc::SOL_IPV6,
+            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
     };
     // SAFETY: storage is large enough for len bytes; the kernel writes at most len.
     let rc = unsafe {
@@ -59,15 +65,25 @@ fn sockaddr_to_socket_addr(storage: &libc::sockaddr_storage) -> io::Result<Socke
             // SAFETY: the family says this is a sockaddr_in, which fits in sockaddr_storage.
             let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
             let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says this is a sockaddr_in6, which fits in sockaddr_storage.
             let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
             let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            Ok(canonical(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), 0, 0))))
+            Ok(canonical(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                0,
+                0,
+            ))))
         }
-        family => Err(io::Error::other(format!("SO_ORIGINAL_DST returned family {family}"))),
+        family => Err(io::Error::other(format!(
+            "SO_ORIGINAL_DST returned family {family}"
+        ))),
     }
 }
 
@@ -99,7 +115,12 @@ pub fn to_socket_addr(dst: &OriginalDst) -> SocketAddr {
     for (chunk, word) in octets.chunks_exact_mut(4).zip(dst.addr) {
         chunk.copy_from_slice(&word.to_ne_bytes());
     }
-    canonical(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(octets), dst.port, 0, 0)))
+    canonical(SocketAddr::V6(SocketAddrV6::new(
+        Ipv6Addr::from(octets),
+        dst.port,
+        0,
+        0,
+    )))
 }
 
 /// An IPv4-mapped IPv6 destination (::ffff:a.b.c.d) is dialled as plain IPv4.
@@ -139,7 +160,10 @@ mod tests {
 
     #[test]
     fn tuple_is_client_to_proxy() {
-        let tuple = conn_tuple("127.0.0.1:50000".parse().unwrap(), "127.0.0.1:4140".parse().unwrap());
+        let tuple = conn_tuple(
+            "127.0.0.1:50000".parse().unwrap(),
+            "127.0.0.1:4140".parse().unwrap(),
+        );
         assert_eq!(tuple.src_port, 50000);
         assert_eq!(tuple.dst_port, 4140);
         assert_eq!(tuple.family, AF_INET);

@@ -22,8 +22,7 @@ use crate::{
     },
     intercept::OriginalDstMap,
     metrics::{
-        ConnectErrorLabels, Direction, LookupLabels, Metrics, TcpCloseLabels, TcpLabels,
-        errno_name,
+        ConnectErrorLabels, Direction, LookupLabels, Metrics, TcpCloseLabels, TcpLabels, errno_name,
     },
     original_dst,
 };
@@ -75,7 +74,9 @@ fn bind(addr: SocketAddr) -> Result<TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
-    socket.bind(&addr.into()).with_context(|| format!("binding the proxy listener {addr}"))?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding the proxy listener {addr}"))?;
     socket.listen(LISTEN_BACKLOG as i32)?;
     TcpListener::from_std(socket.into()).context("registering the listener")
 }
@@ -106,15 +107,24 @@ pub async fn serve(
 
 /// One redirected connection, start to finish.
 async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
-    let Ok(local) = client.local_addr() else { return };
+    let Ok(local) = client.local_addr() else {
+        return;
+    };
     let (dst, lookup) = original_dst::lookup(&client, peer, local, &proxy.original_dsts);
-    proxy.metrics.original_dst_lookups_total.get_or_create(&LookupLabels { result: lookup }).inc();
+    proxy
+        .metrics
+        .original_dst_lookups_total
+        .get_or_create(&LookupLabels { result: lookup })
+        .inc();
     let Some(dst) = dst else {
         tracing::debug!(%peer, "no original destination; not a redirected connection");
         opaque::reset(&client);
         return;
     };
-    let labels = TcpLabels { direction: Direction::Outbound, target_port: dst.port() };
+    let labels = TcpLabels {
+        direction: Direction::Outbound,
+        target_port: dst.port(),
+    };
     let metrics = &proxy.metrics;
     metrics.tcp_open_total.get_or_create(&labels).inc();
     let open = metrics.tcp_open_connections.get_or_create(&labels).clone();
@@ -148,14 +158,22 @@ async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
         }
     };
     open.dec();
-    let close = TcpCloseLabels { direction: labels.direction, target_port: labels.target_port, errno };
+    let close = TcpCloseLabels {
+        direction: labels.direction,
+        target_port: labels.target_port,
+        errno,
+    };
     metrics.tcp_close_total.get_or_create(&close).inc();
 }
 
 /// Connects to the original destination from a socket carrying the bypass mark, so the
 /// kernel programs let it through even when the agent runs inside the meshed cgroup.
 async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
-    let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     SockRef::from(&socket).set_mark(mark)?;
     socket.set_nodelay(true)?;
     match tokio::time::timeout(timeout, socket.connect(dst)).await {

@@ -42,13 +42,20 @@ async fn serve(config: crate::config::Config) -> Result<()> {
         config.bypass_mark,
         config.connect_timeout,
     ));
-    let admin_state = Arc::new(AdminState { metrics, ready: false.into() });
+    let admin_state = Arc::new(AdminState {
+        metrics,
+        ready: false.into(),
+    });
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
 
     // Listeners first: once the programs are attached, connects arrive at once.
     let admin_listener = admin::bind(config.admin_addr).await?;
-    tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin_state), shutdown.child_token()));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&admin_state),
+        shutdown.child_token(),
+    ));
     let proxy_shutdown = CancellationToken::new();
     for listener in proxy::bind_listeners(config.outbound_port)? {
         tokio::spawn(proxy::serve(
@@ -68,8 +75,14 @@ async fn serve(config: crate::config::Config) -> Result<()> {
     intercept.detach();
     proxy_shutdown.cancel();
     connections.close();
-    if tokio::time::timeout(config.shutdown_grace, connections.wait()).await.is_err() {
-        tracing::warn!(open = connections.len(), "grace period over; closing open connections");
+    if tokio::time::timeout(config.shutdown_grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "grace period over; closing open connections"
+        );
     }
     shutdown.cancel();
     drop(intercept);
@@ -89,10 +102,14 @@ async fn wait_for_signal() -> Result<&'static str> {
 /// Each proxied connection costs two sockets and, while bytes move, a pipe: use the whole
 /// hard limit of open files rather than the usual soft 1024.
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: limit is a valid out-pointer for getrlimit and a valid in-pointer for setrlimit.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }

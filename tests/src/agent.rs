@@ -41,7 +41,12 @@ impl Agent {
     pub fn start_with(cgroup: &TestCgroup, options: AgentOptions) -> Self {
         let outbound_port = free_port();
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let name = cgroup.path().file_name().expect("cgroup name").to_string_lossy().into_owned();
+        let name = cgroup
+            .path()
+            .file_name()
+            .expect("cgroup name")
+            .to_string_lossy()
+            .into_owned();
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
         let log = temp_dir("agent").join("agent.log");
         let mut command = if options.inside_cgroup {
@@ -65,7 +70,13 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("agent log"));
         let child = command.spawn().expect("starting sockmesh run");
-        let mut agent = Self { child, outbound_port, admin, pin_dir, log };
+        let mut agent = Self {
+            child,
+            outbound_port,
+            admin,
+            pin_dir,
+            log,
+        };
         agent.wait_ready();
         agent
     }
@@ -81,7 +92,10 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        panic!("sockmesh run not ready after {READY_TIMEOUT:?}:\n{}", self.log_text());
+        panic!(
+            "sockmesh run not ready after {READY_TIMEOUT:?}:\n{}",
+            self.log_text()
+        );
     }
 
     pub fn pid(&self) -> u32 {
@@ -117,7 +131,9 @@ impl Agent {
 
     /// Open descriptors of the agent process.
     pub fn fd_count(&self) -> usize {
-        fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|dir| dir.count()).unwrap_or(0)
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
     }
 
     pub fn signal(&self, signal: i32) {
@@ -132,7 +148,11 @@ impl Agent {
             if let Some(status) = self.child.try_wait().expect("waiting for sockmesh") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "sockmesh did not exit:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "sockmesh did not exit:\n{}",
+                self.log_text()
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -170,6 +190,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .nth(1)
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad response: {response:?}")))?;
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }

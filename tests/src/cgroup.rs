@@ -46,7 +46,12 @@ impl TestCgroup {
     /// A command that runs `program` inside this cgroup, through `sockmesh exec`.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut command = Command::new(crate::sockmesh_bin());
-        command.arg("exec").arg("--cgroup").arg(&self.path).arg("--").arg(program);
+        command
+            .arg("exec")
+            .arg("--cgroup")
+            .arg(&self.path)
+            .arg("--")
+            .arg(program);
         command
     }
 

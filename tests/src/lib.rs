@@ -49,9 +49,10 @@ fn mount_bpffs_once() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-        if !mounts.lines().any(|line| line.split_whitespace().nth(1) == Some("/sys/fs/bpf")
-            && line.split_whitespace().nth(2) == Some("bpf"))
-        {
+        if !mounts.lines().any(|line| {
+            line.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+                && line.split_whitespace().nth(2) == Some("bpf")
+        }) {
             let status = std::process::Command::new("mount")
                 .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
                 .status()
@@ -73,16 +74,21 @@ macro_rules! require_privileged {
 
 /// The sockmesh binary: $SOCKMESH_BIN (set by `cargo xtask test`), else target/debug/sockmesh.
 pub fn sockmesh_bin() -> PathBuf {
-    std::env::var_os("SOCKMESH_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sockmesh")
-    })
+    std::env::var_os("SOCKMESH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sockmesh")
+        })
 }
 
 /// The meshprobe test client, built beside the test binaries (target/debug/meshprobe; the
 /// test executables live in target/debug/deps).
 pub fn meshprobe_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
     profile_dir.join("meshprobe")
 }
 

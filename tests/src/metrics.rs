@@ -27,9 +27,9 @@ impl Metrics {
             .iter()
             .filter(|sample| sample.name == name)
             .filter(|sample| {
-                labels.iter().all(|(key, value)| {
-                    sample.labels.iter().any(|(k, v)| k == key && v == value)
-                })
+                labels
+                    .iter()
+                    .all(|(key, value)| sample.labels.iter().any(|(k, v)| k == key && v == value))
             })
             .map(|sample| sample.value)
             .sum()
@@ -47,14 +47,21 @@ fn parse_sample(line: &str) -> Option<Sample> {
         None => (series.to_string(), Vec::new()),
         Some((name, rest)) => (name.to_string(), parse_labels(rest.strip_suffix('}')?)),
     };
-    Some(Sample { name, labels, value })
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
 }
 
 fn parse_labels(text: &str) -> Vec<(String, String)> {
     text.split("\",")
         .filter_map(|pair| {
             let (key, value) = pair.split_once("=\"")?;
-            Some((key.trim().to_string(), value.trim_end_matches('"').to_string()))
+            Some((
+                key.trim().to_string(),
+                value.trim_end_matches('"').to_string(),
+            ))
         })
         .collect()
 }

@@ -15,7 +15,11 @@ pub fn fill(buf: &mut [u8], offset: u64, seed: u8) {
 
 /// Checks `buf` against the stream from `offset`; returns the first bad offset.
 pub fn check(buf: &[u8], offset: u64, seed: u8) -> Result<(), u64> {
-    match buf.iter().enumerate().find(|(i, byte)| **byte != byte_at(offset + *i as u64, seed)) {
+    match buf
+        .iter()
+        .enumerate()
+        .find(|(i, byte)| **byte != byte_at(offset + *i as u64, seed))
+    {
         Some((i, _)) => Err(offset + i as u64),
         None => Ok(()),
     }

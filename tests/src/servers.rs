@@ -44,7 +44,9 @@ impl AcceptLoop {
         // (redis, nginx) ask for more; so do we (listen(2) again just raises the backlog).
         // SAFETY: a valid listening socket descriptor.
         unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         thread::spawn(move || {
@@ -113,7 +115,11 @@ impl PatternServer {
             self.received.lock().expect("results").len() >= connections
         });
         let received = self.received.lock().expect("results").clone();
-        assert!(finished, "server saw {} of {connections} connections", received.len());
+        assert!(
+            finished,
+            "server saw {} of {connections} connections",
+            received.len()
+        );
         received
     }
 }
@@ -130,10 +136,16 @@ fn serve_pattern(stream: TcpStream, reply_bytes: u64, gate: Option<Gate>) -> Rec
     if let Some(gate) = gate {
         let mut head = vec![0u8; gate.pause_after as usize];
         if let Err(error) = reader.read_exact(&mut head) {
-            return Received { bytes: 0, error: Some(error.to_string()) };
+            return Received {
+                bytes: 0,
+                error: Some(error.to_string()),
+            };
         }
         if let Err(bad) = pattern::check(&head, 0, CLIENT_SEED) {
-            return Received { bytes: 0, error: Some(format!("corrupt at {bad}")) };
+            return Received {
+                bytes: 0,
+                error: Some(format!("corrupt at {bad}")),
+            };
         }
         offset = gate.pause_after;
         let _ = gate.reached.send(());
@@ -142,9 +154,18 @@ fn serve_pattern(stream: TcpStream, reply_bytes: u64, gate: Option<Gate>) -> Rec
     let rest = read_pattern_from(&mut reader, offset);
     let sent = sender.join().expect("sender thread");
     match (rest, sent) {
-        (Ok(bytes), Ok(())) => Received { bytes: offset + bytes, error: None },
-        (Ok(bytes), Err(error)) => Received { bytes: offset + bytes, error: Some(format!("send: {error}")) },
-        (Err(error), _) => Received { bytes: offset, error: Some(error.to_string()) },
+        (Ok(bytes), Ok(())) => Received {
+            bytes: offset + bytes,
+            error: None,
+        },
+        (Ok(bytes), Err(error)) => Received {
+            bytes: offset + bytes,
+            error: Some(format!("send: {error}")),
+        },
+        (Err(error), _) => Received {
+            bytes: offset,
+            error: Some(error.to_string()),
+        },
     }
 }
 
@@ -240,5 +261,7 @@ impl Drop for ServerProcess {
 pub fn write_file(path: &Path, len: usize) {
     let mut buf = vec![0u8; len];
     pattern::fill(&mut buf, 0, 7);
-    fs::File::create(path).and_then(|mut file| file.write_all(&buf)).expect("writing a file");
+    fs::File::create(path)
+        .and_then(|mut file| file.write_all(&buf))
+        .expect("writing a file");
 }

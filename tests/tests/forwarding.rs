@@ -42,7 +42,11 @@ fn hundred_megabytes_each_way_arrive_byte_exact_and_are_counted() {
     let labels = [("target_port", port.as_str())];
     agent.assert_metric("tcp_write_bytes_total", &labels, HUNDRED_MB);
     agent.assert_metric("tcp_read_bytes_total", &labels, HUNDRED_MB);
-    agent.assert_metric("tcp_close_total", &[("target_port", port.as_str()), ("errno", "")], 1);
+    agent.assert_metric(
+        "tcp_close_total",
+        &[("target_port", port.as_str()), ("errno", "")],
+        1,
+    );
 }
 
 /// The client shuts down its sending side first; the server answers only after that EOF.
@@ -55,7 +59,9 @@ fn half_close_still_delivers_the_reply() {
         let (mut stream, _) = listener.accept().unwrap();
         let mut request = Vec::new();
         stream.read_to_end(&mut request).unwrap(); // returns only at the client's EOF
-        stream.write_all(format!("got {} bytes after your EOF", request.len()).as_bytes()).unwrap();
+        stream
+            .write_all(format!("got {} bytes after your EOF", request.len()).as_bytes())
+            .unwrap();
         stream.shutdown(Shutdown::Write).unwrap();
         request
     });
@@ -76,7 +82,10 @@ fn half_close_still_delivers_the_reply() {
          print(reply.decode())\n",
         addr.port()
     );
-    let reply = run_ok(cgroup.command("python3").args(["-c", &script]), Duration::from_secs(60));
+    let reply = run_ok(
+        cgroup.command("python3").args(["-c", &script]),
+        Duration::from_secs(60),
+    );
     assert_eq!(reply.trim(), "got 70000 bytes after your EOF");
     assert_eq!(server.join().unwrap().len(), 70_000);
     agent.assert_metric("tcp_close_total", &[("errno", "")], 1);
@@ -91,7 +100,9 @@ fn a_thousand_concurrent_connections_are_byte_exact_and_leak_nothing() {
     let baseline = agent.fd_count();
 
     let report = run_ok(
-        cgroup.command(meshprobe_bin()).args(["echo", &echo.addr().to_string(), "1000", "100000"]),
+        cgroup
+            .command(meshprobe_bin())
+            .args(["echo", &echo.addr().to_string(), "1000", "100000"]),
         Duration::from_secs(300),
     );
     assert!(report.starts_with("ok connections=1000"), "{report}");
@@ -111,5 +122,24 @@ fn a_thousand_concurrent_connections_are_byte_exact_and_leak_nothing() {
         now <= baseline + pool_bound
     });
     assert!(settled, "agent fds: {baseline} before, {now} after");
+    // Closed sockets leave nothing behind in the kernel's connection tables.
+    for map in ["ORIG_BY_TUPLE", "ORIG_BY_COOKIE"] {
+        let mut entries = usize::MAX;
+        let empty = eventually(Duration::from_secs(10), || {
+            entries = map_entries(&agent.pin_dir.join(map));
+            entries == 0
+        });
+        assert!(empty, "{map} still holds {entries} entries");
+    }
 }
 
+/// Entries in a pinned map, per `bpftool map dump`.
+fn map_entries(pin: &std::path::Path) -> usize {
+    let dump = run_ok(
+        std::process::Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(pin),
+        Duration::from_secs(30),
+    );
+    dump.matches("\"key\":").count()
+}

@@ -37,7 +37,10 @@ fn curl_reaches_an_http_server_through_the_proxy() {
         LIMIT,
     );
     assert_eq!(report, "200");
-    assert_eq!(std::fs::read(&out_file).unwrap(), std::fs::read(dir.join("blob")).unwrap());
+    assert_eq!(
+        std::fs::read(&out_file).unwrap(),
+        std::fs::read(dir.join("blob")).unwrap()
+    );
 
     let port = http.addr.port().to_string();
     let labels = [("direction", "outbound"), ("target_port", port.as_str())];
@@ -46,7 +49,11 @@ fn curl_reaches_an_http_server_through_the_proxy() {
     let metrics = agent.metrics();
     assert!(metrics.count("tcp_read_bytes_total", &labels) > 300_000);
     assert!(metrics.count("tcp_write_bytes_total", &labels) > 0);
-    agent.assert_metric("sockmesh_kernel_connects_total", &[("decision", "redirected")], 1);
+    agent.assert_metric(
+        "sockmesh_kernel_connects_total",
+        &[("decision", "redirected")],
+        1,
+    );
 }
 
 #[test]
@@ -57,7 +64,13 @@ fn redis_cli_talks_to_redis_through_the_proxy() {
     let agent = Agent::start(&cgroup);
     let port = redis.addr.port().to_string();
     let redis_cli = |args: &[&str]| {
-        run_ok(cgroup.command("redis-cli").args(["-h", "127.0.0.1", "-p", &port]).args(args), LIMIT)
+        run_ok(
+            cgroup
+                .command("redis-cli")
+                .args(["-h", "127.0.0.1", "-p", &port])
+                .args(args),
+            LIMIT,
+        )
     };
 
     assert_eq!(redis_cli(&["SET", "mesh", "sockmesh"]).trim(), "OK");
@@ -109,24 +122,43 @@ fn skipped_ports_and_networks_bypass_the_proxy() {
     let proxied = PatternServer::start("127.0.0.1:0", 10);
     let cgroup = TestCgroup::new("skip");
     let port = skipped_port.addr().port();
-    let agent = Agent::start_with(&cgroup, AgentOptions {
-        args: vec![
-            format!("--skip-outbound-ports=1-3,{port}"),
-            "--skip-outbound-networks=127.0.0.2/32,fd00::/8".to_string(),
-        ],
-        ..AgentOptions::default()
-    });
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            args: vec![
+                format!("--skip-outbound-ports=1-3,{port}"),
+                "--skip-outbound-networks=127.0.0.2/32,fd00::/8".to_string(),
+            ],
+            ..AgentOptions::default()
+        },
+    );
 
     for server in [&skipped_port, &skipped_net, &proxied] {
         probe(&cgroup, &["bulk", &server.addr().to_string(), "1000", "10"]);
     }
 
-    agent.assert_metric("sockmesh_kernel_connects_total", &[("decision", "bypassed_port")], 1);
-    agent.assert_metric("sockmesh_kernel_connects_total", &[("decision", "bypassed_network")], 1);
-    agent.assert_metric("sockmesh_kernel_connects_total", &[("decision", "redirected")], 1);
+    agent.assert_metric(
+        "sockmesh_kernel_connects_total",
+        &[("decision", "bypassed_port")],
+        1,
+    );
+    agent.assert_metric(
+        "sockmesh_kernel_connects_total",
+        &[("decision", "bypassed_network")],
+        1,
+    );
+    agent.assert_metric(
+        "sockmesh_kernel_connects_total",
+        &[("decision", "redirected")],
+        1,
+    );
     agent.assert_metric("tcp_open_total", &[], 1);
     let proxied_port = proxied.addr().port().to_string();
-    agent.assert_metric("tcp_open_total", &[("target_port", proxied_port.as_str())], 1);
+    agent.assert_metric(
+        "tcp_open_total",
+        &[("target_port", proxied_port.as_str())],
+        1,
+    );
 }
 
 #[test]
@@ -152,18 +184,43 @@ fn agent_inside_the_meshed_cgroup_does_not_proxy_itself() {
     require_privileged!();
     let server = PatternServer::start("127.0.0.1:0", 4096);
     let cgroup = TestCgroup::new("self");
-    let agent = Agent::start_with(&cgroup, AgentOptions { inside_cgroup: true, ..Default::default() });
-    assert!(cgroup.pids().contains(&agent.pid()), "the agent runs inside the meshed cgroup");
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            inside_cgroup: true,
+            ..Default::default()
+        },
+    );
+    assert!(
+        cgroup.pids().contains(&agent.pid()),
+        "the agent runs inside the meshed cgroup"
+    );
 
-    let report = probe(&cgroup, &["bulk", &server.addr().to_string(), "4096", "4096"]);
+    let report = probe(
+        &cgroup,
+        &["bulk", &server.addr().to_string(), "4096", "4096"],
+    );
     assert!(report.starts_with("ok"), "{report}");
 
     let metrics = agent.metrics();
     // The agent's upstream connect carried the bypass mark: no loop through itself.
-    agent.assert_metric("sockmesh_kernel_connects_total", &[("decision", "redirected")], 1);
-    assert!(metrics.count("sockmesh_kernel_connects_total", &[("decision", "bypassed_self")]) >= 1);
+    agent.assert_metric(
+        "sockmesh_kernel_connects_total",
+        &[("decision", "redirected")],
+        1,
+    );
+    assert!(
+        metrics.count(
+            "sockmesh_kernel_connects_total",
+            &[("decision", "bypassed_self")]
+        ) >= 1
+    );
     // Inside the cgroup, the getsockopt(SO_ORIGINAL_DST) hook answered, as for iptables users.
-    agent.assert_metric("sockmesh_original_dst_lookups_total", &[("result", "getsockopt")], 1);
+    agent.assert_metric(
+        "sockmesh_original_dst_lookups_total",
+        &[("result", "getsockopt")],
+        1,
+    );
     agent.assert_metric("tcp_open_total", &[], 1);
 }
 
@@ -171,7 +228,10 @@ fn agent_inside_the_meshed_cgroup_does_not_proxy_itself() {
 fn refused_upstream_closes_the_client_connection() {
     require_privileged!();
     // A port nothing listens on: bind, note it, close.
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let cgroup = TestCgroup::new("refused");
     let agent = Agent::start(&cgroup);
 
@@ -183,4 +243,34 @@ fn refused_upstream_closes_the_client_connection() {
     agent.assert_metric("tcp_connect_errors_total", &refused, 1);
     agent.assert_metric("tcp_close_total", &refused, 1);
     agent.assert_metric("tcp_open_connections", &[], 0);
+}
+
+#[test]
+fn udp_is_left_alone() {
+    require_privileged!();
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = echo.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let (n, from) = echo.recv_from(&mut buf).unwrap();
+        echo.send_to(&buf[..n], from).unwrap();
+    });
+    let cgroup = TestCgroup::new("udp");
+    let agent = Agent::start(&cgroup);
+
+    // A connected UDP socket goes through connect4 too; it must not be touched.
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(10)\n\
+         s.connect(('127.0.0.1', {}))\n\
+         s.send(b'ping')\n\
+         print(s.recv(64).decode(), s.getpeername()[1])\n",
+        addr.port()
+    );
+    let reply = run_ok(cgroup.command("python3").args(["-c", &script]), LIMIT);
+    assert_eq!(reply.trim(), format!("ping {}", addr.port()));
+    server.join().unwrap();
+    agent.assert_metric("sockmesh_kernel_connects_total", &[], 0);
+    agent.assert_metric("tcp_open_total", &[], 0);
 }

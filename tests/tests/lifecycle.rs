@@ -1,11 +1,7 @@
 //! The agent's life as an operator sees it: inspect it with the README's bpftool commands,
 //! stop it gracefully during a transfer, kill it and find traffic flowing directly (fail-open).
 
-use std::{
-    process::Command,
-    sync::mpsc,
-    time::Duration,
-};
+use std::{process::Command, sync::mpsc, time::Duration};
 
 use integration_tests::{
     Agent, TestCgroup, meshprobe_bin,
@@ -31,7 +27,10 @@ fn bpftool(args: &[&str]) -> String {
 /// Names of our programs attached to `cgroup`, per `bpftool cgroup show`.
 fn attached_programs(cgroup: &TestCgroup) -> Vec<&'static str> {
     let listing = bpftool(&["cgroup", "show", &cgroup.path().to_string_lossy()]);
-    PROGRAMS.into_iter().filter(|name| listing.contains(name)).collect()
+    PROGRAMS
+        .into_iter()
+        .filter(|name| listing.contains(name))
+        .collect()
 }
 
 /// The commands in the README's "Inspecting with bpftool" block, with the default paths
@@ -39,8 +38,14 @@ fn attached_programs(cgroup: &TestCgroup) -> Vec<&'static str> {
 fn readme_bpftool_commands(cgroup: &TestCgroup, agent: &Agent) -> Vec<Vec<String>> {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
         .expect("README.md");
-    let section = readme.split("## Inspecting with bpftool").nth(1).expect("bpftool section");
-    let block = section.split("```sh\n").nth(1).and_then(|rest| rest.split("```").next());
+    let section = readme
+        .split("## Inspecting with bpftool")
+        .nth(1)
+        .expect("bpftool section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next());
     block
         .expect("a ```sh block in the bpftool section")
         .lines()
@@ -61,10 +66,18 @@ fn readme_bpftool_commands_show_our_programs_and_maps() {
     let server = PatternServer::start("127.0.0.1:0", 10);
     let cgroup = TestCgroup::new("bpftool");
     let agent = Agent::start(&cgroup);
-    run_ok(cgroup.command(meshprobe_bin()).args(["bulk", &server.addr().to_string(), "10", "10"]), LIMIT);
+    run_ok(
+        cgroup
+            .command(meshprobe_bin())
+            .args(["bulk", &server.addr().to_string(), "10", "10"]),
+        LIMIT,
+    );
 
     let commands = readme_bpftool_commands(&cgroup, &agent);
-    assert!(commands.len() >= 4, "README lists too few bpftool commands: {commands:?}");
+    assert!(
+        commands.len() >= 4,
+        "README lists too few bpftool commands: {commands:?}"
+    );
     for command in &commands {
         let args: Vec<&str> = command[1..].iter().map(String::as_str).collect();
         let output = bpftool(&args);
@@ -77,7 +90,11 @@ fn readme_bpftool_commands_show_our_programs_and_maps() {
             _ => &[],
         };
         for word in expected {
-            assert!(output.contains(word), "`bpftool {}` lacks {word}:\n{output}", args.join(" "));
+            assert!(
+                output.contains(word),
+                "`bpftool {}` lacks {word}:\n{output}",
+                args.join(" ")
+            );
         }
     }
 }
@@ -92,15 +109,26 @@ fn killed_agent_fails_open() {
 
     agent.signal(libc::SIGKILL);
     agent.wait_exit();
-    let detached = eventually(Duration::from_secs(10), || attached_programs(&cgroup).is_empty());
-    assert!(detached, "programs still attached after SIGKILL: {:?}", attached_programs(&cgroup));
+    let detached = eventually(Duration::from_secs(10), || {
+        attached_programs(&cgroup).is_empty()
+    });
+    assert!(
+        detached,
+        "programs still attached after SIGKILL: {:?}",
+        attached_programs(&cgroup)
+    );
 
     // Nothing listens on the proxy port any more, so this only works if it goes direct.
     let report = run_ok(
-        cgroup.command(meshprobe_bin()).args(["bulk", &server.addr().to_string(), "5000", "1000"]),
+        cgroup
+            .command(meshprobe_bin())
+            .args(["bulk", &server.addr().to_string(), "5000", "1000"]),
         LIMIT,
     );
-    assert!(report.contains(&format!("peer={}", server.addr())), "{report}");
+    assert!(
+        report.contains(&format!("peer={}", server.addr())),
+        "{report}"
+    );
     assert_eq!(server.received(1)[0].bytes, 5000);
 }
 
@@ -110,24 +138,63 @@ fn sigterm_lets_an_open_transfer_finish() {
     const TOTAL: u64 = 20 * 1024 * 1024;
     let (reached_tx, reached) = mpsc::channel();
     let (open, open_rx) = mpsc::channel();
-    let gate = Gate { pause_after: 1024 * 1024, reached: reached_tx, open: open_rx };
+    let gate = Gate {
+        pause_after: 1024 * 1024,
+        reached: reached_tx,
+        open: open_rx,
+    };
     let server = PatternServer::start_gated("127.0.0.1:0", 4096, Some(gate));
     let other = PatternServer::start("127.0.0.1:0", 10);
     let cgroup = TestCgroup::new("sigterm");
     let mut agent = Agent::start(&cgroup);
 
     let mut client = cgroup.command(meshprobe_bin());
-    client.args(["bulk", &server.addr().to_string(), &TOTAL.to_string(), "4096"]);
+    client.args([
+        "bulk",
+        &server.addr().to_string(),
+        &TOTAL.to_string(),
+        "4096",
+    ]);
     let transfer = std::thread::spawn(move || run_ok(&mut client, LIMIT));
-    reached.recv_timeout(LIMIT).expect("the transfer reached the server");
+    reached
+        .recv_timeout(LIMIT)
+        .expect("the transfer reached the server");
+    // Bytes are counted as they move, not when the connection ends.
+    let port = server.addr().port().to_string();
+    let moved = agent
+        .metrics()
+        .count("tcp_write_bytes_total", &[("target_port", port.as_str())]);
+    assert!(
+        moved >= 1024 * 1024,
+        "only {moved} bytes counted while the transfer is open"
+    );
 
     // Mid-transfer: stop the agent. It detaches first, so new connections go direct...
     agent.signal(libc::SIGTERM);
-    let detached = eventually(Duration::from_secs(10), || attached_programs(&cgroup).is_empty());
+    let detached = eventually(Duration::from_secs(10), || {
+        attached_programs(&cgroup).is_empty()
+    });
     assert!(detached, "programs still attached after SIGTERM");
-    run_ok(cgroup.command(meshprobe_bin()).args(["bulk", &other.addr().to_string(), "10", "10"]), LIMIT);
+    assert_eq!(
+        agent
+            .get("/ready")
+            .expect("admin still serves during the grace period")
+            .0,
+        503
+    );
+    run_ok(
+        cgroup
+            .command(meshprobe_bin())
+            .args(["bulk", &other.addr().to_string(), "10", "10"]),
+        LIMIT,
+    );
     let other_port = other.addr().port().to_string();
-    assert_eq!(agent.metrics().count("tcp_open_total", &[("target_port", other_port.as_str())]), 0);
+    assert_eq!(
+        agent
+            .metrics()
+            .count("tcp_open_total", &[("target_port", other_port.as_str())]),
+        0
+    );
 
     // ...while the open transfer is allowed to finish.
     open.send(()).expect("opening the gate");
@@ -136,5 +203,9 @@ fn sigterm_lets_an_open_transfer_finish() {
     let received = server.received(1);
     assert_eq!((received[0].bytes, &received[0].error), (TOTAL, &None));
     let status = agent.wait_exit();
-    assert!(status.success(), "sockmesh exited with {status}:\n{}", agent.log_text());
+    assert!(
+        status.success(),
+        "sockmesh exited with {status}:\n{}",
+        agent.log_text()
+    );
 }

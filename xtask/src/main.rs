@@ -75,7 +75,10 @@ fn run(task: Task) -> Result<()> {
 
 fn workspace_root() -> Result<PathBuf> {
     let manifest_dir = env::var_os("CARGO_MANIFEST_DIR").context("run me through `cargo xtask`")?;
-    Ok(Path::new(&manifest_dir).parent().context("xtask has no parent directory")?.to_path_buf())
+    Ok(Path::new(&manifest_dir)
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_path_buf())
 }
 
 /// Builds the eBPF object, then the agent with it embedded. Returns the agent binary's path.
@@ -83,7 +86,9 @@ fn build(root: &Path, release: bool) -> Result<PathBuf> {
     let toolchain = EbpfToolchain::ensure()?;
     let object = toolchain.build(&root.join("agent-ebpf"))?;
     let mut cargo = Command::new(cargo());
-    cargo.current_dir(root).args(["build", "--package", "agent"]);
+    cargo
+        .current_dir(root)
+        .args(["build", "--package", "agent"]);
     if release {
         cargo.arg("--release");
     }
@@ -120,7 +125,10 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     let agent = build(root, false)?;
     toolchain::ensure_test_tools()?;
     let mut cargo = Command::new(cargo());
-    cargo.current_dir(root).args(["test", "--workspace"]).args(args);
+    cargo
+        .current_dir(root)
+        .args(["test", "--workspace"])
+        .args(args);
     cargo.env("SOCKMESH_BIN", &agent);
     cargo.env("SOCKMESH_EBPF_OBJECT", root.join(toolchain::EBPF_OBJECT));
     if !is_root() {
@@ -129,7 +137,19 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
              make them fail instead)"
         );
     }
-    run_checked(&mut cargo, "running the tests")
+    let (status, totals) = toolchain::run_counting_tests(&mut cargo)?;
+    // One plain closing line for whoever reads the log: the sum over every test binary.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !status.success() {
+        bail!("the test suite failed ({status})");
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
 
 fn cargo() -> String {

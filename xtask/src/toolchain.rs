@@ -78,16 +78,28 @@ impl EbpfToolchain {
             Self::NightlyBuildStd => {
                 let mut cargo = Command::new("cargo");
                 cargo.env_remove("RUSTUP_TOOLCHAIN").env_remove("RUSTC");
-                cargo.args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none"]);
+                cargo.args([
+                    "+nightly",
+                    "build",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                ]);
                 cargo.args(["-Z", "build-std=core"]);
                 cargo
             }
         };
-        cargo.current_dir(crate_dir).env("RUSTFLAGS", RUSTFLAGS).env_remove("CARGO_TARGET_DIR");
+        cargo
+            .current_dir(crate_dir)
+            .env("RUSTFLAGS", RUSTFLAGS)
+            .env_remove("CARGO_TARGET_DIR");
         run_checked(&mut cargo, "building the eBPF programs")?;
         let object = crate_dir.join("target/bpfel-unknown-none/release/sockmesh-ebpf");
         if !object.exists() {
-            bail!("the eBPF build finished but {} is missing", object.display());
+            bail!(
+                "the eBPF build finished but {} is missing",
+                object.display()
+            );
         }
         Ok(object)
     }
@@ -97,11 +109,19 @@ fn install_debian_route() -> Result<()> {
     require_apt("the eBPF toolchain", TOOLCHAIN_PACKAGES)?;
     apt_install(TOOLCHAIN_PACKAGES)?;
     if !command_exists("bpf-linker") {
-        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)");
+        eprintln!(
+            "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)"
+        );
         let path = format!("{LLVM_PREFIX}/bin:{}", env::var("PATH").unwrap_or_default());
         let mut cargo = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cargo
-            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("PATH", path);
@@ -139,9 +159,14 @@ fn require_apt(purpose: &str, packages: &[&str]) -> Result<()> {
 }
 
 fn apt_install(packages: &[&str]) -> Result<()> {
-    run_checked(Command::new("apt-get").arg("update").arg("-q"), "apt-get update")?;
+    run_checked(
+        Command::new("apt-get").arg("update").arg("-q"),
+        "apt-get update",
+    )?;
     let mut install = Command::new("apt-get");
-    install.args(["install", "-y", "-q", "--no-install-recommends"]).args(packages);
+    install
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages);
     install.env("DEBIAN_FRONTEND", "noninteractive");
     run_checked(&mut install, "apt-get install")
 }
@@ -151,7 +176,11 @@ fn nightly_has_rust_src() -> bool {
         .args(["+nightly", "component", "list", "--installed"])
         .stderr(Stdio::null())
         .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .is_ok_and(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        })
 }
 
 fn command_exists(name: &str) -> bool {
@@ -163,12 +192,87 @@ fn is_root() -> bool {
     crate::is_root()
 }
 
+/// Totals over every `test result:` line cargo test printed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TestTotals {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds one libtest summary line: `test result: ok. 8 passed; 0 failed; 1 ignored; ...`.
+    fn add_line(&mut self, line: &str) {
+        let Some(counts) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in counts.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(number)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(number) = number.parse::<u64>() else {
+                continue;
+            };
+            match label {
+                "passed" => self.passed += number,
+                "failed" => self.failed += number,
+                "ignored" => self.ignored += number,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cargo test`, passing its output through while adding up the per-binary results.
+pub fn run_counting_tests(command: &mut Command) -> Result<(std::process::ExitStatus, TestTotals)> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: running the tests: {command:?}");
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let mut totals = TestTotals::default();
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        totals.add_line(&line);
+    }
+    Ok((child.wait().context("waiting for cargo test")?, totals))
+}
+
 /// Runs a command, echoing it first, and fails with `what` when it fails.
 pub fn run_checked(command: &mut Command, what: &str) -> Result<()> {
     eprintln!("xtask: {what}: {command:?}");
-    let status = command.status().with_context(|| format!("{what}: could not start"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("{what}: could not start"))?;
     if !status.success() {
         bail!("{what} failed ({status})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adds_up_libtest_summaries() {
+        let mut totals = TestTotals::default();
+        totals.add_line("test result: ok. 8 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.96s");
+        totals.add_line(
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        totals.add_line("running 3 tests");
+        assert_eq!(
+            totals,
+            TestTotals {
+                passed: 10,
+                failed: 1,
+                ignored: 1
+            }
+        );
+    }
 }

@@ -98,11 +98,19 @@ struct Side<'a> {
 
 impl<'a> Side<'a> {
     fn client(stream: &'a TcpStream) -> Self {
-        Self { stream, reading: "reading client", writing: "writing client" }
+        Self {
+            stream,
+            reading: "reading client",
+            writing: "writing client",
+        }
     }
 
     fn server(stream: &'a TcpStream) -> Self {
-        Self { stream, reading: "reading server", writing: "writing server" }
+        Self {
+            stream,
+            reading: "reading server",
+            writing: "writing server",
+        }
     }
 }
 
@@ -114,7 +122,10 @@ async fn pump(
     on_bytes: impl Fn(u64),
 ) -> Result<(), Failure> {
     loop {
-        src.stream.readable().await.map_err(Failure::tag(src.reading))?;
+        src.stream
+            .readable()
+            .await
+            .map_err(Failure::tag(src.reading))?;
         // Borrow a pipe only now that there is something to move.
         let pipe = pipes.take().map_err(Failure::tag("allocating a pipe"))?;
         let filled = src.stream.try_io(Interest::READABLE, || {
@@ -126,14 +137,19 @@ async fn pump(
                 return Ok(());
             }
             Ok(filled) => {
-                drain(&pipe, filled, dst.stream, &on_bytes).await.map_err(Failure::tag(dst.writing))?;
+                drain(&pipe, filled, dst.stream, &on_bytes)
+                    .await
+                    .map_err(Failure::tag(dst.writing))?;
                 pipes.put(pipe);
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => pipes.put(pipe),
             // The pipe is empty: nothing was spliced into it.
             Err(error) => {
                 pipes.put(pipe);
-                return Err(Failure { step: src.reading, error });
+                return Err(Failure {
+                    step: src.reading,
+                    error,
+                });
             }
         }
     }
@@ -141,10 +157,17 @@ async fn pump(
 
 /// Splices `len` bytes out of `pipe` into `dst`. On error the pipe is dropped by the caller
 /// (it may still hold bytes, so it must not go back to the pool).
-async fn drain(pipe: &Pipe, mut len: usize, dst: &TcpStream, on_bytes: &impl Fn(u64)) -> io::Result<()> {
+async fn drain(
+    pipe: &Pipe,
+    mut len: usize,
+    dst: &TcpStream,
+    on_bytes: &impl Fn(u64),
+) -> io::Result<()> {
     while len > 0 {
         dst.writable().await?;
-        match dst.try_io(Interest::WRITABLE, || splice(pipe.read_fd(), dst.as_raw_fd(), len)) {
+        match dst.try_io(Interest::WRITABLE, || {
+            splice(pipe.read_fd(), dst.as_raw_fd(), len)
+        }) {
             Ok(moved) => {
                 len -= moved;
                 on_bytes(moved as u64);

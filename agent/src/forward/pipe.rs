@@ -27,7 +27,11 @@ impl Pipe {
         // SAFETY: F_GETPIPE_SZ takes no argument and returns the capacity in bytes.
         let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         let capacity = usize::try_from(capacity).unwrap_or(65_536).max(4096);
-        Ok(Self { read, write, capacity })
+        Ok(Self {
+            read,
+            write,
+            capacity,
+        })
     }
 
     pub fn read_fd(&self) -> RawFd {
@@ -52,7 +56,10 @@ pub struct PipePool {
 
 impl PipePool {
     pub fn new(max_idle: usize) -> Self {
-        Self { idle: Mutex::new(Vec::new()), max_idle }
+        Self {
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+        }
     }
 
     /// An empty pipe: a pooled one, or a new one.
@@ -74,6 +81,7 @@ impl PipePool {
         }
     }
 
+    #[cfg(test)]
     pub fn idle_count(&self) -> usize {
         self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
     }

@@ -26,7 +26,12 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 fn main() -> ExitCode {
     raise_fd_limit();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["bulk", addr, send, receive] => bulk(parse(addr), num(send), num(receive)),
         ["echo", addr, conns, bytes] => echo(parse(addr), num(conns), num(bytes)),
         ["peer", addr] => peer(parse(addr)),
@@ -56,8 +61,12 @@ fn num(text: &str) -> u64 {
 fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(|e| format!("connect {addr}: {e}"))?;
-    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     Ok(stream)
 }
 
@@ -72,8 +81,12 @@ fn bulk(addr: SocketAddr, send: u64, receive: u64) -> Result<String, String> {
         sent
     });
     let mut reader = stream;
-    let received = pattern::read_stream(&mut reader, SERVER_SEED).map_err(|e| format!("receive: {e}"))?;
-    sender.join().map_err(|_| "sender panicked")?.map_err(|e| format!("send: {e}"))?;
+    let received =
+        pattern::read_stream(&mut reader, SERVER_SEED).map_err(|e| format!("receive: {e}"))?;
+    sender
+        .join()
+        .map_err(|_| "sender panicked")?
+        .map_err(|e| format!("send: {e}"))?;
     if received != receive {
         return Err(format!("received {received} bytes, expected {receive}"));
     }
@@ -98,10 +111,18 @@ fn echo(addr: SocketAddr, conns: u64, bytes: u64) -> Result<String, String> {
         .collect();
     let failures: Vec<String> = workers
         .into_iter()
-        .filter_map(|worker| worker.join().unwrap_or_else(|_| Err("panicked".into())).err())
+        .filter_map(|worker| {
+            worker
+                .join()
+                .unwrap_or_else(|_| Err("panicked".into()))
+                .err()
+        })
         .collect();
     if let Some(first) = failures.first() {
-        return Err(format!("{} of {conns} connections failed; first: {first}", failures.len()));
+        return Err(format!(
+            "{} of {conns} connections failed; first: {first}",
+            failures.len()
+        ));
     }
     Ok(format!("ok connections={conns} bytes={bytes}"))
 }
@@ -115,7 +136,10 @@ fn echo_one(stream: TcpStream, bytes: u64) -> Result<(), String> {
     });
     let mut reader = stream;
     let received = pattern::read_stream(&mut reader, ECHO_SEED).map_err(|e| e.to_string())?;
-    sender.join().map_err(|_| "sender panicked")?.map_err(|e| e.to_string())?;
+    sender
+        .join()
+        .map_err(|_| "sender panicked")?
+        .map_err(|e| e.to_string())?;
     if received != bytes {
         return Err(format!("echoed {received} of {bytes} bytes"));
     }
@@ -124,7 +148,9 @@ fn echo_one(stream: TcpStream, bytes: u64) -> Result<(), String> {
 
 fn peer(addr: SocketAddr) -> Result<String, String> {
     let stream = connect(addr)?;
-    let peer = stream.peer_addr().map_err(|e| format!("getpeername: {e}"))?;
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| format!("getpeername: {e}"))?;
     Ok(format!("peer={peer}"))
 }
 
@@ -139,7 +165,9 @@ fn expect_close(addr: SocketAddr) -> Result<String, String> {
         }
         Err(e) => return Err(format!("connect {addr}: {e}")),
     };
-    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let _ = stream.write_all(b"hello");
     let mut buf = [0u8; 64];
     match stream.read(&mut buf) {
@@ -151,7 +179,10 @@ fn expect_close(addr: SocketAddr) -> Result<String, String> {
 }
 
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: valid pointers to an rlimit.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
