@@ -6,7 +6,8 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    Config, NetworkList, PortSet, parse_cgroup_dir, parse_duration, parse_listen_port,
+    Config, DEFAULT_OPAQUE_PORTS, NetworkList, PortSet, parse_cgroup_dir, parse_duration,
+    parse_listen_port,
 };
 
 #[derive(Debug, Parser)]
@@ -66,6 +67,23 @@ pub struct RunArgs {
     /// Destination networks that bypass the proxy, e.g. `10.0.0.0/8,fd00::/8`.
     #[arg(long, env = "SOCKMESH_SKIP_OUTBOUND_NETWORKS", default_value = "")]
     pub skip_outbound_networks: NetworkList,
+    /// Destination ports forwarded as opaque TCP without protocol detection, e.g. `4406,7000-7010`.
+    /// Added to the defaults (25,587,3306,4444,5432,6379,9300,11211) unless
+    /// --no-default-opaque-ports.
+    #[arg(long, env = "SOCKMESH_OPAQUE_PORTS", default_value = "")]
+    pub opaque_ports: PortSet,
+    /// Drop the default opaque ports; only --opaque-ports remain.
+    #[arg(long, env = "SOCKMESH_NO_DEFAULT_OPAQUE_PORTS")]
+    pub no_default_opaque_ports: bool,
+    /// How long to wait for a client's first bytes before forwarding the connection opaquely.
+    #[arg(long, env = "SOCKMESH_DETECT_TIMEOUT", default_value = "10s",
+          value_parser = parse_duration)]
+    pub detect_timeout: Duration,
+    /// How long an HTTP request may wait for the upstream's response headers before the client
+    /// gets 504.
+    #[arg(long, env = "SOCKMESH_UPSTREAM_TIMEOUT", default_value = "30s",
+          value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
     /// Address of the admin server (/metrics, /ready, /live).
     #[arg(long, env = "SOCKMESH_ADMIN_ADDR", default_value = "127.0.0.1:4191")]
     pub admin_addr: SocketAddr,
@@ -101,12 +119,22 @@ impl RunArgs {
     pub fn into_config(self, cgroup: PathBuf) -> Config {
         let skip_outbound_ports =
             Config::builtin_skip_ports(self.admin_addr).with(&self.skip_outbound_ports);
+        let default_opaque_ports = if self.no_default_opaque_ports {
+            PortSet::default()
+        } else {
+            DEFAULT_OPAQUE_PORTS
+                .parse()
+                .expect("the default opaque ports parse")
+        };
         Config {
             cgroup,
             outbound_port: self.outbound_port,
             skip_outbound_ports,
             skip_outbound_networks: self.skip_outbound_networks,
             admin_addr: self.admin_addr,
+            opaque_ports: default_opaque_ports.with(&self.opaque_ports),
+            detect_timeout: self.detect_timeout,
+            upstream_timeout: self.upstream_timeout,
             shutdown_grace: self.shutdown_grace,
             connect_timeout: self.connect_timeout,
             pin_dir: self.pin_dir,

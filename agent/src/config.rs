@@ -85,6 +85,7 @@ impl PortSet {
         self.0.iter().any(|range| range.contains(port))
     }
 
+    #[cfg(test)]
     pub fn ranges(&self) -> &[PortRange] {
         &self.0
     }
@@ -201,6 +202,11 @@ pub fn parse_cgroup_dir(text: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// Server-speaks-first and other non-HTTP protocols that skip detection (Linkerd's defaults):
+/// SMTP 25/587, MySQL 3306, Galera 4444, PostgreSQL 5432, Redis 6379, Elasticsearch 9300,
+/// Memcached 11211.
+pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
+
 /// The effective configuration of `sockmesh run`, built once from the flags.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -212,6 +218,12 @@ pub struct Config {
     pub skip_outbound_ports: PortSet,
     pub skip_outbound_networks: NetworkList,
     pub admin_addr: SocketAddr,
+    /// Destination ports forwarded as opaque TCP without detection.
+    pub opaque_ports: PortSet,
+    /// How long to wait for a client's first bytes before forwarding opaquely.
+    pub detect_timeout: Duration,
+    /// How long an HTTP request may wait for the upstream's response headers (then 504).
+    pub upstream_timeout: Duration,
     pub shutdown_grace: Duration,
     pub connect_timeout: Duration,
     /// bpffs directory for the pinned maps.
@@ -289,6 +301,15 @@ mod tests {
         let user: PortSet = "80".parse().unwrap();
         let merged = Config::builtin_skip_ports(admin).with(&user);
         assert!(merged.contains(4191) && merged.contains(80));
+    }
+
+    #[test]
+    fn default_opaque_ports_parse() {
+        let ports: PortSet = DEFAULT_OPAQUE_PORTS.parse().unwrap();
+        for port in [25, 587, 3306, 4444, 5432, 6379, 9300, 11211] {
+            assert!(ports.contains(port), "{port}");
+        }
+        assert!(!ports.contains(80));
     }
 
     #[test]

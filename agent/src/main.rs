@@ -6,8 +6,10 @@
 
 mod admin;
 mod cgroup;
+mod classify;
 mod cli;
 mod config;
+mod detect;
 mod forward;
 mod intercept;
 mod metrics;

@@ -10,19 +10,28 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use prometheus_client::metrics::counter::Counter;
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use bytes::BytesMut;
+use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, Type};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpSocket, TcpStream},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    classify::{Classified, OpaqueReason, Protocol, classify},
+    config::{Config, PortSet},
     forward::{
-        opaque::{self, OnBytes, Outcome},
+        ByteCounters,
+        http::{self, HttpProxy, Version},
+        io::Counted,
+        opaque::{self, Outcome},
         pipe::PipePool,
     },
     intercept::OriginalDstMap,
     metrics::{
-        ConnectErrorLabels, Direction, LookupLabels, Metrics, TcpCloseLabels, TcpLabels, errno_name,
+        ConnectErrorLabels, DetectLabels, Direction, LookupLabels, Metrics, TcpCloseLabels,
+        TcpLabels, TlsLabels, errno_name,
     },
     original_dst,
 };
@@ -39,23 +48,28 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     original_dsts: OriginalDstMap,
     pipes: PipePool,
+    http: Arc<HttpProxy>,
+    opaque_ports: PortSet,
+    detect_timeout: Duration,
     bypass_mark: u32,
     connect_timeout: Duration,
 }
 
 impl Proxy {
-    pub fn new(
-        metrics: Arc<Metrics>,
-        original_dsts: OriginalDstMap,
-        bypass_mark: u32,
-        connect_timeout: Duration,
-    ) -> Self {
+    pub fn new(metrics: Arc<Metrics>, original_dsts: OriginalDstMap, config: &Config) -> Self {
+        let http = HttpProxy {
+            metrics: Arc::clone(&metrics),
+            upstream_timeout: config.upstream_timeout,
+        };
         Self {
             metrics,
             original_dsts,
             pipes: PipePool::new(MAX_IDLE_PIPES),
-            bypass_mark,
-            connect_timeout,
+            http: Arc::new(http),
+            opaque_ports: config.opaque_ports.clone(),
+            detect_timeout: config.detect_timeout,
+            bypass_mark: config.bypass_mark,
+            connect_timeout: config.connect_timeout,
         }
     }
 }
@@ -68,7 +82,11 @@ pub fn bind_listeners(port: u16) -> Result<Vec<TcpListener>> {
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(SocketProtocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
@@ -130,30 +148,22 @@ async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
     let open = metrics.tcp_open_connections.get_or_create(&labels).clone();
     open.inc();
 
+    // Connect before detecting: a server that speaks first must be heard at once.
     let errno = match connect_upstream(dst, proxy.bypass_mark, proxy.connect_timeout).await {
-        Ok(server) => {
-            let _ = client.set_nodelay(true);
-            let counters = ByteCounters::new(metrics, &labels);
-            match opaque::splice_bidirectional(client, server, &proxy.pipes, &counters).await {
-                Outcome::Closed => "",
-                Outcome::Reset(failure) => {
-                    tracing::debug!(%peer, %dst, step = failure.step, error = %failure.error, "connection reset");
-                    errno_name(&failure.error)
-                }
-            }
-        }
+        Ok(server) => forward(client, server, &labels, &proxy).await,
         Err(error) => {
             tracing::debug!(%peer, %dst, %error, "upstream connect failed");
             let errno = errno_name(&error);
+            let connect_error = ConnectErrorLabels {
+                direction: labels.direction,
+                target_port: labels.target_port,
+                errno,
+            };
             metrics
                 .tcp_connect_errors_total
-                .get_or_create(&ConnectErrorLabels {
-                    direction: labels.direction,
-                    target_port: labels.target_port,
-                    errno,
-                })
+                .get_or_create(&connect_error)
                 .inc();
-            opaque::reset(&client);
+            answer_unreachable(client, &labels, &proxy).await;
             errno
         }
     };
@@ -164,6 +174,117 @@ async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
         errno,
     };
     metrics.tcp_close_total.get_or_create(&close).inc();
+}
+
+/// Detects the protocol and forwards accordingly; returns the errno label of the close.
+async fn forward(
+    client: TcpStream,
+    server: TcpStream,
+    labels: &TcpLabels,
+    proxy: &Proxy,
+) -> &'static str {
+    let classified = if proxy.opaque_ports.contains(labels.target_port) {
+        Classified {
+            protocol: Protocol::Opaque(OpaqueReason::OpaquePort),
+            prefix: BytesMut::new(),
+            elapsed: Duration::ZERO,
+        }
+    } else {
+        classify(&client, Some(&server), proxy.detect_timeout).await
+    };
+    proxy.record_detection(&classified, labels);
+    let counters = ByteCounters::new(&proxy.metrics, labels);
+    let version = match classified.protocol {
+        Protocol::Http1 => Version::Http1,
+        Protocol::Http2 => Version::Http2,
+        _ => return forward_opaque(client, server, &classified.prefix, &counters, proxy).await,
+    };
+    let _ = client.set_nodelay(true);
+    let server = Counted::new(server, counters);
+    match http::forward(
+        client,
+        classified.prefix.freeze(),
+        server,
+        version,
+        Arc::clone(&proxy.http),
+    )
+    .await
+    {
+        Ok(()) => "",
+        Err(error) => {
+            tracing::debug!(%error, "http connection ended with an error");
+            http::errno_of(&error)
+        }
+    }
+}
+
+/// Sends the bytes detection read, then splices both ways.
+async fn forward_opaque(
+    client: TcpStream,
+    mut server: TcpStream,
+    prefix: &[u8],
+    counters: &ByteCounters,
+    proxy: &Proxy,
+) -> &'static str {
+    let _ = client.set_nodelay(true);
+    if !prefix.is_empty() {
+        if let Err(error) = server.write_all(prefix).await {
+            opaque::reset(&client);
+            return errno_name(&error);
+        }
+        counters.client_to_server(prefix.len() as u64);
+    }
+    match opaque::splice_bidirectional(client, server, &proxy.pipes, counters).await {
+        Outcome::Closed => "",
+        Outcome::Reset(failure) => {
+            tracing::debug!(step = failure.step, error = %failure.error, "connection reset");
+            errno_name(&failure.error)
+        }
+    }
+}
+
+/// The upstream is unreachable. An HTTP client gets 502 on each request; anything else (and
+/// any opaque port) is reset, which is as close as a proxy can get to "connection refused".
+async fn answer_unreachable(client: TcpStream, labels: &TcpLabels, proxy: &Proxy) {
+    if proxy.opaque_ports.contains(labels.target_port) {
+        opaque::reset(&client);
+        return;
+    }
+    let classified = classify(&client, None, proxy.detect_timeout).await;
+    proxy.record_detection(&classified, labels);
+    let version = match classified.protocol {
+        Protocol::Http1 => Version::Http1,
+        Protocol::Http2 => Version::Http2,
+        _ => return opaque::reset(&client),
+    };
+    let prefix = classified.prefix.freeze();
+    if let Err(error) =
+        http::serve_unavailable(client, prefix, version, Arc::clone(&proxy.http)).await
+    {
+        tracing::debug!(%error, "http connection to an unreachable upstream ended with an error");
+    }
+}
+
+impl Proxy {
+    fn record_detection(&self, classified: &Classified, tcp: &TcpLabels) {
+        let labels = DetectLabels {
+            direction: tcp.direction,
+            result: classified.protocol.result_label(),
+        };
+        self.metrics.detect_total.get_or_create(&labels).inc();
+        self.metrics
+            .detect_duration_seconds
+            .get_or_create(&labels)
+            .observe(classified.elapsed.as_secs_f64());
+        if let Protocol::Tls { sni } = &classified.protocol {
+            let tls = TlsLabels {
+                direction: tcp.direction,
+                target_port: tcp.target_port,
+                sni: self.metrics.sni_label(sni.as_deref()),
+            };
+            self.metrics.tls_connections_total.get_or_create(&tls).inc();
+        }
+    }
 }
 
 /// Connects to the original destination from a socket carrying the bypass mark, so the
@@ -179,30 +300,5 @@ async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> io::
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(result) => result,
         Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
-    }
-}
-
-/// Per-connection handles on the byte counters, so each chunk costs one atomic add.
-struct ByteCounters {
-    written: Counter,
-    read: Counter,
-}
-
-impl ByteCounters {
-    fn new(metrics: &Metrics, labels: &TcpLabels) -> Self {
-        Self {
-            written: metrics.tcp_write_bytes_total.get_or_create(labels).clone(),
-            read: metrics.tcp_read_bytes_total.get_or_create(labels).clone(),
-        }
-    }
-}
-
-impl OnBytes for ByteCounters {
-    fn client_to_server(&self, bytes: u64) {
-        self.written.inc_by(bytes);
-    }
-
-    fn server_to_client(&self, bytes: u64) {
-        self.read.inc_by(bytes);
     }
 }

@@ -39,8 +39,7 @@ async fn serve(config: crate::config::Config) -> Result<()> {
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&metrics),
         intercept.original_dst_map()?,
-        config.bypass_mark,
-        config.connect_timeout,
+        &config,
     ));
     let admin_state = Arc::new(AdminState {
         metrics,

@@ -13,7 +13,10 @@ use std::{
 use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream};
 
-use super::pipe::{Pipe, PipePool};
+use super::{
+    ByteCounters,
+    pipe::{Pipe, PipePool},
+};
 
 /// How a forwarded connection ended.
 #[derive(Debug)]
@@ -38,18 +41,12 @@ impl Failure {
     }
 }
 
-/// Byte counters called as bytes are delivered, per direction.
-pub trait OnBytes {
-    fn client_to_server(&self, bytes: u64);
-    fn server_to_client(&self, bytes: u64);
-}
-
 /// Forwards `client` <-> `server` until both directions are done or one fails.
 pub async fn splice_bidirectional(
     client: TcpStream,
     server: TcpStream,
     pipes: &PipePool,
-    on_bytes: &impl OnBytes,
+    on_bytes: &ByteCounters,
 ) -> Outcome {
     let upload = pump(Side::client(&client), Side::server(&server), pipes, |n| {
         on_bytes.client_to_server(n)

@@ -3,18 +3,38 @@
 //! existing dashboards work. Labels are bounded: direction is a closed enum, target_port has at
 //! most 65536 values, errno is one of a fixed list of names.
 
-use std::{fmt, sync::Arc};
+pub mod http;
+
+use std::{
+    collections::HashSet,
+    fmt,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     collector::Collector,
     encoding::{
         DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
     },
-    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::Histogram,
+    },
     registry::Registry,
 };
 
+use self::http::HttpMetrics;
 use crate::intercept::KernelCounterMap;
+
+/// Distinct TLS server names before new ones are reported as "other".
+pub const MAX_SNIS: usize = 100;
+
+/// Detection durations, in seconds: from sub-millisecond to the 10 s default timeout.
+const DETECT_BUCKETS_S: [f64; 10] = [
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 10.0,
+];
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
@@ -89,6 +109,21 @@ pub struct ConnectErrorLabels {
     pub errno: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectLabels {
+    pub direction: Direction,
+    /// http1, http2, tls, opaque, opaque_port, server_first, timeout, error
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub direction: Direction,
+    pub target_port: u16,
+    /// The ClientHello's server name (bounded, sanitized); empty when there was none.
+    pub sni: String,
+}
+
 /// Every metric family of the agent, plus the registry that renders them.
 pub struct Metrics {
     registry: Registry,
@@ -101,6 +136,11 @@ pub struct Metrics {
     pub tcp_close_total: Family<TcpCloseLabels, Counter>,
     pub tcp_connect_errors_total: Family<ConnectErrorLabels, Counter>,
     pub original_dst_lookups_total: Family<LookupLabels, Counter>,
+    pub detect_total: Family<DetectLabels, Counter>,
+    pub detect_duration_seconds: Family<DetectLabels, Histogram>,
+    pub tls_connections_total: Family<TlsLabels, Counter>,
+    pub http: HttpMetrics,
+    snis: BoundedLabel,
 }
 
 impl Metrics {
@@ -114,6 +154,13 @@ impl Metrics {
             tcp_close_total: Family::default(),
             tcp_connect_errors_total: Family::default(),
             original_dst_lookups_total: Family::default(),
+            detect_total: Family::default(),
+            detect_duration_seconds: Family::new_with_constructor(|| {
+                Histogram::new(DETECT_BUCKETS_S.into_iter())
+            }),
+            tls_connections_total: Family::default(),
+            http: HttpMetrics::register(&mut registry),
+            snis: BoundedLabel::new(MAX_SNIS),
             registry: Registry::default(),
         };
         registry.register(
@@ -151,11 +198,31 @@ impl Metrics {
             "Original-destination lookups on accepted connections, by how they resolved",
             metrics.original_dst_lookups_total.clone(),
         );
+        registry.register(
+            "tcp_detect",
+            "Protocol detection results of proxied connections",
+            metrics.detect_total.clone(),
+        );
+        registry.register(
+            "sockmesh_detect_duration_seconds",
+            "Time from accept to the detection decision",
+            metrics.detect_duration_seconds.clone(),
+        );
+        registry.register(
+            "sockmesh_tls_connections",
+            "Connections detected as TLS (forwarded opaquely), by server name",
+            metrics.tls_connections_total.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector(kernel)));
         Self {
             registry,
             ..metrics
         }
+    }
+
+    /// The sni label for a ClientHello's server name (bounded).
+    pub fn sni_label(&self, sni: Option<&str>) -> String {
+        sni.map(|name| self.snis.label(name)).unwrap_or_default()
     }
 
     /// The text exposition of every metric.
@@ -215,6 +282,49 @@ impl Collector for KernelCollector {
         )?;
         errors.encode(metric)
     }
+}
+
+/// A label whose values come from the network (authorities, server names): the first `max`
+/// distinct values are kept, later ones become "other"; values with characters outside a
+/// host[:port] are "invalid".
+pub struct BoundedLabel {
+    seen: Mutex<HashSet<String>>,
+    max: usize,
+}
+
+impl BoundedLabel {
+    pub fn new(max: usize) -> Self {
+        Self {
+            seen: Mutex::new(HashSet::new()),
+            max,
+        }
+    }
+
+    pub fn label(&self, value: &str) -> String {
+        let clean = sanitize_host(value);
+        let Ok(mut seen) = self.seen.lock() else {
+            return "other".to_string();
+        };
+        if seen.contains(&clean) {
+            return clean;
+        }
+        if seen.len() < self.max {
+            seen.insert(clean.clone());
+            return clean;
+        }
+        "other".to_string()
+    }
+}
+
+/// Lowercase host[:port] characters only; anything else would be a hostile label value.
+fn sanitize_host(value: &str) -> String {
+    let lower = value.trim().to_ascii_lowercase();
+    let valid = !lower.is_empty()
+        && lower.len() <= 253
+        && lower
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
+    if valid { lower } else { "invalid".to_string() }
 }
 
 /// A bounded errno label: the name of common socket errors, "EOTHER" for the rest.
