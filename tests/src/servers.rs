@@ -18,6 +18,10 @@ use std::{
 
 use crate::{free_port, pattern, process::eventually};
 
+/// Debian's interpreter: the `python3` on PATH may be another one that cannot see Debian's
+/// python3-* packages.
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
 /// Client streams use seed 1, server replies seed 2.
 pub const CLIENT_SEED: u8 = 1;
 pub const SERVER_SEED: u8 = 2;
@@ -227,6 +231,58 @@ impl ServerProcess {
         });
         assert!(up, "{command:?} is not accepting on {addr}");
         server
+    }
+
+    /// A test peer from tests/peers, run with Debian's python3 (which sees python3-grpcio and
+    /// friends), that prints "READY <port>" once it listens on 127.0.0.1.
+    pub fn peer(script: &str, args: &[&str]) -> Self {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join(script);
+        let mut command = Command::new(SYSTEM_PYTHON);
+        command.arg(&path).args(["server", "--bind", "127.0.0.1", "--port", "0"]).args(args);
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let port: u16 = line
+            .strip_prefix("READY ")
+            .and_then(|port| port.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{command:?} did not print READY <port>: {line:?}"));
+        Self { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+    }
+
+    /// nginx serving `root` over h2c (HTTP/2 prior knowledge) on 127.0.0.1.
+    pub fn nginx_h2c(root: &Path) -> Self {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let dir = root.parent().expect("root has a parent");
+        let temp = |name: &str| format!("{name} {}/{name};", dir.display());
+        let config = format!(
+            "worker_processes 1; daemon off; pid {dir}/nginx.pid; error_log {dir}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; {body} {proxy} {fastcgi} {uwsgi} {scgi}\n\
+               server {{ listen {addr} http2; root {root}; }} }}\n",
+            dir = dir.display(),
+            root = root.display(),
+            body = temp("client_body_temp_path"),
+            proxy = temp("proxy_temp_path"),
+            fastcgi = temp("fastcgi_temp_path"),
+            uwsgi = temp("uwsgi_temp_path"),
+            scgi = temp("scgi_temp_path"),
+        );
+        let config_path = dir.join("nginx.conf");
+        fs::write(&config_path, config).expect("writing nginx.conf");
+        let mut command = Command::new("nginx");
+        command.arg("-c").arg(&config_path).arg("-p").arg(dir);
+        Self::spawn(command, addr)
     }
 
     /// python3's http.server serving `dir` on 127.0.0.1.
