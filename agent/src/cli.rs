@@ -142,3 +142,35 @@ impl RunArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        let cli = Cli::try_parse_from([&["sockmesh", "run"], args].concat()).expect("valid flags");
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        run.into_config(PathBuf::from("/sys/fs/cgroup/test"))
+    }
+
+    #[test]
+    fn opaque_ports_add_to_the_defaults() {
+        let config = config(&["--opaque-ports", "4406"]);
+        assert!(config.opaque_ports.contains(4406));
+        assert!(config.opaque_ports.contains(3306), "a custom port must not drop the defaults");
+    }
+
+    #[test]
+    fn no_default_opaque_ports_keeps_only_the_given_ones() {
+        let config = config(&["--no-default-opaque-ports", "--opaque-ports", "4406"]);
+        assert!(config.opaque_ports.contains(4406));
+        assert!(!config.opaque_ports.contains(3306));
+    }
+
+    #[test]
+    fn admin_port_is_always_skipped() {
+        let config = config(&["--admin-addr", "127.0.0.1:9999", "--skip-outbound-ports", "22"]);
+        assert!(config.skip_outbound_ports.contains(9999));
+        assert!(config.skip_outbound_ports.contains(22));
+    }
+}

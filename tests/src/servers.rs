@@ -218,7 +218,8 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    fn spawn(mut command: Command, addr: SocketAddr) -> Self {
+    /// Starts `command` and waits until it accepts on `addr`.
+    pub fn command(mut command: Command, addr: SocketAddr) -> Self {
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -282,7 +283,7 @@ impl ServerProcess {
         fs::write(&config_path, config).expect("writing nginx.conf");
         let mut command = Command::new("nginx");
         command.arg("-c").arg(&config_path).arg("-p").arg(dir);
-        Self::spawn(command, addr)
+        Self::command(command, addr)
     }
 
     /// python3's http.server serving `dir` on 127.0.0.1.
@@ -293,7 +294,7 @@ impl ServerProcess {
             .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
             .arg(dir)
             .arg(addr.port().to_string());
-        Self::spawn(command, addr)
+        Self::command(command, addr)
     }
 
     /// redis-server on 127.0.0.1, no persistence.
@@ -302,7 +303,7 @@ impl ServerProcess {
         let mut command = Command::new("redis-server");
         command.args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()]);
         command.args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
-        Self::spawn(command, addr)
+        Self::command(command, addr)
     }
 }
 

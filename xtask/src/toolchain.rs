@@ -26,14 +26,19 @@ const TOOLCHAIN_PACKAGES: &[&str] = &[
     "bpftool",
 ];
 
-/// Commands the tests run, and the Debian package that provides each.
-const TEST_TOOLS: &[(&str, &str)] = &[
-    ("bpftool", "bpftool"),
-    ("curl", "curl"),
-    ("redis-server", "redis-server"),
-    ("redis-cli", "redis-tools"),
-    ("ip", "iproute2"),
-    ("python3", "python3"),
+/// Debian packages of the real clients and servers the tests run.
+const TEST_PACKAGES: &[&str] = &[
+    "bpftool",
+    "curl",
+    "redis-server",
+    "redis-tools",
+    "iproute2",
+    "python3",
+    "python3-grpcio",
+    "python3-websockets",
+    "python3-aiosmtpd",
+    "openssl",
+    "nginx-light",
 ];
 
 const RUSTFLAGS: &str = "-C debuginfo=2 -C link-arg=--btf";
@@ -130,13 +135,10 @@ fn install_debian_route() -> Result<()> {
     Ok(())
 }
 
-/// Installs the Debian packages of any missing test tool.
+/// Installs whichever test packages are missing.
 pub fn ensure_test_tools() -> Result<()> {
-    let missing: Vec<&str> = TEST_TOOLS
-        .iter()
-        .filter(|(command, _)| !command_exists(command))
-        .map(|(_, package)| *package)
-        .collect();
+    let missing: Vec<&str> =
+        TEST_PACKAGES.iter().copied().filter(|package| !package_installed(package)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -169,6 +171,14 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         .args(packages);
     install.env("DEBIAN_FRONTEND", "noninteractive");
     run_checked(&mut install, "apt-get install")
+}
+
+fn package_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
 }
 
 fn nightly_has_rust_src() -> bool {
