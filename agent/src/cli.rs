@@ -149,7 +149,9 @@ mod tests {
 
     fn config(args: &[&str]) -> Config {
         let cli = Cli::try_parse_from([&["sockmesh", "run"], args].concat()).expect("valid flags");
-        let Command::Run(run) = cli.command else { panic!("not run") };
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
         run.into_config(PathBuf::from("/sys/fs/cgroup/test"))
     }
 
@@ -157,7 +159,10 @@ mod tests {
     fn opaque_ports_add_to_the_defaults() {
         let config = config(&["--opaque-ports", "4406"]);
         assert!(config.opaque_ports.contains(4406));
-        assert!(config.opaque_ports.contains(3306), "a custom port must not drop the defaults");
+        assert!(
+            config.opaque_ports.contains(3306),
+            "a custom port must not drop the defaults"
+        );
     }
 
     #[test]
@@ -169,7 +174,12 @@ mod tests {
 
     #[test]
     fn admin_port_is_always_skipped() {
-        let config = config(&["--admin-addr", "127.0.0.1:9999", "--skip-outbound-ports", "22"]);
+        let config = config(&[
+            "--admin-addr",
+            "127.0.0.1:9999",
+            "--skip-outbound-ports",
+            "22",
+        ]);
         assert!(config.skip_outbound_ports.contains(9999));
         assert!(config.skip_outbound_ports.contains(22));
     }

@@ -9,6 +9,7 @@ mod cgroup;
 mod classify;
 mod cli;
 mod config;
+mod connect;
 mod detect;
 mod forward;
 mod intercept;

@@ -3,7 +3,6 @@
 //! -> metrics.
 
 use std::{
-    io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -11,20 +10,20 @@ use std::{
 
 use anyhow::{Context, Result};
 use bytes::BytesMut;
-use socket2::{Domain, Protocol as SocketProtocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 use tokio::{
     io::AsyncWriteExt,
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     classify::{Classified, OpaqueReason, Protocol, classify},
     config::{Config, PortSet},
+    connect::Dialer,
     forward::{
         ByteCounters,
         http::{self, HttpProxy, Version},
-        io::Counted,
         opaque::{self, Outcome},
         pipe::PipePool,
     },
@@ -51,15 +50,19 @@ pub struct Proxy {
     http: Arc<HttpProxy>,
     opaque_ports: PortSet,
     detect_timeout: Duration,
-    bypass_mark: u32,
-    connect_timeout: Duration,
+    dialer: Dialer,
 }
 
 impl Proxy {
     pub fn new(metrics: Arc<Metrics>, original_dsts: OriginalDstMap, config: &Config) -> Self {
+        let dialer = Dialer {
+            bypass_mark: config.bypass_mark,
+            timeout: config.connect_timeout,
+        };
         let http = HttpProxy {
             metrics: Arc::clone(&metrics),
             upstream_timeout: config.upstream_timeout,
+            dialer,
         };
         Self {
             metrics,
@@ -68,8 +71,7 @@ impl Proxy {
             http: Arc::new(http),
             opaque_ports: config.opaque_ports.clone(),
             detect_timeout: config.detect_timeout,
-            bypass_mark: config.bypass_mark,
-            connect_timeout: config.connect_timeout,
+            dialer,
         }
     }
 }
@@ -149,8 +151,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
     open.inc();
 
     // Connect before detecting: a server that speaks first must be heard at once.
-    let errno = match connect_upstream(dst, proxy.bypass_mark, proxy.connect_timeout).await {
-        Ok(server) => forward(client, server, &labels, &proxy).await,
+    let errno = match proxy.dialer.connect(dst).await {
+        Ok(server) => forward(client, server, dst, &labels, &proxy).await,
         Err(error) => {
             tracing::debug!(%peer, %dst, %error, "upstream connect failed");
             let errno = errno_name(&error);
@@ -180,6 +182,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
 async fn forward(
     client: TcpStream,
     server: TcpStream,
+    dst: SocketAddr,
     labels: &TcpLabels,
     proxy: &Proxy,
 ) -> &'static str {
@@ -200,16 +203,9 @@ async fn forward(
         _ => return forward_opaque(client, server, &classified.prefix, &counters, proxy).await,
     };
     let _ = client.set_nodelay(true);
-    let server = Counted::new(server, counters);
-    match http::forward(
-        client,
-        classified.prefix.freeze(),
-        server,
-        version,
-        Arc::clone(&proxy.http),
-    )
-    .await
-    {
+    let prefix = classified.prefix.freeze();
+    let http = Arc::clone(&proxy.http);
+    match http::forward(client, prefix, server, dst, counters, version, http).await {
         Ok(()) => "",
         Err(error) => {
             tracing::debug!(%error, "http connection ended with an error");
@@ -284,21 +280,5 @@ impl Proxy {
             };
             self.metrics.tls_connections_total.get_or_create(&tls).inc();
         }
-    }
-}
-
-/// Connects to the original destination from a socket carrying the bypass mark, so the
-/// kernel programs let it through even when the agent runs inside the meshed cgroup.
-async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
-    let socket = if dst.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    SockRef::from(&socket).set_mark(mark)?;
-    socket.set_nodelay(true)?;
-    match tokio::time::timeout(timeout, socket.connect(dst)).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
     }
 }

@@ -1,0 +1,30 @@
+//! Connect: open the proxy's own connection to an original destination. Its sockets carry the
+//! bypass mark, so the kernel programs let them through even when the agent runs inside the
+//! cgroup it meshes (no proxying to itself).
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Dialer {
+    pub bypass_mark: u32,
+    pub timeout: Duration,
+}
+
+impl Dialer {
+    pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let socket = if dst.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        SockRef::from(&socket).set_mark(self.bypass_mark)?;
+        socket.set_nodelay(true)?;
+        match tokio::time::timeout(self.timeout, socket.connect(dst)).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! HTTP forwarding with hyper: the client's connection is served as HTTP/1 or h2c, and every
+//! request goes to the original destination over the one upstream connection opened for this
+//! client (no load balancing yet), with request-level metrics. Upgrades (WebSocket 101,
+//! CONNECT 2xx) continue as a raw byte tunnel. The proxy answers itself only when it must:
+//! 400 for malformed requests (hyper), 502 when the upstream is unreachable or fails, 504 when
+//! its response headers take longer than the upstream timeout.
+
+mod observe;
+mod upstream;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode,
+    body::Incoming,
+    header,
+    server::conn::{http1 as server_h1, http2 as server_h2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use self::{
+    observe::{ProxyBody, ResponseRecord},
+    upstream::Upstream,
+};
+use super::{ByteCounters, io::Rewind};
+use crate::{
+    connect::Dialer,
+    metrics::{
+        Direction,
+        http::{HttpErrorLabels, RequestLabels},
+    },
+};
+
+type ClientIo = TokioIo<Rewind<TcpStream>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
+/// What every request of one client connection shares.
+pub struct HttpProxy {
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub upstream_timeout: Duration,
+    pub dialer: Dialer,
+}
+
+/// The errno label for a failed HTTP connection: the socket error underneath, if any;
+/// protocol errors (hyper already answered 400) close cleanly.
+pub fn errno_of(error: &hyper::Error) -> &'static str {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return crate::metrics::errno_name(io);
+        }
+        source = current.source();
+    }
+    ""
+}
+
+/// Proxies HTTP between `client` (whose first bytes are `prefix`) and `server`, the connection
+/// to the original destination `dst`.
+pub async fn forward(
+    client: TcpStream,
+    prefix: Bytes,
+    server: TcpStream,
+    dst: SocketAddr,
+    counters: ByteCounters,
+    version: Version,
+    proxy: Arc<HttpProxy>,
+) -> Result<(), hyper::Error> {
+    let upstream = Upstream::new(dst, version, proxy.dialer, counters)
+        .with_connection(server)
+        .await?;
+    serve(client, prefix, version, Some(Arc::new(upstream)), proxy).await
+}
+
+/// Serves an HTTP client whose upstream could not be reached: each request gets 502.
+pub async fn serve_unavailable(
+    client: TcpStream,
+    prefix: Bytes,
+    version: Version,
+    proxy: Arc<HttpProxy>,
+) -> Result<(), hyper::Error> {
+    serve(client, prefix, version, None, proxy).await
+}
+
+async fn serve(
+    client: TcpStream,
+    prefix: Bytes,
+    version: Version,
+    upstream: Option<Arc<Upstream>>,
+    proxy: Arc<HttpProxy>,
+) -> Result<(), hyper::Error> {
+    let client_io: ClientIo = TokioIo::new(Rewind::new(prefix, client));
+    let service_proxy = Arc::clone(&proxy);
+    let service = service_fn(move |request| {
+        let (upstream, proxy) = (upstream.clone(), Arc::clone(&service_proxy));
+        async move { Ok::<_, Infallible>(proxy.handle(request, upstream.as_deref()).await) }
+    });
+    let result = match version {
+        Version::Http1 => {
+            server_h1::Builder::new()
+                .serve_connection(client_io, service)
+                .with_upgrades()
+                .await
+        }
+        Version::Http2 => {
+            server_h2::Builder::new(TokioExecutor::new())
+                .serve_connection(client_io, service)
+                .await
+        }
+    };
+    if let Err(error) = &result
+        && error.is_parse()
+    {
+        // hyper has already answered 400 (or 431/414) and closed the connection.
+        proxy.count_error("bad_request");
+    }
+    result
+}
+
+impl HttpProxy {
+    /// One request: to the upstream, or answered 502 when there is none.
+    async fn handle(
+        &self,
+        mut request: Request<Incoming>,
+        upstream: Option<&Upstream>,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let authority = self.metrics.http.authority_label(&authority_of(&request));
+        let http = &self.metrics.http;
+        http.request_total
+            .get_or_create(&RequestLabels {
+                direction: Direction::Outbound,
+                authority: authority.clone(),
+            })
+            .inc();
+        let grpc = is_grpc(request.headers());
+        let record = ResponseRecord {
+            metrics: Arc::clone(&self.metrics),
+            authority,
+            grpc,
+            started,
+        };
+        let Some(upstream) = upstream else {
+            self.count_error("upstream_unavailable");
+            return record.local(StatusCode::BAD_GATEWAY, false);
+        };
+        let client_upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let is_connect = request.method() == Method::CONNECT;
+        let is_http1 = upstream.is_http1();
+        let mut response =
+            match tokio::time::timeout(self.upstream_timeout, upstream.send(request)).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "upstream request failed");
+                    self.count_error("upstream_unavailable");
+                    return record.local(StatusCode::BAD_GATEWAY, is_http1);
+                }
+                Err(_) => {
+                    self.count_error("upstream_timeout");
+                    // The HTTP/1 upstream connection is stuck mid-request: close this one too.
+                    return record.local(StatusCode::GATEWAY_TIMEOUT, is_http1);
+                }
+            };
+        let tunnel = response.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (is_connect && response.status().is_success());
+        if let (true, Some(client_upgrade)) = (tunnel, client_upgrade) {
+            let server_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel_upgraded(client_upgrade, server_upgrade));
+        }
+        record.upstream(response)
+    }
+
+    fn count_error(&self, reason: &'static str) {
+        let labels = HttpErrorLabels {
+            direction: Direction::Outbound,
+            reason,
+        };
+        self.metrics.http.errors_total.get_or_create(&labels).inc();
+    }
+}
+
+/// After a 101 or a successful CONNECT both sides speak raw bytes: copy them until either ends.
+async fn tunnel_upgraded(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+    let (client, server) = match tokio::try_join!(client, server) {
+        Ok(upgraded) => upgraded,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade failed");
+            return;
+        }
+    };
+    let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        tracing::debug!(%error, "upgraded tunnel ended");
+    }
+}
+
+/// :authority for HTTP/2 (and absolute-form HTTP/1), else the Host header.
+fn authority_of(request: &Request<Incoming>) -> String {
+    if let Some(authority) = request.uri().authority() {
+        return authority.as_str().to_string();
+    }
+    request
+        .headers()
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/grpc"))
+}
+
+fn wants_upgrade(request: &Request<Incoming>) -> bool {
+    request.method() == Method::CONNECT || request.headers().contains_key(header::UPGRADE)
+}

@@ -1,0 +1,213 @@
+//! Response observation: every response is recorded once, when its stream ends or is abandoned,
+//! with its status, its gRPC status (trailers, or headers of a trailers-only response) and its
+//! classification. Latency is time to response headers.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::{
+    HeaderMap, Response, StatusCode,
+    body::{Body, Frame, Incoming, SizeHint},
+    header,
+};
+
+use crate::metrics::{
+    Direction, Metrics,
+    http::{HttpMetrics, LatencyLabels, ResponseLabels},
+};
+
+pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+pub fn grpc_status(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string)
+}
+
+/// What a response is recorded with, once its end (or its abandonment) is known.
+pub struct ResponseRecord {
+    pub metrics: Arc<Metrics>,
+    pub authority: String,
+    pub grpc: bool,
+    pub started: Instant,
+}
+
+impl ResponseRecord {
+    /// A response the proxy makes itself (502/504).
+    pub fn local(self, status: StatusCode, close: bool) -> Response<ProxyBody> {
+        self.latency(status);
+        let outcome = Outcome {
+            status: status.as_u16(),
+            grpc_status: None,
+            broken: false,
+        };
+        self.finish(&outcome);
+        let body = Full::new(Bytes::from(format!("{status}\n"))).map_err(|never| match never {});
+        let mut response = Response::new(UnsyncBoxBody::new(body));
+        *response.status_mut() = status;
+        if close {
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
+        response
+    }
+
+    /// The upstream's response, observed until its body ends.
+    pub fn upstream(self, response: Response<Incoming>) -> Response<ProxyBody> {
+        self.latency(response.status());
+        let outcome = Outcome {
+            status: response.status().as_u16(),
+            // A trailers-only gRPC response carries its status in the headers.
+            grpc_status: grpc_status(response.headers()),
+            broken: false,
+        };
+        response.map(|body| {
+            UnsyncBoxBody::new(ObservedBody {
+                inner: body,
+                outcome,
+                record: Some(self),
+            })
+        })
+    }
+
+    fn latency(&self, status: StatusCode) {
+        let labels = LatencyLabels {
+            direction: Direction::Outbound,
+            authority: self.authority.clone(),
+            status_code: status.as_u16(),
+        };
+        let millis = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.metrics
+            .http
+            .response_latency_ms
+            .get_or_create(&labels)
+            .observe(millis);
+    }
+
+    fn finish(&self, outcome: &Outcome) {
+        let http: &HttpMetrics = &self.metrics.http;
+        let labels = ResponseLabels {
+            direction: Direction::Outbound,
+            authority: self.authority.clone(),
+            status_code: outcome.status,
+            classification: outcome.classification(self.grpc),
+            grpc_status: if self.grpc {
+                outcome.grpc_status.clone().unwrap_or_default()
+            } else {
+                String::new()
+            },
+        };
+        http.response_total.get_or_create(&labels).inc();
+    }
+}
+
+struct Outcome {
+    status: u16,
+    grpc_status: Option<String>,
+    /// The response body failed midway.
+    broken: bool,
+}
+
+impl Outcome {
+    /// gRPC: success only with grpc-status 0. HTTP: 5xx is failure. A broken body is failure.
+    fn classification(&self, grpc: bool) -> &'static str {
+        let failed = self.broken
+            || if grpc {
+                self.status >= 500 || self.grpc_status.as_deref() != Some("0")
+            } else {
+                self.status >= 500
+            };
+        if failed { "failure" } else { "success" }
+    }
+}
+
+/// The upstream's response body, passed through frame by frame; records the response when the
+/// stream ends (trailers carry gRPC's status) or is dropped unfinished.
+struct ObservedBody {
+    inner: Incoming,
+    outcome: Outcome,
+    record: Option<ResponseRecord>,
+}
+
+impl ObservedBody {
+    fn finish(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.finish(&self.outcome);
+        }
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(status) = frame.trailers_ref().and_then(grpc_status) {
+                    this.outcome.grpc_status = Some(status);
+                }
+            }
+            Some(Err(_)) => {
+                this.outcome.broken = true;
+                this.finish();
+            }
+            None => this.finish(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        let ok = |status, grpc_status: Option<&str>| Outcome {
+            status,
+            grpc_status: grpc_status.map(Into::into),
+            broken: false,
+        };
+        assert_eq!(ok(200, None).classification(false), "success");
+        assert_eq!(ok(404, None).classification(false), "success");
+        assert_eq!(ok(503, None).classification(false), "failure");
+        assert_eq!(ok(200, Some("0")).classification(true), "success");
+        assert_eq!(ok(200, Some("7")).classification(true), "failure");
+        assert_eq!(ok(200, None).classification(true), "failure");
+        let broken = Outcome {
+            status: 200,
+            grpc_status: None,
+            broken: true,
+        };
+        assert_eq!(broken.classification(false), "failure");
+    }
+}
