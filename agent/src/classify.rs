@@ -74,11 +74,18 @@ pub async fn classify(
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut prefix = BytesMut::with_capacity(INITIAL_BUFFER);
+    let mut watched_server = server;
     let protocol = loop {
         tokio::select! {
-            // The server first: once it has spoken, the client's bytes no longer matter.
+            // The server first: once it has spoken, the client's bytes no longer matter...
             biased;
-            _ = server_speaks(server) => break Protocol::Opaque(OpaqueReason::ServerFirst),
+            _ = server_speaks(watched_server) => {
+                // ...unless it is an h2c server's SETTINGS, sent without waiting for the client.
+                if !sent_http2_preface(watched_server).await {
+                    break Protocol::Opaque(OpaqueReason::ServerFirst);
+                }
+                watched_server = None;
+            }
             readable = client.readable() => {
                 if readable.is_err() {
                     break Protocol::Opaque(OpaqueReason::Error);
@@ -124,6 +131,20 @@ async fn server_speaks(server: Option<&TcpStream>) {
             let _ = server.readable().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+/// Peeks (the bytes stay queued for whoever forwards them) at what the server sent.
+async fn sent_http2_preface(server: Option<&TcpStream>) -> bool {
+    let Some(server) = server else { return false };
+    let mut head = [0u8; 9];
+    match server.peek(&mut head).await {
+        Ok(n) => {
+            let preface = detect::is_http2_server_preface(&head[..n]);
+            tracing::debug!(peeked = n, preface, first = ?&head[..n], "the server spoke first");
+            preface
+        }
+        Err(_) => false,
     }
 }
 

@@ -19,6 +19,22 @@ pub enum Detection {
 /// The HTTP/2 client connection preface (RFC 9113, section 3.4).
 pub const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// HTTP/2 frame header: length(3) type(1) flags(1) stream id(4).
+const HTTP2_FRAME_HEADER: usize = 9;
+const HTTP2_SETTINGS: u8 = 0x4;
+
+/// Whether a server's first bytes are an HTTP/2 SETTINGS frame: an h2c server may send its
+/// connection preface as soon as the connection opens, before the client's. That is HTTP/2
+/// talking, not a server-first protocol.
+pub fn is_http2_server_preface(buf: &[u8]) -> bool {
+    let Some(header) = buf.get(..HTTP2_FRAME_HEADER) else {
+        return false;
+    };
+    let length = u32::from_be_bytes([0, header[0], header[1], header[2]]);
+    let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+    header[3] == HTTP2_SETTINGS && header[4] & !0x1 == 0 && stream == 0 && length % 6 == 0
+}
+
 /// Longest request line we wait for before calling the client opaque.
 const MAX_REQUEST_LINE: usize = 8 * 1024;
 const MAX_METHOD: usize = 20;
@@ -265,6 +281,21 @@ mod tests {
         let mut with_settings = HTTP2_PREFACE.to_vec();
         with_settings.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
         assert_eq!(detect(&with_settings), Detection::Http2);
+    }
+
+    #[test]
+    fn http2_server_preface() {
+        // SETTINGS, 2 settings (12 bytes), no flags, stream 0.
+        let settings = [
+            0, 0, 12, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100, 0, 4, 0, 1, 0, 0,
+        ];
+        assert!(is_http2_server_preface(&settings));
+        assert!(is_http2_server_preface(&settings[..9]));
+        assert!(!is_http2_server_preface(&settings[..8]));
+        assert!(!is_http2_server_preface(b"220 smtp.mesh.test ESMTP\r\n"));
+        let mut on_a_stream = settings;
+        on_a_stream[8] = 1;
+        assert!(!is_http2_server_preface(&on_a_stream));
     }
 
     #[test]

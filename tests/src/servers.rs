@@ -237,9 +237,14 @@ impl ServerProcess {
     /// A test peer from tests/peers, run with Debian's python3 (which sees python3-grpcio and
     /// friends), that prints "READY <port>" once it listens on 127.0.0.1.
     pub fn peer(script: &str, args: &[&str]) -> Self {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join(script);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("peers")
+            .join(script);
         let mut command = Command::new(SYSTEM_PYTHON);
-        command.arg(&path).args(["server", "--bind", "127.0.0.1", "--port", "0"]).args(args);
+        command
+            .arg(&path)
+            .args(["server", "--bind", "127.0.0.1", "--port", "0"])
+            .args(args);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -258,7 +263,10 @@ impl ServerProcess {
             .strip_prefix("READY ")
             .and_then(|port| port.trim().parse().ok())
             .unwrap_or_else(|| panic!("{command:?} did not print READY <port>: {line:?}"));
-        Self { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+        Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
     }
 
     /// nginx serving `root` over h2c (HTTP/2 prior knowledge) on 127.0.0.1.

@@ -29,13 +29,24 @@ fn server_first_protocol_on_an_unconfigured_port_is_not_stalled() {
 
     let port = smtp.addr.port().to_string();
     let report = run_ok(
-        cgroup.command(SYSTEM_PYTHON).args([&peer_script("smtp_peer.py"), "client", "--host", "127.0.0.1", "--port", &port]),
+        cgroup.command(SYSTEM_PYTHON).args([
+            &peer_script("smtp_peer.py"),
+            "client",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+        ]),
         LIMIT,
     );
     assert!(report.starts_with("smtp ok"), "{report}");
     agent.assert_metric("tcp_detect_total", &[("result", "server_first")], 1);
     agent.assert_metric("tcp_detect_total", &[("result", "timeout")], 0);
-    agent.assert_metric("tcp_close_total", &[("target_port", port.as_str()), ("errno", "")], 1);
+    agent.assert_metric(
+        "tcp_close_total",
+        &[("target_port", port.as_str()), ("errno", "")],
+        1,
+    );
 }
 
 /// Redis on its default port 6379 is in the default opaque list: no detection at all.
@@ -43,14 +54,31 @@ fn server_first_protocol_on_an_unconfigured_port_is_not_stalled() {
 fn redis_on_6379_is_opaque_without_detection() {
     require_privileged!();
     let busy = std::net::TcpListener::bind("127.0.0.1:6379").is_err();
-    assert!(!busy, "port 6379 is taken on this machine; this test needs it for redis-server");
+    assert!(
+        !busy,
+        "port 6379 is taken on this machine; this test needs it for redis-server"
+    );
     let mut redis = Command::new("redis-server");
-    redis.args(["--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"]);
+    redis.args([
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "6379",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]);
     let _redis = ServerProcess::command(redis, "127.0.0.1:6379".parse().unwrap());
     let cgroup = TestCgroup::new("redis6379");
     let agent = Agent::start(&cgroup);
 
-    let pong = run_ok(cgroup.command("redis-cli").args(["-h", "127.0.0.1", "-p", "6379", "PING"]), LIMIT);
+    let pong = run_ok(
+        cgroup
+            .command("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", "6379", "PING"]),
+        LIMIT,
+    );
     assert_eq!(pong.trim(), "PONG");
     agent.assert_metric("tcp_detect_total", &[("result", "opaque_port")], 1);
     agent.assert_metric("tcp_detect_total", &[("result", "opaque")], 0);
@@ -73,23 +101,34 @@ fn opaque_port_flags_add_to_and_drop_the_defaults() {
     };
 
     let cgroup = TestCgroup::new("opaqueflag");
-    let agent = Agent::start_with(&cgroup, AgentOptions {
-        args: vec![format!("--opaque-ports={port}")],
-        ..AgentOptions::default()
-    });
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            args: vec![format!("--opaque-ports={port}")],
+            ..AgentOptions::default()
+        },
+    );
     // An HTTP request line to an opaque port is not parsed: the echo comes back verbatim.
     assert_eq!(send(&cgroup).trim(), "18");
     agent.assert_metric("tcp_detect_total", &[("result", "opaque_port")], 1);
     drop(agent);
 
     let cgroup = TestCgroup::new("nodefault");
-    let agent = Agent::start_with(&cgroup, AgentOptions {
-        args: vec!["--no-default-opaque-ports".to_string()],
-        ..AgentOptions::default()
-    });
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            args: vec!["--no-default-opaque-ports".to_string()],
+            ..AgentOptions::default()
+        },
+    );
     let redis = ServerProcess::redis();
     let redis_port = redis.addr.port().to_string();
-    run_ok(cgroup.command("redis-cli").args(["-h", "127.0.0.1", "-p", &redis_port, "PING"]), LIMIT);
+    run_ok(
+        cgroup
+            .command("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &redis_port, "PING"]),
+        LIMIT,
+    );
     agent.assert_metric("tcp_detect_total", &[("result", "opaque")], 1);
 }
 
@@ -100,7 +139,17 @@ fn tls_is_forwarded_opaque_with_its_server_name() {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     run_ok(
         Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=api.mesh.test"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=api.mesh.test",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -109,7 +158,18 @@ fn tls_is_forwarded_opaque_with_its_server_name() {
     );
     let port = integration_tests::free_port();
     let mut server = Command::new("openssl");
-    server.args(["s_server", "-quiet", "-www", "-accept", &port.to_string(), "-cert"]).arg(&cert).arg("-key").arg(&key);
+    server
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            &port.to_string(),
+            "-cert",
+        ])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key);
     let _tls = ServerProcess::command(server, ([127, 0, 0, 1], port).into());
     let cgroup = TestCgroup::new("tls");
     let agent = Agent::start(&cgroup);
@@ -117,12 +177,26 @@ fn tls_is_forwarded_opaque_with_its_server_name() {
     let url = format!("https://api.mesh.test:{port}/");
     let resolve = format!("api.mesh.test:{port}:127.0.0.1");
     let code = run_ok(
-        cgroup.command("curl").args(["-sS", "-k", "-o", "/dev/null", "-w", "%{http_code}", "--resolve", &resolve, &url]),
+        cgroup.command("curl").args([
+            "-sS",
+            "-k",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--resolve",
+            &resolve,
+            &url,
+        ]),
         LIMIT,
     );
     assert_eq!(code, "200");
     agent.assert_metric("tcp_detect_total", &[("result", "tls")], 1);
-    agent.assert_metric("sockmesh_tls_connections_total", &[("sni", "api.mesh.test")], 1);
+    agent.assert_metric(
+        "sockmesh_tls_connections_total",
+        &[("sni", "api.mesh.test")],
+        1,
+    );
     fs::remove_dir_all(dir).ok();
 }
 
@@ -133,10 +207,13 @@ fn stalled_client_falls_back_to_opaque_with_bytes_in_order() {
     require_privileged!();
     let echo = EchoServer::start("127.0.0.1:0");
     let cgroup = TestCgroup::new("stall");
-    let agent = Agent::start_with(&cgroup, AgentOptions {
-        args: vec!["--detect-timeout=500ms".to_string()],
-        ..AgentOptions::default()
-    });
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            args: vec!["--detect-timeout=500ms".to_string()],
+            ..AgentOptions::default()
+        },
+    );
 
     let port = echo.addr().port().to_string();
     let echoed = run_ok(

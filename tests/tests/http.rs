@@ -33,15 +33,22 @@ fn http1_keep_alive_chunked_upload_and_large_download() {
 
     // Two requests, one connection: keep-alive through the proxy.
     let connects = run_ok(
-        cgroup.command("curl").args(["-sS", "-o", "/dev/null", "-o", "/dev/null"]).args([
-            "-w",
-            "%{num_connects}\\n",
-            &format!("{base}/status/204"),
-            &format!("{base}/bytes/10"),
-        ]),
+        cgroup
+            .command("curl")
+            .args(["-sS", "-o", "/dev/null", "-o", "/dev/null"])
+            .args([
+                "-w",
+                "%{num_connects}\\n",
+                &format!("{base}/status/204"),
+                &format!("{base}/bytes/10"),
+            ]),
         LIMIT,
     );
-    assert_eq!(connects.lines().collect::<Vec<_>>(), ["1", "0"], "the second request reused the connection");
+    assert_eq!(
+        connects.lines().collect::<Vec<_>>(),
+        ["1", "0"],
+        "the second request reused the connection"
+    );
 
     // A 5 MB chunked upload arrives whole.
     let upload = dir.join("upload");
@@ -63,17 +70,32 @@ fn http1_keep_alive_chunked_upload_and_large_download() {
     let download = dir.join("download");
     let size = 50 * 1024 * 1024;
     run_ok(
-        cgroup.command("curl").args(["-sS", "-o"]).arg(&download).arg(format!("{base}/bytes/{size}")),
+        cgroup
+            .command("curl")
+            .args(["-sS", "-o"])
+            .arg(&download)
+            .arg(format!("{base}/bytes/{size}")),
         LIMIT,
     );
     let got = fs::read(&download).unwrap();
     assert_eq!(got.len(), size);
-    assert!(got.iter().enumerate().all(|(i, b)| *b == peer_pattern(i)), "download corrupted");
+    assert!(
+        got.iter().enumerate().all(|(i, b)| *b == peer_pattern(i)),
+        "download corrupted"
+    );
 
     let authority = server.addr.to_string();
     let authority = [("authority", authority.as_str())];
     agent.assert_metric("request_total", &authority, 4);
-    agent.assert_metric("response_total", &[authority[0], ("status_code", "200"), ("classification", "success")], 3);
+    agent.assert_metric(
+        "response_total",
+        &[
+            authority[0],
+            ("status_code", "200"),
+            ("classification", "success"),
+        ],
+        3,
+    );
     agent.assert_metric("response_total", &[authority[0], ("status_code", "204")], 1);
     agent.assert_metric("tcp_detect_total", &[("result", "http1")], 3);
     let port = server.addr.port().to_string();
@@ -103,7 +125,13 @@ fn http2_prior_knowledge() {
         let version = run_ok(
             cgroup
                 .command("curl")
-                .args(["-sS", "--http2-prior-knowledge", "-w", "%{http_version}", "-o"])
+                .args([
+                    "-sS",
+                    "--http2-prior-knowledge",
+                    "-w",
+                    "%{http_version}",
+                    "-o",
+                ])
                 .arg(&path)
                 .arg(&url),
             LIMIT,
@@ -114,7 +142,11 @@ fn http2_prior_knowledge() {
 
     agent.assert_metric("tcp_detect_total", &[("result", "http2")], 2);
     let authority = nginx.addr.to_string();
-    let labels = [("authority", authority.as_str()), ("status_code", "200"), ("classification", "success")];
+    let labels = [
+        ("authority", authority.as_str()),
+        ("status_code", "200"),
+        ("classification", "success"),
+    ];
     agent.assert_metric("response_total", &labels, 2);
 }
 
@@ -127,9 +159,13 @@ fn grpc_unary_bidi_streaming_and_error_status() {
     let target = server.addr.to_string();
     let grpc_client = |call: &str| {
         run_ok(
-            cgroup
-                .command(SYSTEM_PYTHON)
-                .args([&peer_script("grpc_peer.py"), "client", "--target", &target, call]),
+            cgroup.command(SYSTEM_PYTHON).args([
+                &peer_script("grpc_peer.py"),
+                "client",
+                "--target",
+                &target,
+                call,
+            ]),
             LIMIT,
         )
     };
@@ -141,7 +177,11 @@ fn grpc_unary_bidi_streaming_and_error_status() {
     agent.assert_metric("tcp_detect_total", &[("result", "http2")], 3);
     let ok = [("grpc_status", "0"), ("classification", "success")];
     agent.assert_metric("response_total", &ok, 2);
-    let denied = [("grpc_status", "7"), ("classification", "failure"), ("status_code", "200")];
+    let denied = [
+        ("grpc_status", "7"),
+        ("classification", "failure"),
+        ("status_code", "200"),
+    ];
     agent.assert_metric("response_total", &denied, 1);
     agent.assert_metric("request_total", &[("authority", target.as_str())], 3);
 }
@@ -155,7 +195,14 @@ fn websocket_upgrade_continues_as_bytes() {
 
     let url = format!("ws://{}/", server.addr);
     let report = run_ok(
-        cgroup.command(SYSTEM_PYTHON).args([&peer_script("ws_peer.py"), "client", "--url", &url, "--count", "20"]),
+        cgroup.command(SYSTEM_PYTHON).args([
+            &peer_script("ws_peer.py"),
+            "client",
+            "--url",
+            &url,
+            "--count",
+            "20",
+        ]),
         LIMIT,
     );
     assert!(report.contains("ws ok count=20"), "{report}");
@@ -163,14 +210,22 @@ fn websocket_upgrade_continues_as_bytes() {
     agent.assert_metric("response_total", &[("status_code", "101")], 1);
     let port = server.addr.port().to_string();
     // 20 binary messages of ~100 KB each way went through the upgraded tunnel.
-    assert!(agent.metrics().count("tcp_write_bytes_total", &[("target_port", port.as_str())]) > 2_000_000);
+    assert!(
+        agent
+            .metrics()
+            .count("tcp_write_bytes_total", &[("target_port", port.as_str())])
+            > 2_000_000
+    );
 }
 
 #[test]
 fn malformed_request_gets_400_and_unreachable_upstream_gets_502() {
     require_privileged!();
     let server = ServerProcess::peer("http_peer.py", &[]);
-    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let cgroup = TestCgroup::new("httperrors");
     let agent = Agent::start(&cgroup);
 
@@ -185,15 +240,34 @@ fn malformed_request_gets_400_and_unreachable_upstream_gets_502() {
     assert_eq!(status_line.trim(), "HTTP/1.1 400 Bad Request");
 
     let code = run_ok(
-        cgroup.command("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{closed}/")]),
+        cgroup.command("curl").args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{closed}/"),
+        ]),
         LIMIT,
     );
     assert_eq!(code, "502");
 
-    agent.assert_metric("sockmesh_http_errors_total", &[("reason", "bad_request")], 1);
-    agent.assert_metric("sockmesh_http_errors_total", &[("reason", "upstream_unavailable")], 1);
+    agent.assert_metric(
+        "sockmesh_http_errors_total",
+        &[("reason", "bad_request")],
+        1,
+    );
+    agent.assert_metric(
+        "sockmesh_http_errors_total",
+        &[("reason", "upstream_unavailable")],
+        1,
+    );
     let closed_authority = closed.to_string();
-    let failure = [("authority", closed_authority.as_str()), ("status_code", "502"), ("classification", "failure")];
+    let failure = [
+        ("authority", closed_authority.as_str()),
+        ("status_code", "502"),
+        ("classification", "failure"),
+    ];
     agent.assert_metric("response_total", &failure, 1);
 }
 
@@ -204,17 +278,35 @@ fn slow_upstream_gets_504() {
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap();
     let cgroup = TestCgroup::new("http504");
-    let agent = Agent::start_with(&cgroup, AgentOptions {
-        args: vec!["--upstream-timeout=1s".to_string()],
-        ..AgentOptions::default()
-    });
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            args: vec!["--upstream-timeout=1s".to_string()],
+            ..AgentOptions::default()
+        },
+    );
 
     let code = run_ok(
-        cgroup.command("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{addr}/")]),
+        cgroup.command("curl").args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{addr}/"),
+        ]),
         LIMIT,
     );
     assert_eq!(code, "504");
-    agent.assert_metric("sockmesh_http_errors_total", &[("reason", "upstream_timeout")], 1);
-    agent.assert_metric("response_total", &[("status_code", "504"), ("classification", "failure")], 1);
+    agent.assert_metric(
+        "sockmesh_http_errors_total",
+        &[("reason", "upstream_timeout")],
+        1,
+    );
+    agent.assert_metric(
+        "response_total",
+        &[("status_code", "504"), ("classification", "failure")],
+        1,
+    );
     drop(silent);
 }

@@ -137,8 +137,11 @@ fn install_debian_route() -> Result<()> {
 
 /// Installs whichever test packages are missing.
 pub fn ensure_test_tools() -> Result<()> {
-    let missing: Vec<&str> =
-        TEST_PACKAGES.iter().copied().filter(|package| !package_installed(package)).collect();
+    let missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| !package_installed(package))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
