@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach to a cgroup and proxy every outbound TCP connection of its processes.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run a command inside the meshed cgroup, so its connections go through the agent.
     Exec(ExecArgs),
 }

@@ -32,7 +32,7 @@ pub fn is_http2_server_preface(buf: &[u8]) -> bool {
     };
     let length = u32::from_be_bytes([0, header[0], header[1], header[2]]);
     let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
-    header[3] == HTTP2_SETTINGS && header[4] & !0x1 == 0 && stream == 0 && length % 6 == 0
+    header[3] == HTTP2_SETTINGS && header[4] & !0x1 == 0 && stream == 0 && length.is_multiple_of(6)
 }
 
 /// Longest request line we wait for before calling the client opaque.

@@ -31,7 +31,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => {
             init_logging(&args.log);
-            run::run(args)
+            run::run(*args)
         }
         Command::Exec(args) => exec(args),
     };

@@ -66,7 +66,7 @@ impl HttpMetrics {
             request_total: Family::default(),
             response_total: Family::default(),
             response_latency_ms: Family::new_with_constructor(|| {
-                Histogram::new(LATENCY_BUCKETS_MS.into_iter())
+                Histogram::new(LATENCY_BUCKETS_MS)
             }),
             errors_total: Family::default(),
             authorities: BoundedLabel::new(MAX_AUTHORITIES),

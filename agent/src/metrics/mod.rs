@@ -156,7 +156,7 @@ impl Metrics {
             original_dst_lookups_total: Family::default(),
             detect_total: Family::default(),
             detect_duration_seconds: Family::new_with_constructor(|| {
-                Histogram::new(DETECT_BUCKETS_S.into_iter())
+                Histogram::new(DETECT_BUCKETS_S)
             }),
             tls_connections_total: Family::default(),
             http: HttpMetrics::register(&mut registry),
