@@ -22,6 +22,11 @@ use crate::{free_port, pattern, process::eventually};
 /// python3-* packages.
 pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 
+/// Path of a test peer script in tests/peers.
+pub fn peer_script(name: &str) -> String {
+    format!("{}/peers/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
 /// Client streams use seed 1, server replies seed 2.
 pub const CLIENT_SEED: u8 = 1;
 pub const SERVER_SEED: u8 = 2;

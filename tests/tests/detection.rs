@@ -8,15 +8,11 @@ use integration_tests::{
     Agent, AgentOptions, TestCgroup,
     process::run_ok,
     require_privileged,
-    servers::{EchoServer, SYSTEM_PYTHON, ServerProcess},
+    servers::{EchoServer, SYSTEM_PYTHON, ServerProcess, peer_script},
     temp_dir,
 };
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn peer_script(name: &str) -> String {
-    format!("{}/peers/{name}", env!("CARGO_MANIFEST_DIR"))
-}
 
 /// An SMTP server (it speaks first) on a port that is not opaque: the default 10 s detection
 /// timeout would stall the client; instead the server's greeting makes the connection opaque.

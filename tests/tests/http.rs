@@ -7,7 +7,7 @@ use integration_tests::{
     Agent, AgentOptions, TestCgroup,
     process::run_ok,
     require_privileged,
-    servers::{SYSTEM_PYTHON, ServerProcess},
+    servers::{SYSTEM_PYTHON, ServerProcess, peer_script},
     temp_dir,
 };
 
@@ -16,10 +16,6 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// The byte at `offset` of http_peer.py's /bytes/N pattern.
 fn peer_pattern(offset: usize) -> u8 {
     (((offset % 65_536) * 7 + 3) % 256) as u8
-}
-
-fn peer_script(name: &str) -> String {
-    format!("{}/peers/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
 #[test]
