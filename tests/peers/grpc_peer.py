@@ -2,7 +2,8 @@
 
   server --bind ADDR --port N      service mesh.Echo: Unary (reverses), Fail (PERMISSION_DENIED),
                                    Chat (bidi stream: "echo:" + each message)
-  client --target HOST:PORT unary|fail|chat [--count K]
+  client --target HOST:PORT unary|fail|chat|many [--count K]
+                                   many: K concurrent unary calls on one channel (one connection)
 """
 import argparse
 import sys
@@ -60,6 +61,12 @@ def call(args):
                 print(f"fail ok code={error.code().value[0]}")
                 return
             sys.exit("fail: the call succeeded")
+        elif args.call == "many":
+            unary_call = method("unary_unary", "Unary")
+            calls = [unary_call.future(f"call-{i}".encode(), timeout=DEADLINE) for i in range(args.count)]
+            for i, call_future in enumerate(calls):
+                assert call_future.result() == f"call-{i}".encode()[::-1]
+            print(f"many ok count={args.count}")
         else:
             messages = [f"msg-{i}".encode() for i in range(args.count)]
             replies = list(method("stream_stream", "Chat")(iter(messages), timeout=DEADLINE))
@@ -75,7 +82,7 @@ def main():
     server.add_argument("--port", type=int, default=0)
     client = sub.add_parser("client")
     client.add_argument("--target", required=True)
-    client.add_argument("call", choices=["unary", "fail", "chat"])
+    client.add_argument("call", choices=["unary", "fail", "chat", "many"])
     client.add_argument("--count", type=int, default=50)
     args = parser.parse_args()
     serve(args) if args.role == "server" else call(args)

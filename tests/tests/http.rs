@@ -169,17 +169,20 @@ fn grpc_unary_bidi_streaming_and_error_status() {
     assert!(grpc_client("unary").contains("unary ok"));
     assert!(grpc_client("chat").contains("chat ok count=50"));
     assert!(grpc_client("fail").contains("fail ok code=7"));
+    // 50 concurrent calls, one channel: 50 streams multiplexed on one proxied connection.
+    assert!(grpc_client("many").contains("many ok count=50"));
 
-    agent.assert_metric("tcp_detect_total", &[("result", "http2")], 3);
+    agent.assert_metric("tcp_detect_total", &[("result", "http2")], 4);
+    agent.assert_metric("tcp_open_total", &[("target_port", server.addr.port().to_string().as_str())], 4);
     let ok = [("grpc_status", "0"), ("classification", "success")];
-    agent.assert_metric("response_total", &ok, 2);
+    agent.assert_metric("response_total", &ok, 52);
     let denied = [
         ("grpc_status", "7"),
         ("classification", "failure"),
         ("status_code", "200"),
     ];
     agent.assert_metric("response_total", &denied, 1);
-    agent.assert_metric("request_total", &[("authority", target.as_str())], 3);
+    agent.assert_metric("request_total", &[("authority", target.as_str())], 53);
 }
 
 #[test]
