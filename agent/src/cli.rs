@@ -95,6 +95,9 @@ pub struct RunArgs {
     #[arg(long, env = "SOCKMESH_CONNECT_TIMEOUT", default_value = "10s",
           value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// Let POST /shutdown on the admin server (from loopback only) stop the agent.
+    #[arg(long, env = "SOCKMESH_ENABLE_SHUTDOWN_ENDPOINT")]
+    pub enable_shutdown_endpoint: bool,
     /// bpffs directory the agent pins its maps in (inspect them with bpftool).
     #[arg(long, env = "SOCKMESH_PIN_DIR", default_value = agent_common::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
@@ -137,6 +140,7 @@ impl RunArgs {
             upstream_timeout: self.upstream_timeout,
             shutdown_grace: self.shutdown_grace,
             connect_timeout: self.connect_timeout,
+            enable_shutdown_endpoint: self.enable_shutdown_endpoint,
             pin_dir: self.pin_dir,
             bypass_mark: self.bypass_mark,
         }
@@ -170,6 +174,19 @@ mod tests {
         let config = config(&["--no-default-opaque-ports", "--opaque-ports", "4406"]);
         assert!(config.opaque_ports.contains(4406));
         assert!(!config.opaque_ports.contains(3306));
+    }
+
+    #[test]
+    fn config_json_shows_the_defaults() {
+        let json: serde_json::Value = serde_json::from_str(&config(&[]).to_json()).unwrap();
+        assert_eq!(json["outbound_port"], 4140);
+        assert_eq!(
+            json["opaque_ports"],
+            "25,587,3306,4444,5432,6379,9300,11211"
+        );
+        assert_eq!(json["skip_outbound_ports"], "4191");
+        assert_eq!(json["detect_timeout_ms"], 10_000);
+        assert_eq!(json["enable_shutdown_endpoint"], false);
     }
 
     #[test]

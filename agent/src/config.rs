@@ -226,6 +226,8 @@ pub struct Config {
     pub upstream_timeout: Duration,
     pub shutdown_grace: Duration,
     pub connect_timeout: Duration,
+    /// Whether POST /shutdown (from loopback) stops the agent.
+    pub enable_shutdown_endpoint: bool,
     /// bpffs directory for the pinned maps.
     pub pin_dir: PathBuf,
     /// SO_MARK of the agent's own sockets, which the kernel programs never redirect.
@@ -233,6 +235,26 @@ pub struct Config {
 }
 
 impl Config {
+    /// The effective configuration as served on /config.json, defaults included.
+    pub fn to_json(&self) -> String {
+        let json = serde_json::json!({
+            "cgroup": self.cgroup.display().to_string(),
+            "outbound_port": self.outbound_port,
+            "skip_outbound_ports": self.skip_outbound_ports.to_string(),
+            "skip_outbound_networks": self.skip_outbound_networks.to_string(),
+            "opaque_ports": self.opaque_ports.to_string(),
+            "admin_addr": self.admin_addr.to_string(),
+            "detect_timeout_ms": self.detect_timeout.as_millis() as u64,
+            "upstream_timeout_ms": self.upstream_timeout.as_millis() as u64,
+            "shutdown_grace_ms": self.shutdown_grace.as_millis() as u64,
+            "connect_timeout_ms": self.connect_timeout.as_millis() as u64,
+            "pin_dir": self.pin_dir.display().to_string(),
+            "bypass_mark": self.bypass_mark,
+            "enable_shutdown_endpoint": self.enable_shutdown_endpoint,
+        });
+        serde_json::to_string_pretty(&json).unwrap_or_default()
+    }
+
     /// Ports the agent itself serves on: always skipped, whatever the user passes.
     pub fn builtin_skip_ports(admin_addr: SocketAddr) -> PortSet {
         PortSet(vec![PortRange::single(admin_addr.port())])

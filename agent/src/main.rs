@@ -1,22 +1,24 @@
 //! sockmesh: an eBPF-accelerated, node-level transparent proxy agent.
 //!
 //! A connection's life, one module per stage: `intercept` (kernel programs on a cgroup) ->
-//! `proxy` (accept) -> `original_dst` -> `forward` (opaque splice) -> `metrics`, served by
-//! `admin`. `run` wires them together; `config` and `cli` parse the flags once.
+//! `accept` -> `connection` (`original_dst` -> `connect` -> `classify`/`detect` -> `forward`:
+//! http | opaque) -> `metrics` and `tap`, served by `admin`. `run` wires them together; `config` and `cli` parse the flags once.
 
+mod accept;
 mod admin;
 mod cgroup;
 mod classify;
 mod cli;
 mod config;
 mod connect;
+mod connection;
 mod detect;
 mod forward;
 mod intercept;
 mod metrics;
 mod original_dst;
-mod proxy;
 mod run;
+mod tap;
 
 use std::{os::unix::process::CommandExt, process::ExitCode};
 

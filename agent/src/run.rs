@@ -5,16 +5,21 @@
 use std::sync::{Arc, atomic::Ordering};
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Notify,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    accept,
     admin::{self, AdminState},
     cgroup,
     cli::RunArgs,
+    connection::Proxy,
     intercept::Intercept,
     metrics::Metrics,
-    proxy::{self, Proxy},
+    tap::Tap,
 };
 
 pub fn run(mut args: RunArgs) -> Result<()> {
@@ -36,14 +41,20 @@ pub fn run(mut args: RunArgs) -> Result<()> {
 async fn serve(config: crate::config::Config) -> Result<()> {
     let mut intercept = Intercept::load(&config)?;
     let metrics = Arc::new(Metrics::new(Arc::new(intercept.kernel_counter_map()?)));
+    let tap = Arc::new(Tap::default());
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&metrics),
+        Arc::clone(&tap),
         intercept.original_dst_map()?,
         &config,
     ));
     let admin_state = Arc::new(AdminState {
         metrics,
+        tap,
         ready: false.into(),
+        config_json: config.to_json(),
+        shutdown_enabled: config.enable_shutdown_endpoint,
+        shutdown_requested: Notify::new(),
     });
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -56,8 +67,8 @@ async fn serve(config: crate::config::Config) -> Result<()> {
         shutdown.child_token(),
     ));
     let proxy_shutdown = CancellationToken::new();
-    for listener in proxy::bind_listeners(config.outbound_port)? {
-        tokio::spawn(proxy::serve(
+    for listener in accept::bind_listeners(config.outbound_port)? {
+        tokio::spawn(accept::serve(
             listener,
             Arc::clone(&proxy),
             connections.clone(),
@@ -68,8 +79,8 @@ async fn serve(config: crate::config::Config) -> Result<()> {
     admin_state.ready.store(true, Ordering::SeqCst);
     tracing::info!("ready");
 
-    let signal_name = wait_for_signal().await?;
-    tracing::info!(signal = signal_name, "shutting down");
+    let reason = wait_for_stop(&admin_state).await?;
+    tracing::info!(reason, "shutting down");
     admin_state.ready.store(false, Ordering::SeqCst);
     intercept.detach();
     proxy_shutdown.cancel();
@@ -89,12 +100,14 @@ async fn serve(config: crate::config::Config) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<&'static str> {
+/// Waits for SIGTERM, SIGINT or POST /shutdown.
+async fn wait_for_stop(admin: &AdminState) -> Result<&'static str> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     Ok(tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
+        () = admin.shutdown_requested.notified() => "POST /shutdown",
     })
 }
 

@@ -173,7 +173,11 @@ fn grpc_unary_bidi_streaming_and_error_status() {
     assert!(grpc_client("many").contains("many ok count=50"));
 
     agent.assert_metric("tcp_detect_total", &[("result", "http2")], 4);
-    agent.assert_metric("tcp_open_total", &[("target_port", server.addr.port().to_string().as_str())], 4);
+    agent.assert_metric(
+        "tcp_open_total",
+        &[("target_port", server.addr.port().to_string().as_str())],
+        4,
+    );
     let ok = [("grpc_status", "0"), ("classification", "success")];
     agent.assert_metric("response_total", &ok, 52);
     let denied = [

@@ -25,12 +25,14 @@ const LATENCY_BUCKETS_MS: [f64; 25] = [
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub direction: Direction,
+    pub target_port: u16,
     pub authority: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     pub direction: Direction,
+    pub target_port: u16,
     pub authority: String,
     pub status_code: u16,
     pub classification: &'static str,
@@ -41,6 +43,7 @@ pub struct ResponseLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
     pub direction: Direction,
+    pub target_port: u16,
     pub authority: String,
     pub status_code: u16,
 }

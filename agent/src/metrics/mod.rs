@@ -112,6 +112,7 @@ pub struct ConnectErrorLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DetectLabels {
     pub direction: Direction,
+    pub target_port: u16,
     /// http1, http2, tls, opaque, opaque_port, server_first, timeout, error
     pub result: &'static str,
 }

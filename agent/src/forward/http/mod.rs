@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use self::{
-    observe::{ProxyBody, ResponseRecord},
+    observe::{ProxyBody, RequestSummary, ResponseRecord},
     upstream::Upstream,
 };
 use super::{ByteCounters, io::Rewind};
@@ -37,6 +37,7 @@ use crate::{
         Direction,
         http::{HttpErrorLabels, RequestLabels},
     },
+    tap::Tap,
 };
 
 type ClientIo = TokioIo<Rewind<TcpStream>>;
@@ -50,6 +51,7 @@ pub enum Version {
 /// What every request of one client connection shares.
 pub struct HttpProxy {
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub tap: Arc<Tap>,
     pub upstream_timeout: Duration,
     pub dialer: Dialer,
 }
@@ -67,21 +69,38 @@ pub fn errno_of(error: &hyper::Error) -> &'static str {
     ""
 }
 
+/// The proxied connection an HTTP request belongs to.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    /// The tap's connection id.
+    pub id: u64,
+    /// The original destination.
+    pub dst: SocketAddr,
+}
+
 /// Proxies HTTP between `client` (whose first bytes are `prefix`) and `server`, the connection
-/// to the original destination `dst`.
+/// to the original destination.
 pub async fn forward(
     client: TcpStream,
     prefix: Bytes,
     server: TcpStream,
-    dst: SocketAddr,
+    conn: ConnInfo,
     counters: ByteCounters,
     version: Version,
     proxy: Arc<HttpProxy>,
 ) -> Result<(), hyper::Error> {
-    let upstream = Upstream::new(dst, version, proxy.dialer, counters)
+    let upstream = Upstream::new(conn.dst, version, proxy.dialer, counters)
         .with_connection(server)
         .await?;
-    serve(client, prefix, version, Some(Arc::new(upstream)), proxy).await
+    serve(
+        client,
+        prefix,
+        version,
+        conn,
+        Some(Arc::new(upstream)),
+        proxy,
+    )
+    .await
 }
 
 /// Serves an HTTP client whose upstream could not be reached: each request gets 502.
@@ -89,15 +108,17 @@ pub async fn serve_unavailable(
     client: TcpStream,
     prefix: Bytes,
     version: Version,
+    conn: ConnInfo,
     proxy: Arc<HttpProxy>,
 ) -> Result<(), hyper::Error> {
-    serve(client, prefix, version, None, proxy).await
+    serve(client, prefix, version, conn, None, proxy).await
 }
 
 async fn serve(
     client: TcpStream,
     prefix: Bytes,
     version: Version,
+    conn: ConnInfo,
     upstream: Option<Arc<Upstream>>,
     proxy: Arc<HttpProxy>,
 ) -> Result<(), hyper::Error> {
@@ -105,7 +126,7 @@ async fn serve(
     let service_proxy = Arc::clone(&proxy);
     let service = service_fn(move |request| {
         let (upstream, proxy) = (upstream.clone(), Arc::clone(&service_proxy));
-        async move { Ok::<_, Infallible>(proxy.handle(request, upstream.as_deref()).await) }
+        async move { Ok::<_, Infallible>(proxy.handle(request, conn, upstream.as_deref()).await) }
     });
     let result = match version {
         Version::Http1 => {
@@ -134,23 +155,32 @@ impl HttpProxy {
     async fn handle(
         &self,
         mut request: Request<Incoming>,
+        conn: ConnInfo,
         upstream: Option<&Upstream>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let authority = self.metrics.http.authority_label(&authority_of(&request));
-        let http = &self.metrics.http;
-        http.request_total
-            .get_or_create(&RequestLabels {
-                direction: Direction::Outbound,
-                authority: authority.clone(),
-            })
-            .inc();
-        let grpc = is_grpc(request.headers());
+        let raw_authority = authority_of(&request);
+        let authority = self.metrics.http.authority_label(&raw_authority);
+        let labels = RequestLabels {
+            direction: Direction::Outbound,
+            target_port: conn.dst.port(),
+            authority: authority.clone(),
+        };
+        self.metrics.http.request_total.get_or_create(&labels).inc();
+        let summary = RequestSummary {
+            method: request.method().to_string(),
+            authority: raw_authority,
+            path: request.uri().path().to_string(),
+        };
         let record = ResponseRecord {
             metrics: Arc::clone(&self.metrics),
+            tap: Arc::clone(&self.tap),
+            conn,
             authority,
-            grpc,
+            request: summary,
+            grpc: is_grpc(request.headers()),
             started,
+            latency_ms: 0.0,
         };
         let Some(upstream) = upstream else {
             self.count_error("upstream_unavailable");

@@ -17,9 +17,13 @@ use hyper::{
     header,
 };
 
-use crate::metrics::{
-    Direction, Metrics,
-    http::{HttpMetrics, LatencyLabels, ResponseLabels},
+use super::ConnInfo;
+use crate::{
+    metrics::{
+        Direction, Metrics,
+        http::{HttpMetrics, LatencyLabels, ResponseLabels},
+    },
+    tap::{Tap, TapEvent, now_ms},
 };
 
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -34,14 +38,27 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<String> {
 /// What a response is recorded with, once its end (or its abandonment) is known.
 pub struct ResponseRecord {
     pub metrics: Arc<Metrics>,
+    pub tap: Arc<Tap>,
+    pub conn: ConnInfo,
+    /// The bounded label value.
     pub authority: String,
+    pub request: RequestSummary,
     pub grpc: bool,
     pub started: Instant,
+    /// Time to response headers, once known.
+    pub latency_ms: f64,
+}
+
+/// What the tap shows of a request.
+pub struct RequestSummary {
+    pub method: String,
+    pub authority: String,
+    pub path: String,
 }
 
 impl ResponseRecord {
     /// A response the proxy makes itself (502/504).
-    pub fn local(self, status: StatusCode, close: bool) -> Response<ProxyBody> {
+    pub fn local(mut self, status: StatusCode, close: bool) -> Response<ProxyBody> {
         self.latency(status);
         let outcome = Outcome {
             status: status.as_u16(),
@@ -62,7 +79,7 @@ impl ResponseRecord {
     }
 
     /// The upstream's response, observed until its body ends.
-    pub fn upstream(self, response: Response<Incoming>) -> Response<ProxyBody> {
+    pub fn upstream(mut self, response: Response<Incoming>) -> Response<ProxyBody> {
         self.latency(response.status());
         let outcome = Outcome {
             status: response.status().as_u16(),
@@ -79,13 +96,15 @@ impl ResponseRecord {
         })
     }
 
-    fn latency(&self, status: StatusCode) {
+    fn latency(&mut self, status: StatusCode) {
         let labels = LatencyLabels {
             direction: Direction::Outbound,
+            target_port: self.conn.dst.port(),
             authority: self.authority.clone(),
             status_code: status.as_u16(),
         };
         let millis = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.latency_ms = millis;
         self.metrics
             .http
             .response_latency_ms
@@ -97,6 +116,7 @@ impl ResponseRecord {
         let http: &HttpMetrics = &self.metrics.http;
         let labels = ResponseLabels {
             direction: Direction::Outbound,
+            target_port: self.conn.dst.port(),
             authority: self.authority.clone(),
             status_code: outcome.status,
             classification: outcome.classification(self.grpc),
@@ -107,6 +127,17 @@ impl ResponseRecord {
             },
         };
         http.response_total.get_or_create(&labels).inc();
+        self.tap.publish(|| TapEvent::Http {
+            ts_ms: now_ms(),
+            id: self.conn.id,
+            dst: self.conn.dst,
+            method: self.request.method.clone(),
+            authority: self.request.authority.clone(),
+            path: self.request.path.clone(),
+            status: outcome.status,
+            latency_ms: self.latency_ms,
+            grpc_status: outcome.grpc_status.clone().filter(|_| self.grpc),
+        });
     }
 }
 

@@ -1,21 +1,14 @@
-//! The outbound proxy: listeners on 127.0.0.1 and ::1, and the life of one redirected
-//! connection: accept -> original destination -> connect upstream -> forward (opaque splice)
-//! -> metrics.
+//! One redirected connection's life, start to finish: original destination -> connect ->
+//! detect -> forward (HTTP or opaque) -> metrics and tap events.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
 use bytes::BytesMut;
-use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use crate::{
     classify::{Classified, OpaqueReason, Protocol, classify},
@@ -23,7 +16,7 @@ use crate::{
     connect::Dialer,
     forward::{
         ByteCounters,
-        http::{self, HttpProxy, Version},
+        http::{self, ConnInfo, HttpProxy, Version},
         opaque::{self, Outcome},
         pipe::PipePool,
     },
@@ -33,18 +26,16 @@ use crate::{
         TcpLabels, TlsLabels, errno_name,
     },
     original_dst,
+    tap::{Tap, TapEvent, now_ms},
 };
 
-/// Listen backlog: the kernel caps it at net.core.somaxconn (4096 here).
-const LISTEN_BACKLOG: u32 = 4096;
 /// Idle pipes kept for reuse; more are created on demand and closed when returned.
 const MAX_IDLE_PIPES: usize = 256;
-/// Pause after an accept error such as EMFILE, so a full fd table does not spin the loop.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// What every connection task shares.
 pub struct Proxy {
     pub metrics: Arc<Metrics>,
+    pub tap: Arc<Tap>,
     original_dsts: OriginalDstMap,
     pipes: PipePool,
     http: Arc<HttpProxy>,
@@ -54,18 +45,25 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(metrics: Arc<Metrics>, original_dsts: OriginalDstMap, config: &Config) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        tap: Arc<Tap>,
+        original_dsts: OriginalDstMap,
+        config: &Config,
+    ) -> Self {
         let dialer = Dialer {
             bypass_mark: config.bypass_mark,
             timeout: config.connect_timeout,
         };
         let http = HttpProxy {
             metrics: Arc::clone(&metrics),
+            tap: Arc::clone(&tap),
             upstream_timeout: config.upstream_timeout,
             dialer,
         };
         Self {
             metrics,
+            tap,
             original_dsts,
             pipes: PipePool::new(MAX_IDLE_PIPES),
             http: Arc::new(http),
@@ -76,57 +74,15 @@ impl Proxy {
     }
 }
 
-/// Binds the outbound listeners (IPv4 and IPv6 loopback) on `port`.
-pub fn bind_listeners(port: u16) -> Result<Vec<TcpListener>> {
-    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-    Ok(vec![bind(v4)?, bind(v6)?])
-}
-
-fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM,
-        Some(SocketProtocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("binding the proxy listener {addr}"))?;
-    socket.listen(LISTEN_BACKLOG as i32)?;
-    TcpListener::from_std(socket.into()).context("registering the listener")
-}
-
-/// Accepts until `shutdown` fires; every connection runs as a task on `tracker`.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((client, peer)) => {
-                tracker.spawn(handle(client, peer, Arc::clone(&proxy)));
-            }
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-            }
-        }
-    }
+/// How a connection ended, for its close metric and tap event.
+struct Ended {
+    protocol: &'static str,
+    /// Empty for a clean close.
+    errno: &'static str,
 }
 
 /// One redirected connection, start to finish.
-async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
+pub async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
     let Ok(local) = client.local_addr() else {
         return;
     };
@@ -141,6 +97,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
         opaque::reset(&client);
         return;
     };
+    let started = Instant::now();
+    let conn = ConnInfo {
+        id: proxy.tap.connection_id(),
+        dst,
+    };
+    proxy.tap.publish(|| TapEvent::TcpOpen {
+        ts_ms: now_ms(),
+        id: conn.id,
+        client: peer,
+        dst,
+    });
     let labels = TcpLabels {
         direction: Direction::Outbound,
         target_port: dst.port(),
@@ -149,10 +116,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
     metrics.tcp_open_total.get_or_create(&labels).inc();
     let open = metrics.tcp_open_connections.get_or_create(&labels).clone();
     open.inc();
+    let counters = ByteCounters::new(metrics, &labels);
 
     // Connect before detecting: a server that speaks first must be heard at once.
-    let errno = match proxy.dialer.connect(dst).await {
-        Ok(server) => forward(client, server, dst, &labels, &proxy).await,
+    let ended = match proxy.dialer.connect(dst).await {
+        Ok(server) => forward(client, server, conn, &labels, counters.clone(), &proxy).await,
         Err(error) => {
             tracing::debug!(%peer, %dst, %error, "upstream connect failed");
             let errno = errno_name(&error);
@@ -165,27 +133,39 @@ async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
                 .tcp_connect_errors_total
                 .get_or_create(&connect_error)
                 .inc();
-            answer_unreachable(client, &labels, &proxy).await;
-            errno
+            let protocol = answer_unreachable(client, conn, &labels, &proxy).await;
+            Ended { protocol, errno }
         }
     };
     open.dec();
     let close = TcpCloseLabels {
         direction: labels.direction,
         target_port: labels.target_port,
-        errno,
+        errno: ended.errno,
     };
     metrics.tcp_close_total.get_or_create(&close).inc();
+    proxy.tap.publish(|| TapEvent::TcpClose {
+        ts_ms: now_ms(),
+        id: conn.id,
+        client: peer,
+        dst,
+        protocol: ended.protocol,
+        bytes_to_server: counters.total_to_server(),
+        bytes_from_server: counters.total_from_server(),
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        errno: ended.errno,
+    });
 }
 
-/// Detects the protocol and forwards accordingly; returns the errno label of the close.
+/// Detects the protocol and forwards accordingly.
 async fn forward(
     client: TcpStream,
     server: TcpStream,
-    dst: SocketAddr,
+    conn: ConnInfo,
     labels: &TcpLabels,
+    counters: ByteCounters,
     proxy: &Proxy,
-) -> &'static str {
+) -> Ended {
     let classified = if proxy.opaque_ports.contains(labels.target_port) {
         Classified {
             protocol: Protocol::Opaque(OpaqueReason::OpaquePort),
@@ -196,22 +176,26 @@ async fn forward(
         classify(&client, Some(&server), proxy.detect_timeout).await
     };
     proxy.record_detection(&classified, labels);
-    let counters = ByteCounters::new(&proxy.metrics, labels);
+    let protocol = classified.protocol.result_label();
     let version = match classified.protocol {
         Protocol::Http1 => Version::Http1,
         Protocol::Http2 => Version::Http2,
-        _ => return forward_opaque(client, server, &classified.prefix, &counters, proxy).await,
+        _ => {
+            let errno = forward_opaque(client, server, &classified.prefix, &counters, proxy).await;
+            return Ended { protocol, errno };
+        }
     };
     let _ = client.set_nodelay(true);
     let prefix = classified.prefix.freeze();
     let http = Arc::clone(&proxy.http);
-    match http::forward(client, prefix, server, dst, counters, version, http).await {
+    let errno = match http::forward(client, prefix, server, conn, counters, version, http).await {
         Ok(()) => "",
         Err(error) => {
             tracing::debug!(%error, "http connection ended with an error");
             http::errno_of(&error)
         }
-    }
+    };
+    Ended { protocol, errno }
 }
 
 /// Sends the bytes detection read, then splices both ways.
@@ -241,30 +225,41 @@ async fn forward_opaque(
 
 /// The upstream is unreachable. An HTTP client gets 502 on each request; anything else (and
 /// any opaque port) is reset, which is as close as a proxy can get to "connection refused".
-async fn answer_unreachable(client: TcpStream, labels: &TcpLabels, proxy: &Proxy) {
+/// Returns the detection result.
+async fn answer_unreachable(
+    client: TcpStream,
+    conn: ConnInfo,
+    labels: &TcpLabels,
+    proxy: &Proxy,
+) -> &'static str {
     if proxy.opaque_ports.contains(labels.target_port) {
         opaque::reset(&client);
-        return;
+        return Protocol::Opaque(OpaqueReason::OpaquePort).result_label();
     }
     let classified = classify(&client, None, proxy.detect_timeout).await;
     proxy.record_detection(&classified, labels);
+    let protocol = classified.protocol.result_label();
     let version = match classified.protocol {
         Protocol::Http1 => Version::Http1,
         Protocol::Http2 => Version::Http2,
-        _ => return opaque::reset(&client),
+        _ => {
+            opaque::reset(&client);
+            return protocol;
+        }
     };
     let prefix = classified.prefix.freeze();
-    if let Err(error) =
-        http::serve_unavailable(client, prefix, version, Arc::clone(&proxy.http)).await
-    {
+    let http = Arc::clone(&proxy.http);
+    if let Err(error) = http::serve_unavailable(client, prefix, version, conn, http).await {
         tracing::debug!(%error, "http connection to an unreachable upstream ended with an error");
     }
+    protocol
 }
 
 impl Proxy {
     fn record_detection(&self, classified: &Classified, tcp: &TcpLabels) {
         let labels = DetectLabels {
             direction: tcp.direction,
+            target_port: tcp.target_port,
             result: classified.protocol.result_label(),
         };
         self.metrics.detect_total.get_or_create(&labels).inc();
