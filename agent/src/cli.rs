@@ -27,6 +27,64 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Run a command inside the meshed cgroup, so its connections go through the agent.
     Exec(ExecArgs),
+    /// Show traffic per destination port from a running agent (like `linkerd viz stat`).
+    Status(StatusArgs),
+    /// Follow a running agent's live events (connections, HTTP requests).
+    Tap(TapArgs),
+    /// Check that this node can run the agent (kernel, cgroup v2, bpffs, BTF, privileges).
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArg {
+    /// The agent's admin address.
+    #[arg(long, env = "SOCKMESH_ADMIN_ADDR", default_value = "127.0.0.1:4191")]
+    pub admin_addr: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub admin: AdminArg,
+    /// Time between the two scrapes the rates come from (0s: one scrape, no rates).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct TapArgs {
+    #[command(flatten)]
+    pub admin: AdminArg,
+    /// Only events for this destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only HTTP requests for this authority (Host / :authority).
+    #[arg(long)]
+    pub authority: Option<String>,
+    /// Only HTTP requests whose path starts with this.
+    #[arg(long)]
+    pub path_prefix: Option<String>,
+    /// Only HTTP requests with this method.
+    #[arg(long)]
+    pub method: Option<String>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: TapOutput,
+    /// Stop after this many events (default: follow until interrupted).
+    #[arg(long, default_value_t = 0)]
+    pub max_events: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TapOutput {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Also check the cgroup the agent would mesh.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -16,6 +16,7 @@ mod detect;
 mod forward;
 mod intercept;
 mod metrics;
+mod ops;
 mod original_dst;
 mod run;
 mod tap;
@@ -36,6 +37,9 @@ fn main() -> ExitCode {
             run::run(*args)
         }
         Command::Exec(args) => exec(args),
+        Command::Status(args) => ops::status::run(args.admin.admin_addr, args.interval),
+        Command::Tap(args) => ops::tap::run(args.admin.admin_addr, &tap_request(args)),
+        Command::Check(args) => ops::check::run(args.cgroup.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -43,6 +47,17 @@ fn main() -> ExitCode {
             eprintln!("sockmesh: error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn tap_request(args: cli::TapArgs) -> ops::tap::TapRequest {
+    ops::tap::TapRequest {
+        port: args.port,
+        authority: args.authority,
+        path_prefix: args.path_prefix,
+        method: args.method,
+        json: args.output == cli::TapOutput::Json,
+        max_events: args.max_events,
     }
 }
 

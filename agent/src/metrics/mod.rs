@@ -4,6 +4,7 @@
 //! most 65536 values, errno is one of a fixed list of names.
 
 pub mod http;
+mod process;
 
 use std::{
     collections::HashSet,
@@ -215,6 +216,7 @@ impl Metrics {
             metrics.tls_connections_total.clone(),
         );
         registry.register_collector(Box::new(KernelCollector(kernel)));
+        registry.register_collector(Box::new(process::ProcessCollector));
         Self {
             registry,
             ..metrics
