@@ -39,6 +39,7 @@ const TEST_PACKAGES: &[&str] = &[
     "python3-aiosmtpd",
     "openssl",
     "nginx-light",
+    "prometheus",
 ];
 
 const RUSTFLAGS: &str = "-C debuginfo=2 -C link-arg=--btf";

@@ -25,6 +25,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{metrics::Metrics, tap::Tap};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Kernel send buffer of an admin connection. A /tap watcher that stops reading should start
+/// skipping events after this much, not pin megabytes of kernel memory (loopback autotuning
+/// grows buffers to 4 MiB).
+const ADMIN_SEND_BUFFER: usize = 64 * 1024;
 
 type AdminBody = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -57,6 +61,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
                 }
             },
         };
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(ADMIN_SEND_BUFFER);
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
