@@ -1,0 +1,94 @@
+//! Docs stay true to the code: every metric family the agent exposes is documented in
+//! docs/metrics.md, and every metric the Grafana dashboard queries is one the agent exposes.
+
+use std::collections::BTreeSet;
+
+use integration_tests::{Agent, TestCgroup, require_privileged};
+
+/// Metric family names from the `# TYPE` lines of a scrape.
+fn exposed_families(agent: &Agent) -> BTreeSet<String> {
+    let (_, body) = agent.get("/metrics").expect("GET /metrics");
+    body.lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The sample names a family can produce.
+fn sample_names(families: &BTreeSet<String>) -> BTreeSet<String> {
+    families
+        .iter()
+        .flat_map(|family| {
+            ["", "_total", "_bucket", "_count", "_sum", "_created"]
+                .map(|suffix| format!("{family}{suffix}"))
+        })
+        .collect()
+}
+
+fn repo_file(path: &str) -> String {
+    std::fs::read_to_string(format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))).expect(path)
+}
+
+#[test]
+fn every_exposed_metric_is_documented() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("docs");
+    let agent = Agent::start(&cgroup);
+    let docs = repo_file("docs/metrics.md");
+    let undocumented: Vec<String> = exposed_families(&agent)
+        .into_iter()
+        .filter(|family| !docs.contains(&format!("`{family}")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "not in docs/metrics.md: {undocumented:?}"
+    );
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_exposed_metrics() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("dashboard");
+    let agent = Agent::start(&cgroup);
+    let exposed = sample_names(&exposed_families(&agent));
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&repo_file("deploy/grafana-dashboard.json")).expect("dashboard JSON");
+    let promql_words = ["histogram_quantile"];
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            // Metric names are the identifiers directly followed by a selector or a range, or
+            // a whole expression on their own.
+            if expr.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                queried.insert(expr.to_string());
+            }
+            for (i, _) in expr.match_indices(['{', '[']) {
+                let name: String = expr[..i]
+                    .chars()
+                    .rev()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                if name.contains('_') && !promql_words.contains(&name.as_str()) {
+                    queried.insert(name);
+                }
+            }
+        }
+    }
+    assert!(
+        queried.len() >= 10,
+        "found too few metric names: {queried:?}"
+    );
+    let unknown: Vec<&String> = queried
+        .iter()
+        .filter(|name| !exposed.contains(*name))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard queries metrics the agent does not expose: {unknown:?}"
+    );
+}
