@@ -31,6 +31,9 @@ use crate::{
 
 /// Idle pipes kept for reuse; more are created on demand and closed when returned.
 const MAX_IDLE_PIPES: usize = 256;
+/// With no upstream, detection only decides between a 502 and a reset: an HTTP client sends its
+/// request at once, so a silent client is reset after this long, not the full detect timeout.
+const UNREACHABLE_DETECT_LIMIT: Duration = Duration::from_secs(1);
 
 /// What every connection task shares.
 pub struct Proxy {
@@ -236,7 +239,8 @@ async fn answer_unreachable(
         opaque::reset(&client);
         return Protocol::Opaque(OpaqueReason::OpaquePort).result_label();
     }
-    let classified = classify(&client, None, proxy.detect_timeout).await;
+    let timeout = proxy.detect_timeout.min(UNREACHABLE_DETECT_LIMIT);
+    let classified = classify(&client, None, timeout).await;
     proxy.record_detection(&classified, labels);
     let protocol = classified.protocol.result_label();
     let version = match classified.protocol {

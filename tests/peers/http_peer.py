@@ -3,6 +3,7 @@
   GET  /bytes/N     N bytes of a deterministic pattern (Content-Length)
   POST /upload      reads the body (Content-Length or chunked), answers "<length> <sha256>"
   GET  /status/N    an empty response with status N
+  CONNECT host:port 200, then the tunnel echoes every byte back (a stand-in HTTP proxy)
 
 Prints "READY <port>" once listening; runs until killed.
 """
@@ -52,6 +53,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
         self.wfile.write(reply)
+
+    def do_CONNECT(self):
+        self.send_response(200, "Connection Established")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        while chunk := self.connection.recv(65536):
+            self.connection.sendall(chunk)
 
     def body_chunks(self):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

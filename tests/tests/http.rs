@@ -313,3 +313,41 @@ fn slow_upstream_gets_504() {
     );
     drop(silent);
 }
+
+/// CONNECT to an HTTP proxy at the original destination: after its 200 the tunnel carries raw
+/// bytes both ways.
+#[test]
+fn connect_tunnel_continues_as_bytes() {
+    require_privileged!();
+    let server = ServerProcess::peer("http_peer.py", &[]);
+    let cgroup = TestCgroup::new("connect");
+    let agent = Agent::start(&cgroup);
+
+    let script = format!(
+        "import socket\n\
+         s = socket.create_connection(('127.0.0.1', {}), timeout=20)\n\
+         s.sendall(b'CONNECT upstream.mesh.test:443 HTTP/1.1\\r\\nHost: upstream.mesh.test:443\\r\\n\\r\\n')\n\
+         head = b''\n\
+         while not head.endswith(b'\\r\\n\\r\\n'):\n\
+         \x20   head += s.recv(1)\n\
+         s.sendall(b'through the tunnel')\n\
+         echoed = b''\n\
+         while len(echoed) < 18:\n\
+         \x20   echoed += s.recv(64)\n\
+         print(head.split(b'\\r\\n')[0].decode(), '|', echoed.decode())\n",
+        server.addr.port()
+    );
+    let out = run_ok(cgroup.command(SYSTEM_PYTHON).args(["-c", &script]), LIMIT);
+    let (status, echoed) = out.trim().split_once(" | ").expect("status | echo");
+    assert!(status.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(echoed, "through the tunnel");
+    agent.assert_metric("tcp_detect_total", &[("result", "http1")], 1);
+    agent.assert_metric(
+        "response_total",
+        &[
+            ("authority", "upstream.mesh.test:443"),
+            ("status_code", "200"),
+        ],
+        1,
+    );
+}
