@@ -1,6 +1,6 @@
 //! HTTP forwarding with hyper: the client's connection is served as HTTP/1 or h2c, and every
-//! request goes to the original destination over the one upstream connection opened for this
-//! client (no load balancing yet), with request-level metrics. Upgrades (WebSocket 101,
+//! request goes to the original destination over one upstream connection per client connection
+//! (re-opened when the server closes it; no load balancing yet), with request-level metrics. Upgrades (WebSocket 101,
 //! CONNECT 2xx) continue as a raw byte tunnel. The proxy answers itself only when it must:
 //! 400 for malformed requests (hyper), 502 when the upstream is unreachable or fails, 504 when
 //! its response headers take longer than the upstream timeout.
@@ -48,7 +48,7 @@ pub enum Version {
     Http2,
 }
 
-/// What every request of one client connection shares.
+/// What every HTTP request shares, agent-wide.
 pub struct HttpProxy {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub tap: Arc<Tap>,
