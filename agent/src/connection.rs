@@ -180,13 +180,9 @@ async fn forward(
     };
     proxy.record_detection(&classified, labels);
     let protocol = classified.protocol.result_label();
-    let version = match classified.protocol {
-        Protocol::Http1 => Version::Http1,
-        Protocol::Http2 => Version::Http2,
-        _ => {
-            let errno = forward_opaque(client, server, &classified.prefix, &counters, proxy).await;
-            return Ended { protocol, errno };
-        }
+    let Some(version) = http_version(&classified.protocol) else {
+        let errno = forward_opaque(client, server, &classified.prefix, &counters, proxy).await;
+        return Ended { protocol, errno };
     };
     let _ = client.set_nodelay(true);
     let prefix = classified.prefix.freeze();
@@ -199,6 +195,15 @@ async fn forward(
         }
     };
     Ended { protocol, errno }
+}
+
+/// The HTTP version to proxy at request level, or None for opaque forwarding.
+fn http_version(protocol: &Protocol) -> Option<Version> {
+    match protocol {
+        Protocol::Http1 => Some(Version::Http1),
+        Protocol::Http2 => Some(Version::Http2),
+        _ => None,
+    }
 }
 
 /// Sends the bytes detection read, then splices both ways.
@@ -243,13 +248,9 @@ async fn answer_unreachable(
     let classified = classify(&client, None, timeout).await;
     proxy.record_detection(&classified, labels);
     let protocol = classified.protocol.result_label();
-    let version = match classified.protocol {
-        Protocol::Http1 => Version::Http1,
-        Protocol::Http2 => Version::Http2,
-        _ => {
-            opaque::reset(&client);
-            return protocol;
-        }
+    let Some(version) = http_version(&classified.protocol) else {
+        opaque::reset(&client);
+        return protocol;
     };
     let prefix = classified.prefix.freeze();
     let http = Arc::clone(&proxy.http);

@@ -53,7 +53,16 @@ fn redis_on_6379_is_opaque_without_detection() {
     let busy = std::net::TcpListener::bind("127.0.0.1:6379").is_err();
     let _redis = (!busy).then(|| {
         let mut redis = Command::new("redis-server");
-        redis.args(["--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"]);
+        redis.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
         ServerProcess::command(redis, "127.0.0.1:6379".parse().unwrap())
     });
     let cgroup = TestCgroup::new("redis6379");

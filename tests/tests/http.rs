@@ -14,6 +14,16 @@ use integration_tests::{
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// The byte at `offset` of http_peer.py's /bytes/N pattern.
+/// The status code curl (inside the cgroup) gets for `url`.
+fn curl_status(cgroup: &TestCgroup, url: &str) -> String {
+    run_ok(
+        cgroup
+            .command("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url]),
+        LIMIT,
+    )
+}
+
 fn peer_pattern(offset: usize) -> u8 {
     (((offset % 65_536) * 7 + 3) % 256) as u8
 }
@@ -242,17 +252,7 @@ fn malformed_request_gets_400_and_unreachable_upstream_gets_502() {
     let status_line = run_ok(cgroup.command(SYSTEM_PYTHON).args(["-c", &script]), LIMIT);
     assert_eq!(status_line.trim(), "HTTP/1.1 400 Bad Request");
 
-    let code = run_ok(
-        cgroup.command("curl").args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{closed}/"),
-        ]),
-        LIMIT,
-    );
+    let code = curl_status(&cgroup, &format!("http://{closed}/"));
     assert_eq!(code, "502");
 
     agent.assert_metric(
@@ -289,17 +289,7 @@ fn slow_upstream_gets_504() {
         },
     );
 
-    let code = run_ok(
-        cgroup.command("curl").args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{addr}/"),
-        ]),
-        LIMIT,
-    );
+    let code = curl_status(&cgroup, &format!("http://{addr}/"));
     assert_eq!(code, "504");
     agent.assert_metric(
         "sockmesh_http_errors_total",
