@@ -6,7 +6,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    Config, DEFAULT_OPAQUE_PORTS, NetworkList, PortSet, parse_cgroup_dir, parse_duration,
+    Config, CopyMode, DEFAULT_OPAQUE_PORTS, NetworkList, PortSet, parse_cgroup_dir, parse_duration,
     parse_listen_port,
 };
 
@@ -153,6 +153,9 @@ pub struct RunArgs {
     #[arg(long, env = "SOCKMESH_CONNECT_TIMEOUT", default_value = "10s",
           value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// How opaque connections move bytes: splice (zero-copy) or userspace (for comparison).
+    #[arg(long, env = "SOCKMESH_COPY_MODE", value_enum, default_value = "splice")]
+    pub copy_mode: CopyMode,
     /// Let POST /shutdown on the admin server (from loopback only) stop the agent.
     #[arg(long, env = "SOCKMESH_ENABLE_SHUTDOWN_ENDPOINT")]
     pub enable_shutdown_endpoint: bool,
@@ -199,6 +202,7 @@ impl RunArgs {
             shutdown_grace: self.shutdown_grace,
             connect_timeout: self.connect_timeout,
             enable_shutdown_endpoint: self.enable_shutdown_endpoint,
+            copy_mode: self.copy_mode,
             pin_dir: self.pin_dir,
             bypass_mark: self.bypass_mark,
         }

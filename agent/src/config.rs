@@ -207,6 +207,15 @@ pub fn parse_cgroup_dir(text: &str) -> Result<PathBuf, String> {
 /// Memcached 11211.
 pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
 
+/// How opaque connections move their bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CopyMode {
+    /// splice(2) through pooled pipes: bytes never enter user space.
+    Splice,
+    /// read/write through user-space buffers (for comparison).
+    Userspace,
+}
+
 /// The effective configuration of `sockmesh run`, built once from the flags.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -228,6 +237,7 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Whether POST /shutdown (from loopback) stops the agent.
     pub enable_shutdown_endpoint: bool,
+    pub copy_mode: CopyMode,
     /// bpffs directory for the pinned maps.
     pub pin_dir: PathBuf,
     /// SO_MARK of the agent's own sockets, which the kernel programs never redirect.
@@ -251,6 +261,7 @@ impl Config {
             "pin_dir": self.pin_dir.display().to_string(),
             "bypass_mark": self.bypass_mark,
             "enable_shutdown_endpoint": self.enable_shutdown_endpoint,
+            "copy_mode": format!("{:?}", self.copy_mode).to_ascii_lowercase(),
         });
         serde_json::to_string_pretty(&json).unwrap_or_default()
     }

@@ -12,7 +12,7 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use crate::{
     classify::{Classified, OpaqueReason, Protocol, classify},
-    config::{Config, PortSet},
+    config::{Config, CopyMode, PortSet},
     connect::Dialer,
     forward::{
         ByteCounters,
@@ -45,6 +45,7 @@ pub struct Proxy {
     opaque_ports: PortSet,
     detect_timeout: Duration,
     dialer: Dialer,
+    copy_mode: CopyMode,
 }
 
 impl Proxy {
@@ -73,6 +74,7 @@ impl Proxy {
             opaque_ports: config.opaque_ports.clone(),
             detect_timeout: config.detect_timeout,
             dialer,
+            copy_mode: config.copy_mode,
         }
     }
 }
@@ -222,7 +224,13 @@ async fn forward_opaque(
         }
         counters.client_to_server(prefix.len() as u64);
     }
-    match opaque::splice_bidirectional(client, server, &proxy.pipes, counters).await {
+    let outcome = match proxy.copy_mode {
+        CopyMode::Splice => {
+            opaque::splice_bidirectional(client, server, &proxy.pipes, counters).await
+        }
+        CopyMode::Userspace => opaque::copy_bidirectional(client, server, counters).await,
+    };
+    match outcome {
         Outcome::Closed => "",
         Outcome::Reset(failure) => {
             tracing::debug!(step = failure.step, error = %failure.error, "connection reset");

@@ -143,3 +143,46 @@ fn map_entries(pin: &std::path::Path) -> usize {
     );
     dump.matches("\"key\":").count()
 }
+
+/// `--copy-mode userspace` (the benchmark's comparison point) forwards the same bytes, counted
+/// the same way, half-close included.
+#[test]
+fn userspace_copy_mode_is_byte_exact_too() {
+    require_privileged!();
+    let server = PatternServer::start("127.0.0.1:0", 20_000_000);
+    let cgroup = TestCgroup::new("copymode");
+    let agent = integration_tests::Agent::start_with(
+        &cgroup,
+        integration_tests::AgentOptions {
+            args: vec!["--copy-mode=userspace".to_string()],
+            ..Default::default()
+        },
+    );
+    let report = run_ok(
+        cgroup.command(meshprobe_bin()).args([
+            "bulk",
+            &server.addr().to_string(),
+            "30000000",
+            "20000000",
+        ]),
+        Duration::from_secs(300),
+    );
+    assert!(report.starts_with("ok"), "{report}");
+    assert_eq!(server.received(1)[0].bytes, 30_000_000);
+    let port = server.addr().port().to_string();
+    agent.assert_metric(
+        "tcp_write_bytes_total",
+        &[("target_port", port.as_str())],
+        30_000_000,
+    );
+    agent.assert_metric(
+        "tcp_read_bytes_total",
+        &[("target_port", port.as_str())],
+        20_000_000,
+    );
+    agent.assert_metric(
+        "tcp_close_total",
+        &[("target_port", port.as_str()), ("errno", "")],
+        1,
+    );
+}

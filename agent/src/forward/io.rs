@@ -69,6 +69,10 @@ impl<T> Counted<T> {
     pub fn new(inner: T, counters: ByteCounters) -> Self {
         Self { inner, counters }
     }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {

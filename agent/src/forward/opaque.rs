@@ -15,6 +15,7 @@ use tokio::{io::Interest, net::TcpStream};
 
 use super::{
     ByteCounters,
+    io::Counted,
     pipe::{Pipe, PipePool},
 };
 
@@ -78,6 +79,28 @@ pub async fn splice_bidirectional(
         }
     }
     Outcome::Closed
+}
+
+/// The same forwarding through user-space buffers (`--copy-mode userspace`): what splice saves
+/// is measured against this by `cargo xtask bench`.
+pub async fn copy_bidirectional(
+    client: TcpStream,
+    server: TcpStream,
+    counters: &ByteCounters,
+) -> Outcome {
+    let mut client = client;
+    let mut server = Counted::new(server, counters.clone());
+    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        Ok(_) => Outcome::Closed,
+        Err(error) => {
+            reset(&client);
+            reset(server.get_ref());
+            Outcome::Reset(Failure {
+                step: "copying",
+                error,
+            })
+        }
+    }
 }
 
 /// Closing a socket with a zero linger sends RST instead of FIN.
