@@ -5,6 +5,7 @@
 //! target) plus bpf-linker, or a rustup nightly with rust-src (-Z build-std=core). The first is
 //! what `setup` installs.
 
+mod bench;
 mod toolchain;
 
 use std::{
@@ -42,11 +43,42 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Measure sockmesh against a direct connection, HAProxy and nginx (target/bench/).
+    Bench {
+        /// A short smoke run: fewer runs, shorter measurements.
+        #[arg(long)]
+        quick: bool,
+        /// Number of alternating runs (default 5, or 2 with --quick).
+        #[arg(long)]
+        runs: Option<usize>,
+    },
+    /// Internal: the benchmark's client probes.
+    #[command(hide = true)]
+    BenchProbe {
+        #[command(subcommand)]
+        probe: Probe,
+    },
     /// Build everything and run the whole test suite, privileged tests included.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Probe {
+    Greeting {
+        addr: std::net::SocketAddr,
+        count: usize,
+    },
+    Connrate {
+        addr: std::net::SocketAddr,
+        seconds: f64,
+    },
+    Hold {
+        addr: std::net::SocketAddr,
+        count: usize,
     },
 }
 
@@ -70,6 +102,15 @@ fn run(task: Task) -> Result<()> {
             run_agent(&agent, &args)
         }
         Task::Test { args } => test(&root, &args),
+        Task::Bench { quick, runs } => {
+            let agent = build(&root, true)?;
+            bench::run(&root, &agent, &bench::Options { quick, runs })
+        }
+        Task::BenchProbe { probe } => match probe {
+            Probe::Greeting { addr, count } => bench::probe::greeting(addr, count),
+            Probe::Connrate { addr, seconds } => bench::probe::connection_rate(addr, seconds),
+            Probe::Hold { addr, count } => bench::probe::hold(addr, count),
+        },
     }
 }
 

@@ -138,7 +138,12 @@ fn install_debian_route() -> Result<()> {
 
 /// Installs whichever test packages are missing.
 pub fn ensure_test_tools() -> Result<()> {
-    let missing: Vec<&str> = TEST_PACKAGES
+    ensure_packages(TEST_PACKAGES)
+}
+
+/// Installs whichever of `packages` are missing.
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| !package_installed(package))
@@ -146,7 +151,7 @@ pub fn ensure_test_tools() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    require_apt("the test suite", &missing)?;
+    require_apt("the tests and benchmarks", &missing)?;
     apt_install(&missing)
 }
 

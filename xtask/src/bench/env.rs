@@ -1,0 +1,425 @@
+//! The benchmark's world: origin servers (iperf3, redis, nginx, and small Rust servers), the
+//! proxies under test (two sockmesh agents on cgroups of their own, HAProxy, nginx), and how a
+//! client reaches a server through each. Everything is on loopback and is torn down on drop.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use super::probe;
+
+/// The ways a client can reach a server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Setup {
+    Direct,
+    Sockmesh,
+    SockmeshCopy,
+    Haproxy,
+    NginxStream,
+    NginxHttp,
+}
+
+impl Setup {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Sockmesh => "sockmesh",
+            Self::SockmeshCopy => "sockmesh-userspace-copy",
+            Self::Haproxy => "haproxy-tcp-splice",
+            Self::NginxStream => "nginx-stream",
+            Self::NginxHttp => "nginx-http-proxy",
+        }
+    }
+}
+
+/// The servers clients talk to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Backend {
+    Iperf,
+    Redis,
+    Pong,
+    Greeter,
+    OriginHttp1,
+    OriginHttp2,
+}
+
+const TCP_BACKENDS: [Backend; 4] = [
+    Backend::Iperf,
+    Backend::Redis,
+    Backend::Pong,
+    Backend::Greeter,
+];
+
+pub struct Env {
+    dir: PathBuf,
+    children: Vec<Child>,
+    backends: BTreeMap<Backend, SocketAddr>,
+    haproxy: BTreeMap<Backend, SocketAddr>,
+    nginx_stream: BTreeMap<Backend, SocketAddr>,
+    nginx_http: BTreeMap<Backend, SocketAddr>,
+    pub agents: BTreeMap<Setup, Agent>,
+    sockmesh: PathBuf,
+}
+
+pub struct Agent {
+    cgroup: PathBuf,
+    pub pid: u32,
+}
+
+impl Env {
+    pub fn start(dir: &Path, sockmesh: &Path) -> Result<Self> {
+        fs::create_dir_all(dir)?;
+        let mut env = Self {
+            dir: dir.to_path_buf(),
+            children: Vec::new(),
+            backends: BTreeMap::new(),
+            haproxy: BTreeMap::new(),
+            nginx_stream: BTreeMap::new(),
+            nginx_http: BTreeMap::new(),
+            agents: BTreeMap::new(),
+            sockmesh: sockmesh.to_path_buf(),
+        };
+        env.start_backends()?;
+        env.start_haproxy()?;
+        env.start_nginx_proxy()?;
+        for (setup, extra) in [
+            (Setup::Sockmesh, None),
+            (Setup::SockmeshCopy, Some("--copy-mode=userspace")),
+        ] {
+            let agent = env.start_agent(setup, extra)?;
+            env.agents.insert(setup, agent);
+        }
+        Ok(env)
+    }
+
+    /// Where a client of `setup` connects to reach `backend`; None if the setup cannot.
+    pub fn target(&self, setup: Setup, backend: Backend) -> Option<SocketAddr> {
+        match setup {
+            Setup::Direct | Setup::Sockmesh | Setup::SockmeshCopy => {
+                self.backends.get(&backend).copied()
+            }
+            Setup::Haproxy => self.haproxy.get(&backend).copied(),
+            Setup::NginxStream => self.nginx_stream.get(&backend).copied(),
+            Setup::NginxHttp => self.nginx_http.get(&backend).copied(),
+        }
+    }
+
+    /// A command for `program` as a client of `setup`: inside the agent's cgroup for sockmesh.
+    pub fn client(&self, setup: Setup, program: &str) -> Command {
+        match self.agents.get(&setup) {
+            Some(agent) => {
+                let mut command = Command::new(&self.sockmesh);
+                command
+                    .arg("exec")
+                    .arg("--cgroup")
+                    .arg(&agent.cgroup)
+                    .arg("--")
+                    .arg(program);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn spawn(&mut self, name: &str, command: &mut Command) -> Result<()> {
+        let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}: {command:?}"))?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    fn start_backends(&mut self) -> Result<()> {
+        let iperf = free_addr()?;
+        self.spawn(
+            "iperf3",
+            Command::new("iperf3").args(["-s", "-B", "127.0.0.1", "-p", &iperf.port().to_string()]),
+        )?;
+        let redis = free_addr()?;
+        self.spawn(
+            "redis",
+            Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &redis.port().to_string()])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]),
+        )?;
+        let (h1, h2) = (free_addr()?, free_addr()?);
+        let www = self.dir.join("www");
+        fs::create_dir_all(&www)?;
+        fs::write(www.join("index.html"), vec![b'x'; 1024])?;
+        let config = nginx_config(
+            &self.dir.join("origin"),
+            &format!(
+                "http {{ access_log off; {temps} keepalive_requests 1000000;\n\
+                 server {{ listen {h1}; root {www}; }}\n\
+                 server {{ listen {h2} http2; root {www}; }} }}\n",
+                temps = nginx_temps(&self.dir.join("origin")),
+                www = www.display()
+            ),
+        )?;
+        self.spawn(
+            "nginx-origin",
+            Command::new("nginx")
+                .arg("-c")
+                .arg(config)
+                .arg("-p")
+                .arg(&self.dir),
+        )?;
+        self.backends = BTreeMap::from([
+            (Backend::Iperf, iperf),
+            (Backend::Redis, redis),
+            (Backend::Pong, probe::start_pong()?),
+            (Backend::Greeter, probe::start_greeter()?),
+            (Backend::OriginHttp1, h1),
+            (Backend::OriginHttp2, h2),
+        ]);
+        for addr in self.backends.clone().values() {
+            wait_listening(*addr)?;
+        }
+        Ok(())
+    }
+
+    fn start_haproxy(&mut self) -> Result<()> {
+        let mut config = String::from(
+            "global\n  maxconn 7000\ndefaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
+             timeout client 120s\n  timeout server 120s\n",
+        );
+        for backend in TCP_BACKENDS {
+            let listen = free_addr()?;
+            let server = self.backends[&backend];
+            config.push_str(&format!(
+                "listen l{}\n  bind {listen}\n  server s {server}\n",
+                listen.port()
+            ));
+            self.haproxy.insert(backend, listen);
+        }
+        let path = self.dir.join("haproxy.cfg");
+        fs::write(&path, config)?;
+        self.spawn(
+            "haproxy",
+            Command::new("haproxy").arg("-db").arg("-f").arg(&path),
+        )?;
+        for addr in self.haproxy.clone().values() {
+            wait_listening(*addr)?;
+        }
+        Ok(())
+    }
+
+    fn start_nginx_proxy(&mut self) -> Result<()> {
+        let mut stream = String::from("stream {\n");
+        for backend in TCP_BACKENDS {
+            let listen = free_addr()?;
+            stream.push_str(&format!(
+                "  server {{ listen {listen}; proxy_pass {}; }}\n",
+                self.backends[&backend]
+            ));
+            self.nginx_stream.insert(backend, listen);
+        }
+        stream.push_str("}\n");
+        let (http1, http2) = (free_addr()?, free_addr()?);
+        let origin = self.backends[&Backend::OriginHttp1];
+        let http = format!(
+            "http {{ access_log off; {temps}\n\
+             upstream origin {{ server {origin}; keepalive 128; }}\n\
+             server {{ listen {http1}; listen {http2} http2; location / {{ proxy_pass http://origin; \
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",
+            temps = nginx_temps(&self.dir.join("proxy"))
+        );
+        self.nginx_http =
+            BTreeMap::from([(Backend::OriginHttp1, http1), (Backend::OriginHttp2, http2)]);
+        let config = nginx_config(&self.dir.join("proxy"), &format!("{stream}{http}"))?;
+        let config_text = fs::read_to_string(&config)?;
+        fs::write(
+            &config,
+            format!("load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n{config_text}"),
+        )?;
+        self.spawn(
+            "nginx-proxy",
+            Command::new("nginx")
+                .arg("-c")
+                .arg(config)
+                .arg("-p")
+                .arg(&self.dir),
+        )?;
+        for addr in self
+            .nginx_stream
+            .values()
+            .chain(self.nginx_http.values())
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            wait_listening(addr)?;
+        }
+        Ok(())
+    }
+
+    fn start_agent(&mut self, setup: Setup, extra: Option<&str>) -> Result<Agent> {
+        let cgroup = cgroup2_mount()?.join(format!(
+            "sockmesh-bench-{}-{}",
+            std::process::id(),
+            setup.name()
+        ));
+        fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        let (outbound, admin) = (free_addr()?, free_addr()?);
+        let pin_dir = format!(
+            "/sys/fs/bpf/sockmesh-bench-{}-{}",
+            std::process::id(),
+            setup.name()
+        );
+        let mut command = Command::new(&self.sockmesh);
+        command
+            .arg("run")
+            .arg("--cgroup")
+            .arg(&cgroup)
+            .args([
+                "--outbound-port",
+                &outbound.port().to_string(),
+                "--admin-addr",
+                &admin.to_string(),
+            ])
+            .args(["--pin-dir", &pin_dir, "--log-level", "warn"])
+            .args(extra);
+        self.spawn(setup.name(), &mut command)?;
+        let pid = self.children.last().map(Child::id).unwrap_or(0);
+        let agent = Agent { cgroup, pid };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http_ok(admin, "/ready") {
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not become ready (see {}/{}.log)",
+                    setup.name(),
+                    self.dir.display(),
+                    setup.name()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            // SIGTERM first, so agents detach and unpin; then make sure.
+            // SAFETY: kill(2) on our own children.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        for child in &mut self.children {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for agent in self.agents.values() {
+            let _ = fs::write(agent.cgroup.join("cgroup.kill"), "1");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while fs::remove_dir(&agent.cgroup).is_err() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// Resident memory of the agent, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// CPU seconds (user + system) the agent has used.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return 0.0;
+        };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (ticks(11) + ticks(12)) / per_second.max(1.0)
+    }
+}
+
+fn nginx_temps(dir: &Path) -> String {
+    ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+        .map(|name| format!("{name}_temp_path {}/{name};", dir.display()))
+        .join(" ")
+}
+
+/// Writes an nginx config for `body` with its own pid and error log under `dir`.
+fn nginx_config(dir: &Path, body: &str) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let config = format!(
+        "worker_processes 2; daemon off; pid {dir}/nginx.pid; error_log {dir}/error.log;\n\
+         worker_rlimit_nofile 20000;\nevents {{ worker_connections 10000; }}\n{body}",
+        dir = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    fs::write(&path, config)?;
+    Ok(path)
+}
+
+fn free_addr() -> Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn wait_listening(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn http_ok(addr: SocketAddr, path: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(stream, "GET {path} HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200")
+}
+
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (mount, fs_type) = line.split_once(" - ")?;
+            let point = mount.split_whitespace().nth(4)?;
+            (fs_type.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(point))
+        })
+        .context("no cgroup2 mount")
+}

@@ -1,0 +1,366 @@
+//! The measurements: each scenario runs a real client against one backend through one setup
+//! and reports one or more numbers. Clients are the usual tools (iperf3, redis-benchmark, wrk,
+//! h2load) plus the bench probes for connection rate, greeting time and idle memory.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use super::env::{Backend, Env, Setup};
+
+/// One number a scenario produces.
+#[derive(Clone, Copy, Debug)]
+pub struct Metric {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub higher_is_better: bool,
+}
+
+const fn metric(name: &'static str, unit: &'static str, higher_is_better: bool) -> Metric {
+    Metric {
+        name,
+        unit,
+        higher_is_better,
+    }
+}
+
+/// How long and how much: the quick smoke run shrinks every knob.
+#[derive(Clone, Copy, Debug)]
+pub struct Scale {
+    pub seconds: u32,
+    pub redis_requests: u32,
+    pub samples: u32,
+    pub idle_connections: u32,
+    pub h2_requests: u32,
+}
+
+impl Scale {
+    pub const FULL: Self = Self {
+        seconds: 5,
+        redis_requests: 100_000,
+        samples: 300,
+        idle_connections: 5000,
+        h2_requests: 100_000,
+    };
+    pub const QUICK: Self = Self {
+        seconds: 1,
+        redis_requests: 5_000,
+        samples: 30,
+        idle_connections: 300,
+        h2_requests: 5_000,
+    };
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Scenario {
+    Iperf { streams: u32, reverse: bool },
+    RedisGet { clients: u32 },
+    ConnectionRate,
+    Http1Wrk,
+    Http2H2load,
+    Greeting,
+    IdleMemory,
+}
+
+pub const ALL: [Scenario; 10] = [
+    Scenario::Iperf {
+        streams: 1,
+        reverse: false,
+    },
+    Scenario::Iperf {
+        streams: 1,
+        reverse: true,
+    },
+    Scenario::Iperf {
+        streams: 4,
+        reverse: false,
+    },
+    Scenario::Iperf {
+        streams: 4,
+        reverse: true,
+    },
+    Scenario::RedisGet { clients: 50 },
+    Scenario::RedisGet { clients: 1 },
+    Scenario::ConnectionRate,
+    Scenario::Http1Wrk,
+    Scenario::Http2H2load,
+    Scenario::Greeting,
+];
+
+const TCP_SETUPS: [Setup; 5] = [
+    Setup::Direct,
+    Setup::Sockmesh,
+    Setup::SockmeshCopy,
+    Setup::Haproxy,
+    Setup::NginxStream,
+];
+const HTTP_SETUPS: [Setup; 3] = [Setup::Direct, Setup::Sockmesh, Setup::NginxHttp];
+
+impl Scenario {
+    pub fn setups(self) -> &'static [Setup] {
+        match self {
+            Self::Http1Wrk | Self::Http2H2load => &HTTP_SETUPS,
+            Self::IdleMemory => &[Setup::Sockmesh, Setup::SockmeshCopy],
+            _ => &TCP_SETUPS,
+        }
+    }
+
+    pub fn metrics(self) -> Vec<Metric> {
+        match self {
+            Self::Iperf {
+                streams: 1,
+                reverse: false,
+            } => vec![
+                metric("iperf3 1 stream, client to server", "Gbit/s", true),
+                metric("agent CPU per GB (1 stream)", "s/GB", false),
+            ],
+            Self::Iperf {
+                streams: 1,
+                reverse: true,
+            } => vec![metric("iperf3 1 stream, server to client", "Gbit/s", true)],
+            Self::Iperf { reverse: false, .. } => {
+                vec![metric("iperf3 4 streams, client to server", "Gbit/s", true)]
+            }
+            Self::Iperf { reverse: true, .. } => {
+                vec![metric("iperf3 4 streams, server to client", "Gbit/s", true)]
+            }
+            Self::RedisGet { clients: 1 } => vec![
+                metric("redis GET -c 1, p50 latency", "ms", false),
+                metric("redis GET -c 1, p99 latency", "ms", false),
+            ],
+            Self::RedisGet { .. } => vec![metric("redis GET -c 50", "req/s", true)],
+            Self::ConnectionRate => vec![metric("new connection per request", "conn/s", true)],
+            Self::Http1Wrk => vec![metric("HTTP/1.1 wrk -c 32", "req/s", true)],
+            Self::Http2H2load => vec![metric("HTTP/2 h2load -c 8 -m 10", "req/s", true)],
+            Self::Greeting => vec![metric("server-first greeting", "us", false)],
+            Self::IdleMemory => vec![metric("agent memory per idle connection", "KiB", false)],
+        }
+    }
+
+    /// Runs once; returns one value per metric (None where a metric does not apply).
+    pub fn run(self, env: &Env, setup: Setup, scale: Scale) -> Result<Vec<Option<f64>>> {
+        match self {
+            Self::Iperf { streams, reverse } => iperf(env, setup, scale, streams, reverse),
+            Self::RedisGet { clients } => redis(env, setup, scale, clients),
+            Self::ConnectionRate => {
+                let target = target(env, setup, Backend::Pong)?;
+                let out = output(env.client(setup, &xtask_exe()?).args([
+                    "bench-probe",
+                    "connrate",
+                    &target.to_string(),
+                    &(scale.seconds as f64 / 2.0).to_string(),
+                ]))?;
+                Ok(vec![Some(parse_number(&out)?)])
+            }
+            Self::Http1Wrk => {
+                let url = format!(
+                    "http://{}/index.html",
+                    target(env, setup, Backend::OriginHttp1)?
+                );
+                let out = output(env.client(setup, "wrk").args([
+                    "-t2",
+                    "-c32",
+                    &format!("-d{}s", scale.seconds),
+                    &url,
+                ]))?;
+                let rps = out
+                    .lines()
+                    .find_map(|line| line.strip_prefix("Requests/sec:"))
+                    .context("wrk output")?;
+                Ok(vec![Some(parse_number(rps)?)])
+            }
+            Self::Http2H2load => {
+                let url = format!(
+                    "http://{}/index.html",
+                    target(env, setup, Backend::OriginHttp2)?
+                );
+                let n = scale.h2_requests.to_string();
+                let out = output(
+                    env.client(setup, "h2load")
+                        .args(["-n", &n, "-c", "8", "-m", "10", &url]),
+                )?;
+                // "finished in 1.23s, 40000.00 req/s, 1.2MB/s"
+                let rps = out
+                    .lines()
+                    .find(|line| line.starts_with("finished in"))
+                    .and_then(|line| line.split(", ").nth(1))
+                    .and_then(|part| part.strip_suffix(" req/s"))
+                    .context("h2load output")?;
+                if !out.contains(&format!("{n} succeeded")) {
+                    bail!("h2load had failures:\n{out}");
+                }
+                Ok(vec![Some(parse_number(rps)?)])
+            }
+            Self::Greeting => {
+                let target = target(env, setup, Backend::Greeter)?;
+                let samples = scale.samples.to_string();
+                let out = output(env.client(setup, &xtask_exe()?).args([
+                    "bench-probe",
+                    "greeting",
+                    &target.to_string(),
+                    &samples,
+                ]))?;
+                Ok(vec![Some(parse_number(&out)?)])
+            }
+            Self::IdleMemory => idle_memory(env, setup, scale),
+        }
+    }
+}
+
+fn iperf(
+    env: &Env,
+    setup: Setup,
+    scale: Scale,
+    streams: u32,
+    reverse: bool,
+) -> Result<Vec<Option<f64>>> {
+    let target = target(env, setup, Backend::Iperf)?;
+    let agent = env.agents.get(&setup);
+    let cpu_before = agent.map(|agent| agent.cpu_seconds());
+    let mut command = env.client(setup, "iperf3");
+    command.args([
+        "-c",
+        &target.ip().to_string(),
+        "-p",
+        &target.port().to_string(),
+        "-J",
+    ]);
+    command.args(["-t", &scale.seconds.to_string(), "-P", &streams.to_string()]);
+    if reverse {
+        command.arg("-R");
+    }
+    let out = output(&mut command)?;
+    let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+    let received = &json["end"]["sum_received"];
+    let bits_per_second = received["bits_per_second"]
+        .as_f64()
+        .context("iperf3 result")?;
+    let bytes = received["bytes"].as_f64().unwrap_or(0.0);
+    let cpu_per_gb = match (agent, cpu_before) {
+        (Some(agent), Some(before)) if bytes > 0.0 => {
+            Some((agent.cpu_seconds() - before) / (bytes / 1e9))
+        }
+        _ => None,
+    };
+    Ok(if streams == 1 && !reverse {
+        vec![Some(bits_per_second / 1e9), cpu_per_gb]
+    } else {
+        vec![Some(bits_per_second / 1e9)]
+    })
+}
+
+fn redis(env: &Env, setup: Setup, scale: Scale, clients: u32) -> Result<Vec<Option<f64>>> {
+    let target = target(env, setup, Backend::Redis)?;
+    let requests = if clients == 1 {
+        scale.redis_requests / 5
+    } else {
+        scale.redis_requests
+    };
+    let out = output(env.client(setup, "redis-benchmark").args([
+        "-h",
+        &target.ip().to_string(),
+        "-p",
+        &target.port().to_string(),
+        "-t",
+        "get",
+        "-n",
+        &requests.to_string(),
+        "-c",
+        &clients.to_string(),
+        "--csv",
+    ]))?;
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms",...
+    let row = out
+        .lines()
+        .find(|line| line.starts_with("\"GET\""))
+        .context("redis-benchmark CSV")?;
+    let fields: Vec<f64> = row
+        .split(',')
+        .skip(1)
+        .filter_map(|f| f.trim_matches('"').parse().ok())
+        .collect();
+    if fields.len() < 6 {
+        bail!("redis-benchmark CSV: {row}");
+    }
+    Ok(if clients == 1 {
+        vec![Some(fields[3]), Some(fields[5])]
+    } else {
+        vec![Some(fields[0])]
+    })
+}
+
+/// Holds idle connections through the agent; reports the agent's memory growth per connection.
+fn idle_memory(env: &Env, setup: Setup, scale: Scale) -> Result<Vec<Option<f64>>> {
+    let agent = env
+        .agents
+        .get(&setup)
+        .context("idle memory needs an agent")?;
+    let target = target(env, setup, Backend::Pong)?;
+    let before = agent.rss_bytes();
+    let mut holder = env
+        .client(setup, &xtask_exe()?)
+        .args([
+            "bench-probe",
+            "hold",
+            &target.to_string(),
+            &scale.idle_connections.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the idle-connection holder")?;
+    let mut ready = String::new();
+    BufReader::new(holder.stdout.take().context("holder stdout")?).read_line(&mut ready)?;
+    if ready.trim() != "ready" {
+        let _ = holder.kill();
+        bail!("the holder did not open its connections");
+    }
+    thread::sleep(Duration::from_millis(500));
+    let after = agent.rss_bytes();
+    drop(holder.stdin.take().map(|mut stdin| stdin.flush()));
+    let _ = holder.wait();
+    let per_connection =
+        after.saturating_sub(before) as f64 / scale.idle_connections as f64 / 1024.0;
+    Ok(vec![Some(per_connection)])
+}
+
+fn target(env: &Env, setup: Setup, backend: Backend) -> Result<std::net::SocketAddr> {
+    env.target(setup, backend)
+        .with_context(|| format!("{} cannot reach {backend:?}", setup.name()))
+}
+
+fn xtask_exe() -> Result<String> {
+    Ok(std::env::current_exe()?.to_string_lossy().into_owned())
+}
+
+fn output(command: &mut Command) -> Result<String> {
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn parse_number(text: &str) -> Result<f64> {
+    let text = text.trim();
+    let number: String = text
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    number
+        .parse()
+        .with_context(|| format!("not a number: {text:?}"))
+}
