@@ -40,6 +40,7 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     "nginx-light",
     "prometheus",
+    "fonts-dejavu-core",
 ];
 
 const RUSTFLAGS: &str = "-C debuginfo=2 -C link-arg=--btf";

@@ -384,8 +384,21 @@ fn nginx_config(dir: &Path, body: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A free loopback port, never one handed out before in this process (the kernel may give the
+/// same ephemeral port twice once the probe socket is closed).
 fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .map_err(|_| anyhow::anyhow!("port list poisoned"))?;
+    for _ in 0..100 {
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return Ok(addr);
+        }
+    }
+    bail!("no fresh free port")
 }
 
 fn wait_listening(addr: SocketAddr) -> Result<()> {

@@ -119,7 +119,7 @@ impl Results {
         serde_json::json!({ "runs": runs, "metrics": metrics })
     }
 
-    /// A bar chart of every setup's ratio to direct, one group per metric.
+    /// A bar chart of every setup's ratio to direct: a heading row per metric, a bar per setup.
     pub fn chart(&self, path: &Path) -> Result<()> {
         register_font()?;
         let setups: Vec<Setup> = self
@@ -127,76 +127,84 @@ impl Results {
             .into_iter()
             .filter(|s| *s != Setup::Direct)
             .collect();
-        let rows: Vec<(usize, &Metric)> = self
-            .metrics
-            .iter()
-            .enumerate()
-            .filter(|(index, _)| {
-                setups
-                    .iter()
-                    .any(|setup| self.ratio(*index, *setup).is_some())
-            })
-            .collect();
-        let bars = rows.len() * (setups.len() + 1);
-        let height = 120 + bars as u32 * 14;
-        let root = BitMapBackend::new(path, (1100, height)).into_drawing_area();
-        root.fill(&WHITE)?;
+        // (label, Some((ratio, colour slot))) from top to bottom.
+        let mut rows: Vec<(String, Option<(f64, usize)>)> = Vec::new();
+        for (index, metric) in self.metrics.iter().enumerate() {
+            let bars: Vec<(String, Option<(f64, usize)>)> = setups
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, setup)| {
+                    Some((
+                        setup.name().to_string(),
+                        Some((self.ratio(index, *setup)?, slot)),
+                    ))
+                })
+                .collect();
+            if bars.is_empty() {
+                continue;
+            }
+            let better = if metric.higher_is_better {
+                "higher is better"
+            } else {
+                "lower is better"
+            };
+            rows.push((format!("{} ({better})", metric.name), None));
+            rows.extend(bars);
+        }
+        let count = rows.len() as i32;
         let max_ratio = rows
             .iter()
-            .flat_map(|(index, _)| setups.iter().filter_map(|setup| self.ratio(*index, *setup)))
+            .filter_map(|(_, bar)| bar.map(|(ratio, _)| ratio))
             .fold(1.2f64, f64::max);
+        let root = BitMapBackend::new(path, (1200, 80 + 18 * count as u32)).into_drawing_area();
+        root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                "sockmesh benchmark: ratio to a direct connection (same run)",
+                "sockmesh benchmark: ratio to a direct connection in the same run",
                 ("sans-serif", 20),
             )
             .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(330)
-            .build_cartesian_2d(0f64..max_ratio * 1.1, 0i32..bars as i32)?;
+            .x_label_area_size(35)
+            .y_label_area_size(380)
+            .build_cartesian_2d(0f64..max_ratio * 1.15, (0..count).into_segmented())?;
+        // Row i (from the top) sits in segment count - 1 - i.
+        let label_of = |value: &SegmentValue<i32>| match value {
+            SegmentValue::CenterOf(y) => rows
+                .get((count - 1 - y) as usize)
+                .map(|(label, _)| label.clone())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
         chart
             .configure_mesh()
             .disable_y_mesh()
-            .y_labels(1)
-            .y_label_formatter(&|_| String::new())
-            .x_desc("ratio to direct (1.0 = direct)")
+            .y_labels(count as usize)
+            .y_label_formatter(&label_of)
+            .x_desc("setup / direct (1.0 = same as direct)")
             .label_style(("sans-serif", 13))
             .draw()?;
-        for (row, (index, metric)) in rows.iter().enumerate() {
-            let base = (row * (setups.len() + 1)) as i32;
-            let label_y = bars as i32 - base - 1;
+        for (i, (_, bar)) in rows.iter().enumerate() {
+            let Some((ratio, slot)) = bar else { continue };
+            let y = count - 1 - i as i32;
+            let colour = Palette99::pick(*slot).filled();
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [
+                    (0.0, SegmentValue::Exact(y)),
+                    (*ratio, SegmentValue::Exact(y + 1)),
+                ],
+                colour,
+            )))?;
             chart.draw_series(std::iter::once(Text::new(
-                format!(
-                    "{} ({})",
-                    metric.name,
-                    if metric.higher_is_better {
-                        "higher better"
-                    } else {
-                        "lower better"
-                    }
-                ),
-                (0.0, label_y),
+                format!("{ratio:.2}"),
+                (*ratio + 0.01, SegmentValue::CenterOf(y)),
                 ("sans-serif", 12).into_font(),
             )))?;
-            for (slot, setup) in setups.iter().enumerate() {
-                let Some(ratio) = self.ratio(*index, *setup) else {
-                    continue;
-                };
-                let y = label_y - 1 - slot as i32;
-                let color = Palette99::pick(slot).filled();
-                chart.draw_series(std::iter::once(Rectangle::new(
-                    [(0.0, y), (ratio, y + 1)],
-                    color,
-                )))?;
-                chart.draw_series(std::iter::once(Text::new(
-                    format!("{} {ratio:.2}", setup.name()),
-                    (ratio + 0.01, y + 1),
-                    ("sans-serif", 11).into_font(),
-                )))?;
-            }
         }
         chart.draw_series(std::iter::once(PathElement::new(
-            vec![(1.0, 0), (1.0, bars as i32)],
+            vec![
+                (1.0, SegmentValue::Exact(0)),
+                (1.0, SegmentValue::Exact(count)),
+            ],
             BLACK,
         )))?;
         root.present().context("writing the chart")?;
@@ -269,5 +277,27 @@ mod tests {
         assert!((results.ratio(0, Setup::Sockmesh).unwrap() - 8.0 / 11.0).abs() < 1e-9);
         let table = results.markdown(3);
         assert!(table.contains("| m | u (higher is better) | 11.000 [10.000-12.000] | 8.000 [8.000-8.000] **0.73x** |"), "{table}");
+    }
+
+    #[test]
+    fn chart_renders_a_png() {
+        let metric = Metric {
+            name: "iperf3",
+            unit: "Gbit/s",
+            higher_is_better: true,
+        };
+        let mut results = Results::default();
+        for (setup, value) in [
+            (Setup::Direct, 10.0),
+            (Setup::Sockmesh, 7.0),
+            (Setup::Haproxy, 4.0),
+        ] {
+            results.record(metric, setup, value);
+        }
+        let path = std::env::temp_dir().join(format!("sockmesh-chart-{}.png", std::process::id()));
+        results.chart(&path).expect("chart");
+        let png = fs::read(&path).unwrap();
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 1000);
+        let _ = fs::remove_file(path);
     }
 }
