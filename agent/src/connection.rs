@@ -9,6 +9,7 @@ use std::{
 
 use bytes::BytesMut;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     classify::{Classified, OpaqueReason, Protocol, classify},
@@ -54,6 +55,7 @@ impl Proxy {
         tap: Arc<Tap>,
         original_dsts: OriginalDstMap,
         config: &Config,
+        draining: CancellationToken,
     ) -> Self {
         let dialer = Dialer {
             bypass_mark: config.bypass_mark,
@@ -64,6 +66,7 @@ impl Proxy {
             tap: Arc::clone(&tap),
             upstream_timeout: config.upstream_timeout,
             dialer,
+            draining,
         };
         Self {
             metrics,

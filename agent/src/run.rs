@@ -42,11 +42,14 @@ async fn serve(config: crate::config::Config) -> Result<()> {
     let mut intercept = Intercept::load(&config)?;
     let metrics = Arc::new(Metrics::new(Arc::new(intercept.kernel_counter_map()?)));
     let tap = Arc::new(Tap::default());
+    // Cancelled at shutdown: listeners stop accepting, HTTP keep-alive connections wind down.
+    let proxy_shutdown = CancellationToken::new();
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&metrics),
         Arc::clone(&tap),
         intercept.original_dst_map()?,
         &config,
+        proxy_shutdown.clone(),
     ));
     let admin_state = Arc::new(AdminState {
         metrics,
@@ -66,7 +69,6 @@ async fn serve(config: crate::config::Config) -> Result<()> {
         Arc::clone(&admin_state),
         shutdown.child_token(),
     ));
-    let proxy_shutdown = CancellationToken::new();
     for listener in accept::bind_listeners(config.outbound_port)? {
         tokio::spawn(accept::serve(
             listener,

@@ -209,3 +209,49 @@ fn sigterm_lets_an_open_transfer_finish() {
         agent.log_text()
     );
 }
+
+/// An idle HTTP keep-alive connection must not hold shutdown for the whole grace period: on
+/// SIGTERM the proxy closes it once no request is in flight.
+#[test]
+fn sigterm_closes_idle_keep_alive_connections() {
+    require_privileged!();
+    let http = integration_tests::servers::ServerProcess::peer("http_peer.py", &[]);
+    let cgroup = TestCgroup::new("keepalive");
+    let mut agent = Agent::start_with(
+        &cgroup,
+        integration_tests::AgentOptions {
+            // Longer than the harness waits for an exit: only a prompt close lets the test pass.
+            args: vec!["--shutdown-grace=300s".to_string()],
+            ..Default::default()
+        },
+    );
+    let script = format!(
+        "import socket, sys\n\
+         s = socket.create_connection(('127.0.0.1', {}), timeout=120)\n\
+         s.sendall(b'GET /status/200 HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n')\n\
+         print(s.recv(1000).split(b'\\r\\n')[0].decode(), flush=True)\n\
+         sys.stdin.readline()\n\
+         print('closed' if s.recv(1000) == b'' else 'data', flush=True)\n",
+        http.addr.port()
+    );
+    let mut client = cgroup
+        .command(integration_tests::servers::SYSTEM_PYTHON)
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "HTTP/1.1 200 OK");
+
+    agent.signal(libc::SIGTERM);
+    let status = agent.wait_exit();
+    assert!(status.success(), "sockmesh exited with {status}");
+    drop(client.stdin.take());
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "closed");
+    let _ = client.wait();
+}

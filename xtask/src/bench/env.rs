@@ -231,7 +231,7 @@ impl Env {
         let (http1, http2) = (free_addr()?, free_addr()?);
         let origin = self.backends[&Backend::OriginHttp1];
         let http = format!(
-            "http {{ access_log off; {temps}\n\
+            "http {{ access_log off; {temps} keepalive_requests 1000000;\n\
              upstream origin {{ server {origin}; keepalive 128; }}\n\
              server {{ listen {http1}; listen {http2} http2; location / {{ proxy_pass http://origin; \
              proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",

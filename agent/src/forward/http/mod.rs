@@ -25,6 +25,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use self::{
     observe::{ProxyBody, RequestSummary, ResponseRecord},
@@ -54,6 +55,9 @@ pub struct HttpProxy {
     pub tap: Arc<Tap>,
     pub upstream_timeout: Duration,
     pub dialer: Dialer,
+    /// Cancelled when the agent starts shutting down: idle keep-alive connections close then,
+    /// instead of holding the drain for the whole grace period.
+    pub draining: CancellationToken,
 }
 
 /// The errno label for a failed HTTP connection: the socket error underneath, if any;
@@ -128,17 +132,34 @@ async fn serve(
         let (upstream, proxy) = (upstream.clone(), Arc::clone(&service_proxy));
         async move { Ok::<_, Infallible>(proxy.handle(request, conn, upstream.as_deref()).await) }
     });
+    let draining = proxy.draining.clone();
     let result = match version {
         Version::Http1 => {
-            server_h1::Builder::new()
+            let connection = server_h1::Builder::new()
                 .serve_connection(client_io, service)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = draining.cancelled() => {
+                    // Finish the request in flight, then close instead of keeping alive.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
         }
         Version::Http2 => {
-            server_h2::Builder::new(TokioExecutor::new())
-                .serve_connection(client_io, service)
-                .await
+            let connection =
+                server_h2::Builder::new(TokioExecutor::new()).serve_connection(client_io, service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = draining.cancelled() => {
+                    // GOAWAY: streams in flight finish, no new ones start.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
         }
     };
     if let Err(error) = &result
