@@ -73,7 +73,8 @@ pub async fn classify(
 ) -> Classified {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut prefix = BytesMut::with_capacity(INITIAL_BUFFER);
+    // Allocated on the first read: a silent connection holds no buffer.
+    let mut prefix = BytesMut::new();
     let mut watched_server = server;
     let protocol = loop {
         tokio::select! {
