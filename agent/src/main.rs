@@ -2,7 +2,8 @@
 //!
 //! A connection's life, one module per stage: `intercept` (kernel programs on a cgroup) ->
 //! `accept` -> `connection` (`original_dst` -> `connect` -> `classify`/`detect` -> `forward`:
-//! http | opaque) -> `metrics` and `tap`, served by `admin`. `run` wires them together; `config` and `cli` parse the flags once.
+//! http | opaque) -> `metrics` and `tap`, served by `admin`. `run` wires them together;
+//! `config` and `cli` parse the flags once; `ops` holds the operator commands.
 
 mod accept;
 mod admin;
