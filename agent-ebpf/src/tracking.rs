@@ -1,6 +1,7 @@
 //! sockops: follow each redirected client socket through its life. When it connects we ask for
 //! state callbacks; once established we publish its original destination under the connection's
-//! addresses (what the proxy sees on accept); when it closes we forget both entries.
+//! addresses (what the proxy sees on accept, and removes once read); when it closes we forget
+//! its cookie entry.
 
 use agent_common::{AF_INET, ConnTuple, KernelCounters};
 use aya_ebpf::{
@@ -61,14 +62,13 @@ fn on_established(ctx: &SockOpsContext) {
     }
 }
 
+/// The client socket is gone: getpeername will not be asked again. The tuple entry stays for the
+/// proxy, which removes it once it has read it: a client that sends and closes at once can be
+/// fully closed before the proxy even accepts its connection, and its bytes still need their
+/// destination. Entries the proxy never reads age out of the LRU map.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
-    let cookie = cookie(ctx);
-    // SAFETY: only checked for presence.
-    if unsafe { ORIG_BY_COOKIE.get(cookie) }.is_some() {
-        let _ = ORIG_BY_TUPLE.remove(client_tuple(ctx));
-        let _ = ORIG_BY_COOKIE.remove(cookie);
-    }
+    let _ = ORIG_BY_COOKIE.remove(cookie(ctx));
 }
 
 /// The client socket's view: local address -> proxy listener.

@@ -7,6 +7,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::Mutex,
 };
 
 use agent_common::{
@@ -38,8 +39,9 @@ pub struct Intercept {
     pin_dir: PathBuf,
 }
 
-/// Read access to the original-destination map, shared with every connection task.
-pub struct OriginalDstMap(HashMap<MapData, ConnTuple, OriginalDst>);
+/// The original-destination map, shared with every connection task, which reads its entry and
+/// removes it (the kernel publishes, the proxy consumes).
+pub struct OriginalDstMap(Mutex<HashMap<MapData, ConnTuple, OriginalDst>>);
 
 /// Read access to the per-CPU kernel counters, for /metrics.
 pub struct KernelCounterMap(PerCpuArray<MapData, KernelCounters>);
@@ -148,7 +150,8 @@ impl Intercept {
     }
 
     pub fn original_dst_map(&mut self) -> Result<OriginalDstMap> {
-        self.typed_map(map_names::ORIG_BY_TUPLE).map(OriginalDstMap)
+        self.typed_map(map_names::ORIG_BY_TUPLE)
+            .map(|map| OriginalDstMap(Mutex::new(map)))
     }
 
     pub fn kernel_counter_map(&mut self) -> Result<KernelCounterMap> {
@@ -216,8 +219,19 @@ impl Drop for Intercept {
 }
 
 impl OriginalDstMap {
-    pub fn get(&self, tuple: &ConnTuple) -> Option<OriginalDst> {
-        self.0.get(tuple, 0).ok()
+    /// Reads and removes the entry of a connection.
+    pub fn take(&self, tuple: &ConnTuple) -> Option<OriginalDst> {
+        let mut map = self.0.lock().ok()?;
+        let dst = map.get(tuple, 0).ok()?;
+        let _ = map.remove(tuple);
+        Some(dst)
+    }
+
+    /// Removes the entry of a connection whose destination came another way (SO_ORIGINAL_DST).
+    pub fn forget(&self, tuple: &ConnTuple) {
+        if let Ok(mut map) = self.0.lock() {
+            let _ = map.remove(tuple);
+        }
     }
 }
 

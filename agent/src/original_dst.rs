@@ -1,6 +1,7 @@
 //! Original destination: where a redirected client meant to connect. Asked first the way
 //! iptables REDIRECT users ask (getsockopt SO_ORIGINAL_DST, answered by our cgroup hook when the
 //! agent runs inside the meshed cgroup), then from the pinned map by the connection's addresses.
+//! Either way the map entry is removed once read: the proxy is its only consumer.
 
 use std::{
     io, mem,
@@ -19,10 +20,12 @@ pub fn lookup(
     local: SocketAddr,
     map: &OriginalDstMap,
 ) -> (Option<SocketAddr>, LookupResult) {
+    let tuple = conn_tuple(peer, local);
     if let Ok(addr) = so_original_dst(socket, local.is_ipv4()) {
+        map.forget(&tuple);
         return (Some(addr), LookupResult::Getsockopt);
     }
-    match map.get(&conn_tuple(peer, local)) {
+    match map.take(&tuple) {
         Some(dst) => (Some(to_socket_addr(&dst)), LookupResult::Map),
         None => (None, LookupResult::NotFound),
     }

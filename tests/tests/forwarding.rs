@@ -186,3 +186,50 @@ fn userspace_copy_mode_is_byte_exact_too() {
         1,
     );
 }
+
+/// Fire and forget: connect, send, close at once. The client socket can be gone before the
+/// proxy has even accepted its connection; the bytes must still arrive.
+#[test]
+fn a_client_that_closes_right_after_sending_is_still_delivered() {
+    require_privileged!();
+    const ROUNDS: usize = 50;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let mut delivered = Vec::new();
+        for _ in 0..ROUNDS {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut message = String::new();
+            let _ = stream.read_to_string(&mut message);
+            delivered.push(message);
+        }
+        delivered
+    });
+    let cgroup = TestCgroup::new("fireforget");
+    let agent = Agent::start(&cgroup);
+    let script = format!(
+        "import socket\n\
+         for i in range({ROUNDS}):\n\
+         \x20   s = socket.create_connection(('127.0.0.1', {}))\n\
+         \x20   s.sendall(b'message %d' % i)\n\
+         \x20   s.close()\n",
+        addr.port()
+    );
+    run_ok(
+        cgroup.command("python3").args(["-c", &script]),
+        Duration::from_secs(120),
+    );
+    let mut delivered = server.join().unwrap();
+    delivered.sort();
+    let mut expected: Vec<String> = (0..ROUNDS).map(|i| format!("message {i}")).collect();
+    expected.sort();
+    assert_eq!(delivered, expected);
+    agent.assert_metric(
+        "sockmesh_original_dst_lookups_total",
+        &[("result", "not_found")],
+        0,
+    );
+}
