@@ -1,9 +1,17 @@
-"""gRPC test peer (python3-grpcio), plaintext h2c, raw-bytes messages (no generated code).
+#!/usr/bin/python3
+"""gRPC test peer over plaintext HTTP/2 (h2c), raw-bytes messages, no generated code.
 
-  server --bind ADDR --port N      service mesh.Echo: Unary (reverses), Fail (PERMISSION_DENIED),
-                                   Chat (bidi stream: "echo:" + each message)
+Run with Debian's /usr/bin/python3 (package python3-grpcio).
+
+  server --bind ADDR [--port N]    service mesh.Echo; prints "READY <port>", runs until killed
+      Unary  returns the request bytes reversed
+      Fail   aborts with PERMISSION_DENIED (7), details "denied"
+      Chat   bidi stream: answers each message with b"echo:" + message
   client --target HOST:PORT unary|fail|chat|many [--count K]
-                                   many: K concurrent unary calls on one channel (one connection)
+      unary  prints "unary ok"           fail  prints "fail ok code=7"
+      chat   K messages on one bidi stream, prints "chat ok count=K"
+      many   K concurrent unary calls on one channel (one connection), prints "many ok count=K"
+      Exits non-zero with a message on stderr on any mismatch or error.
 """
 import argparse
 import sys
@@ -13,7 +21,11 @@ from concurrent import futures
 import grpc
 
 SERVICE = "mesh.Echo"
-DEADLINE = 20
+DEADLINE = 20  # seconds, per RPC
+
+
+class Failure(Exception):
+    pass
 
 
 def unary(request, context):
@@ -30,14 +42,16 @@ def chat(requests, context):
 
 
 def serve(args):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    # Enough workers for concurrent calls and bidi streams (each holds a worker while open);
+    # grpc.so_reuseport=0: a port already in use is an error, not silently shared.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=[("grpc.so_reuseport", 0)])
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
         "Chat": grpc.stream_stream_rpc_method_handler(chat),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port(f"{args.bind}:{args.port}")
+    port = server.add_insecure_port(f"{args.bind}:{args.port}")  # raises if it cannot bind
     server.start()
     print(f"READY {port}", flush=True)
     while True:
@@ -45,37 +59,44 @@ def serve(args):
 
 
 def call(args):
-    options = [("grpc.enable_http_proxy", 0)]
+    options = [("grpc.enable_http_proxy", 0)]  # ignore http_proxy/https_proxy env vars
     with grpc.insecure_channel(args.target, options=options) as channel:
         method = lambda kind, name: getattr(channel, kind)(f"/{SERVICE}/{name}")
         if args.call == "unary":
             reply = method("unary_unary", "Unary")(b"hello-mesh", timeout=DEADLINE)
-            assert reply == b"hsem-olleh", reply
+            if reply != b"hsem-olleh":
+                raise Failure(f"unary: unexpected reply {reply!r}")
             print("unary ok")
         elif args.call == "fail":
             try:
-                method("unary_unary", "Fail")(b"x", timeout=DEADLINE)
+                reply = method("unary_unary", "Fail")(b"x", timeout=DEADLINE)
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.PERMISSION_DENIED:
-                    sys.exit(f"fail: unexpected status {error.code()}")
+                    raise Failure(f"fail: expected PERMISSION_DENIED, got {error.code()}: {error.details()}")
                 print(f"fail ok code={error.code().value[0]}")
                 return
-            sys.exit("fail: the call succeeded")
+            raise Failure(f"fail: the call succeeded with {reply!r}")
         elif args.call == "many":
             unary_call = method("unary_unary", "Unary")
             calls = [unary_call.future(f"call-{i}".encode(), timeout=DEADLINE) for i in range(args.count)]
-            for i, call_future in enumerate(calls):
-                assert call_future.result() == f"call-{i}".encode()[::-1]
+            for i, pending in enumerate(calls):
+                reply = pending.result(timeout=DEADLINE + 5)
+                if reply != f"call-{i}".encode()[::-1]:
+                    raise Failure(f"many: call {i} got {reply!r}")
             print(f"many ok count={args.count}")
         else:
             messages = [f"msg-{i}".encode() for i in range(args.count)]
             replies = list(method("stream_stream", "Chat")(iter(messages), timeout=DEADLINE))
-            assert replies == [b"echo:" + m for m in messages], replies[:3]
+            expected = [b"echo:" + m for m in messages]
+            if replies != expected:
+                bad = next((i for i, (a, b) in enumerate(zip(replies, expected)) if a != b), None)
+                raise Failure(f"chat: got {len(replies)} replies for {len(expected)} messages, "
+                              f"first mismatch at index {bad}")
             print(f"chat ok count={args.count}")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="role", required=True)
     server = sub.add_parser("server")
     server.add_argument("--bind", default="127.0.0.1")
@@ -85,7 +106,16 @@ def main():
     client.add_argument("call", choices=["unary", "fail", "chat", "many"])
     client.add_argument("--count", type=int, default=50)
     args = parser.parse_args()
-    serve(args) if args.role == "server" else call(args)
+    if args.role == "server" and args.bind in ("", "0.0.0.0", "::", "[::]"):
+        parser.error("refusing to bind a wildcard address; give a loopback address")
+    try:
+        serve(args) if args.role == "server" else call(args)
+    except Failure as error:
+        sys.exit(f"grpc_peer: FAILED: {error}")
+    except grpc.RpcError as error:
+        sys.exit(f"grpc_peer: FAILED: {args.role} RPC error {error.code()}: {error.details()}")
+    except Exception as error:
+        sys.exit(f"grpc_peer: FAILED: {type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":

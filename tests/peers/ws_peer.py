@@ -1,46 +1,60 @@
-"""WebSocket test peer (python3-websockets, asyncio API).
+#!/usr/bin/python3
+"""WebSocket test peer (Debian python3-websockets 10.x, asyncio API).
 
-  server --bind ADDR --port N      echoes every message
-  client --url ws://HOST:PORT/ --count K
-                                   K text and K ~100 KB binary messages, each echo checked
+Run with Debian's /usr/bin/python3.
+
+  server --bind ADDR [--port N]    echoes every message; prints "READY <port>", runs until killed
+  client --url ws://HOST:PORT/ [--count K]
+      sends K text and K binary (~100 KB, deterministic pattern) messages, checks each echo,
+      prints "ws ok count=K"; exits non-zero with a message on stderr on any mismatch or error
 """
 import argparse
 import asyncio
+import sys
 
 import websockets
 
-TIMEOUT = 20
+TIMEOUT = 20  # seconds, per send/receive/handshake
+MAX_SIZE = 16 * 1024 * 1024
+PATTERN = bytes(range(256)) * 400  # 102,400 bytes
 
 
 async def echo(websocket, path=None):
-    async for message in websocket:
-        await websocket.send(message)
+    try:
+        async for message in websocket:
+            await websocket.send(message)
+    except websockets.ConnectionClosed:
+        pass
 
 
 async def serve(args):
-    # No permessage-deflate: the test counts the bytes that cross the proxy.
-    async with websockets.serve(echo, args.bind, args.port, max_size=None, compression=None) as server:
+    # No permessage-deflate, so the bytes on the wire are the bytes sent.
+    async with websockets.serve(echo, args.bind, args.port, max_size=MAX_SIZE, compression=None) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         print(f"READY {port}", flush=True)
-        await asyncio.Future()
+        await asyncio.Future()  # forever
 
 
 def blob(i):
-    return bytes((i + j * 7) % 256 for j in range(100_000))
+    start = i % 256
+    return PATTERN[start:start + 100_000]
 
 
 async def client(args):
-    async with websockets.connect(args.url, max_size=None, open_timeout=TIMEOUT, compression=None) as ws:
+    async with websockets.connect(args.url, max_size=MAX_SIZE, compression=None,
+                                  open_timeout=TIMEOUT, close_timeout=5) as ws:
         for i in range(args.count):
-            for message in (f"text-{i}", blob(i)):
-                await ws.send(message)
+            for kind, message in (("text", f"text-{i}"), ("binary", blob(i))):
+                await asyncio.wait_for(ws.send(message), TIMEOUT)
                 reply = await asyncio.wait_for(ws.recv(), TIMEOUT)
-                assert reply == message, f"message {i} came back different"
+                if reply != message:
+                    raise AssertionError(f"{kind} message {i} came back different "
+                                         f"({type(reply).__name__}, {len(reply)} long)")
     print(f"ws ok count={args.count}")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="role", required=True)
     server = sub.add_parser("server")
     server.add_argument("--bind", default="127.0.0.1")
@@ -49,7 +63,14 @@ def main():
     cli.add_argument("--url", required=True)
     cli.add_argument("--count", type=int, default=10)
     args = parser.parse_args()
-    asyncio.run(serve(args) if args.role == "server" else client(args))
+    if args.role == "server" and args.bind in ("", "0.0.0.0", "::", "[::]"):
+        parser.error("refusing to bind a wildcard address; give a loopback address")
+    try:
+        asyncio.run(serve(args) if args.role == "server" else client(args))
+    except asyncio.TimeoutError:
+        sys.exit(f"ws_peer: FAILED: timed out (limit {TIMEOUT} s per handshake, send or receive)")
+    except Exception as error:
+        sys.exit(f"ws_peer: FAILED: {type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":
