@@ -19,8 +19,13 @@ pub mod map_names {
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     pub const COUNTERS: &str = "COUNTERS";
+    /// In-kernel forwarding: each proxy socket's peer, keyed by the socket's own cookie.
+    pub const FWD_PEERS: &str = "FWD_PEERS";
+    /// In-kernel forwarding: proxy sockets whose received bytes the verdict program moves.
+    pub const FWD_ACTIVE: &str = "FWD_ACTIVE";
 
-    /// Every map the agent pins, in a stable order.
+    /// Every map the agent pins, in a stable order. The two socket maps are not pinned: they
+    /// hold the agent's own sockets, which die with it.
     pub const ALL: [&str; 7] = [
         CONFIG,
         SKIP_PORTS,
@@ -41,20 +46,28 @@ pub mod program_names {
     pub const GETPEERNAME6: &str = "sockmesh_peer6";
     pub const GETSOCKOPT: &str = "sockmesh_getopt";
     pub const SOCKOPS: &str = "sockmesh_ops";
+    /// Stream verdict on `FWD_ACTIVE`: sends each socket's received bytes out of its peer.
+    pub const FORWARD: &str = "sockmesh_fwd";
 
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 7] = [
         CONNECT4,
         CONNECT6,
         GETPEERNAME4,
         GETPEERNAME6,
         GETSOCKOPT,
         SOCKOPS,
+        FORWARD,
     ];
 }
 
 /// Entries of the two original-destination maps. Both are LRU maps, so a leak (a socket whose
 /// close the kernel never reported to us) can only ever evict the oldest entries.
 pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
+/// Connections the kernel can forward at once (each has two sockets in each socket map).
+/// Beyond this the agent forwards with splice(2) instead.
+pub const MAX_KERNEL_FORWARDED: u32 = 32_768;
+/// Entries of each in-kernel forwarding socket map: two sockets per connection.
+pub const FWD_MAP_ENTRIES: u32 = 2 * MAX_KERNEL_FORWARDED;
 /// Entries of each skip-network LPM trie.
 pub const MAX_SKIP_NETWORKS: u32 = 1_024;
 /// The skip-port bitmap: one bit per TCP port, 64 ports per word.
@@ -166,7 +179,12 @@ mod tests {
 
     #[test]
     fn map_names_fit_the_kernel_limit() {
-        for name in map_names::ALL.iter().chain(program_names::ALL.iter()) {
+        let socket_maps = [map_names::FWD_PEERS, map_names::FWD_ACTIVE];
+        for name in map_names::ALL
+            .iter()
+            .chain(&socket_maps)
+            .chain(program_names::ALL.iter())
+        {
             assert!(name.len() <= 15, "{name}");
         }
     }

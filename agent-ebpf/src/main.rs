@@ -1,20 +1,22 @@
 //! sockmesh kernel programs, attached to one cgroup v2 by the agent.
 //!
 //! One entry point per program; the logic lives in small modules, one per concern:
-//! `redirect` (connect4/6), `tracking` (sockops), `disguise` (getpeername4/6, getsockopt).
-//! Every program returns "allow": sockmesh never makes a socket call fail.
+//! `redirect` (connect4/6), `tracking` (sockops), `disguise` (getpeername4/6, getsockopt),
+//! `forward` (stream verdict: in-kernel forwarding between the proxy's own sockets).
+//! Every hook on application sockets returns "allow": sockmesh never makes a socket call fail.
 #![no_std]
 #![no_main]
 
 mod access;
 mod disguise;
+mod forward;
 mod maps;
 mod redirect;
 mod tracking;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops, stream_verdict},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 
 const ALLOW: i32 = 1;
@@ -53,6 +55,11 @@ pub fn sockmesh_getopt(ctx: SockoptContext) -> i32 {
 pub fn sockmesh_ops(ctx: SockOpsContext) -> u32 {
     tracking::on_sock_op(&ctx);
     ALLOW as u32
+}
+
+#[stream_verdict]
+pub fn sockmesh_fwd(ctx: SkBuffContext) -> u32 {
+    forward::verdict(&ctx)
 }
 
 #[cfg(not(test))]

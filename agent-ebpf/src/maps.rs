@@ -2,16 +2,17 @@
 //! `bpftool map dump` prints named fields. Names, sizes and types come from agent-common.
 
 use agent_common::{
-    ConnTuple, KernelCounters, MAX_SKIP_NETWORKS, MAX_TRACKED_CONNECTIONS, OriginalDst,
-    ProxyConfig, SKIP_PORT_WORDS,
+    ConnTuple, FWD_MAP_ENTRIES, KernelCounters, MAX_SKIP_NETWORKS, MAX_TRACKED_CONNECTIONS,
+    OriginalDst, ProxyConfig, SKIP_PORT_WORDS,
 };
 use aya_ebpf::{
-    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
 
 const TRACKED: usize = MAX_TRACKED_CONNECTIONS as usize;
 const NETWORKS: usize = MAX_SKIP_NETWORKS as usize;
+const FORWARDED_SOCKETS: usize = FWD_MAP_ENTRIES as usize;
 
 /// Slot 0: where to redirect to. Written by the agent before any program is attached.
 #[btf_map]
@@ -37,6 +38,17 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OriginalDst, TRACKED> = LruHashMap::n
 /// the proxy (map lookup or SO_ORIGINAL_DST).
 #[btf_map]
 pub static ORIG_BY_TUPLE: LruHashMap<ConnTuple, OriginalDst, TRACKED> = LruHashMap::new();
+
+/// In-kernel forwarding: under each proxy socket's cookie, the socket its bytes go out of.
+/// Filled by the agent; the kernel removes a socket when it closes.
+#[btf_map]
+pub static FWD_PEERS: SockHash<u64, FORWARDED_SOCKETS> = SockHash::new();
+
+/// In-kernel forwarding: the proxy sockets whose received bytes `sockmesh_fwd` forwards
+/// (membership is what matters; the agent keys them by cookie). Joined only after both sockets
+/// of a connection are in `FWD_PEERS`, so a forwarded byte always has somewhere to go.
+#[btf_map]
+pub static FWD_ACTIVE: SockHash<u64, FORWARDED_SOCKETS> = SockHash::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<KernelCounters, 1> = PerCpuArray::new();

@@ -3,14 +3,17 @@
 //! anything decidable, the protocol is server-first and the connection is opaque at once (no
 //! waiting for a detection timeout). Bytes read from the client are kept and replayed.
 
-use std::time::{Duration, Instant};
+use std::{
+    io,
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
 
-use bytes::{BufMut, BytesMut};
-use tokio::net::TcpStream;
+use tokio::{io::Interest, net::TcpStream};
 
 use crate::detect::{self, Detection};
 
-/// Most client bytes read while detecting. Large enough for a whole TLS ClientHello (post-
+/// Most client bytes peeked at while detecting. Large enough for a whole TLS ClientHello (post-
 /// quantum key shares push them past 1 KiB) and any sane HTTP/1 request line.
 pub const MAX_DETECT_BYTES: usize = 16 * 1024 + 5;
 const INITIAL_BUFFER: usize = 1024;
@@ -57,14 +60,14 @@ impl Protocol {
     }
 }
 
-/// The decision, plus the client bytes consumed to make it (to be sent on first).
+/// The decision. Detection only peeks: every byte is still queued on both sockets for
+/// whoever forwards them (hyper, splice or the kernel), so no forwarder needs a replay.
 pub struct Classified {
     pub protocol: Protocol,
-    pub prefix: BytesMut,
     pub elapsed: Duration,
 }
 
-/// Reads the client until its protocol is known, the server speaks, or `timeout` passes.
+/// Peeks at the client until its protocol is known, the server speaks, or `timeout` passes.
 /// `server` is None when there is no upstream (its connect failed): then only the client counts.
 pub async fn classify(
     client: &TcpStream,
@@ -73,8 +76,8 @@ pub async fn classify(
 ) -> Classified {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
-    // Allocated on the first read: a silent connection holds no buffer.
-    let mut prefix = BytesMut::new();
+    // Allocated on the first peek: a silent connection holds no buffer.
+    let mut peeked = Peeked::default();
     let mut watched_server = server;
     let protocol = loop {
         tokio::select! {
@@ -91,27 +94,31 @@ pub async fn classify(
                 if readable.is_err() {
                     break Protocol::Opaque(OpaqueReason::Error);
                 }
-                match read_more(client, &mut prefix) {
-                    Ok(ReadOutcome::WouldBlock) => continue,
-                    Ok(ReadOutcome::Eof) => break decided(detect::undecided(&prefix)),
+                match peeked.peek_more(client) {
+                    Ok(PeekOutcome::NothingNew) => continue,
+                    Ok(PeekOutcome::Eof) => break decided(detect::undecided(peeked.bytes())),
                     Err(_) => break Protocol::Opaque(OpaqueReason::Error),
-                    Ok(ReadOutcome::Read) => {}
+                    Ok(PeekOutcome::More) => {}
                 }
-                match detect::detect(&prefix) {
-                    Detection::NeedMore if prefix.len() < MAX_DETECT_BYTES => continue,
-                    Detection::NeedMore => break decided(detect::undecided(&prefix)),
+                match detect::detect(peeked.bytes()) {
+                    Detection::NeedMore if peeked.len < MAX_DETECT_BYTES => continue,
+                    Detection::NeedMore => break decided(detect::undecided(peeked.bytes())),
                     decision => break decided(decision),
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => break match detect::undecided(&prefix) {
+            _ = tokio::time::sleep_until(deadline) => break match detect::undecided(peeked.bytes()) {
                 Detection::Tls { sni } => Protocol::Tls { sni },
                 _ => Protocol::Opaque(OpaqueReason::Timeout),
             },
         }
     };
+    // Waiting for more bytes raised the client's low-water mark; whoever reads next expects
+    // the default.
+    if peeked.len > 0 {
+        let _ = set_rcvlowat(client, 1);
+    }
     Classified {
         protocol,
-        prefix,
         elapsed: started.elapsed(),
     }
 }
@@ -149,19 +156,106 @@ async fn sent_http2_preface(server: Option<&TcpStream>) -> bool {
     }
 }
 
-enum ReadOutcome {
-    Read,
-    WouldBlock,
+enum PeekOutcome {
+    /// More bytes than last time.
+    More,
+    /// Nothing new yet; readiness now waits for more than what was seen.
+    NothingNew,
+    /// The client closed its side; `bytes()` is all it will ever send.
     Eof,
 }
 
-fn read_more(client: &TcpStream, prefix: &mut BytesMut) -> std::io::Result<ReadOutcome> {
-    let room = MAX_DETECT_BYTES - prefix.len();
-    prefix.reserve(room.min(INITIAL_BUFFER));
-    match client.try_read_buf(&mut prefix.limit(room)) {
-        Ok(0) => Ok(ReadOutcome::Eof),
-        Ok(_) => Ok(ReadOutcome::Read),
-        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => Ok(ReadOutcome::WouldBlock),
-        Err(error) => Err(error),
+/// The client's first bytes, as last peeked.
+#[derive(Default)]
+struct Peeked {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Peeked {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
+
+    /// Peeks at everything queued (up to MAX_DETECT_BYTES). A peek never drains the socket, so
+    /// "nothing new" must make readiness wait for more: the low-water mark goes just above
+    /// what was seen, and the readiness that woke us is cleared inside the same `try_io`, so a
+    /// byte arriving meanwhile still wakes us.
+    fn peek_more(&mut self, client: &TcpStream) -> io::Result<PeekOutcome> {
+        let outcome = client.try_io(Interest::READABLE, || {
+            loop {
+                let want = (self.len + INITIAL_BUFFER).min(MAX_DETECT_BYTES);
+                if self.buf.len() < want {
+                    self.buf.resize(want, 0);
+                }
+                let seen = peek(client, &mut self.buf)?;
+                if seen > self.len {
+                    self.len = seen;
+                    // A full buffer may hide more: look again with a larger one.
+                    if seen == self.buf.len() && seen < MAX_DETECT_BYTES {
+                        continue;
+                    }
+                    return Ok(PeekOutcome::More);
+                }
+                if peer_closed(client) {
+                    return Ok(PeekOutcome::Eof);
+                }
+                let low_water = libc::c_int::try_from(self.len + 1).unwrap_or(libc::c_int::MAX);
+                set_rcvlowat(client, low_water)?;
+                // Recheck: a byte may have arrived before the mark went up.
+                if peek(client, &mut self.buf)? > self.len {
+                    continue;
+                }
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+        });
+        match outcome {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(PeekOutcome::NothingNew),
+            other => other,
+        }
+    }
+}
+
+/// One non-blocking recv(MSG_PEEK).
+fn peek(client: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of its length; the descriptor is open.
+    let n = unsafe {
+        libc::recv(
+            client.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// The client has sent its FIN (or the connection is gone).
+fn peer_closed(client: &TcpStream) -> bool {
+    let mut poll = libc::pollfd {
+        fd: client.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// SO_RCVLOWAT: how many bytes must be queued before the socket counts as readable.
+pub fn set_rcvlowat(socket: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: bytes is a valid c_int of the given size; the descriptor is open.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

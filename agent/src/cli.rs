@@ -153,8 +153,14 @@ pub struct RunArgs {
     #[arg(long, env = "SOCKMESH_CONNECT_TIMEOUT", default_value = "10s",
           value_parser = parse_duration)]
     pub connect_timeout: Duration,
-    /// How opaque connections move bytes: splice (zero-copy) or userspace (for comparison).
-    #[arg(long, env = "SOCKMESH_COPY_MODE", value_enum, default_value = "splice")]
+    /// How opaque connections move bytes: sockmap (in the kernel, no wake-ups per message),
+    /// splice (zero-copy through pipes) or userspace (read/write, for comparison).
+    #[arg(
+        long,
+        env = "SOCKMESH_COPY_MODE",
+        value_enum,
+        default_value = "sockmap"
+    )]
     pub copy_mode: CopyMode,
     /// Let POST /shutdown on the admin server (from loopback only) stop the agent.
     #[arg(long, env = "SOCKMESH_ENABLE_SHUTDOWN_ENDPOINT")]

@@ -210,6 +210,9 @@ pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
 /// How opaque connections move their bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum CopyMode {
+    /// In the kernel (sockmap stream verdict): the agent is not woken per message. Falls
+    /// back to splice for a connection the socket maps cannot take.
+    Sockmap,
     /// splice(2) through pooled pipes: bytes never enter user space.
     Splice,
     /// read/write through user-space buffers (for comparison).

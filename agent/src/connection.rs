@@ -7,8 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::BytesMut;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -18,13 +17,14 @@ use crate::{
     forward::{
         ByteCounters,
         http::{self, ConnInfo, HttpProxy, Version},
+        kernel::{Handoff, KernelForwarder},
         opaque::{self, Outcome},
         pipe::PipePool,
     },
     intercept::OriginalDstMap,
     metrics::{
-        ConnectErrorLabels, DetectLabels, Direction, LookupLabels, Metrics, TcpCloseLabels,
-        TcpLabels, TlsLabels, errno_name,
+        ConnectErrorLabels, DetectLabels, Direction, LookupLabels, Metrics, OpaqueModeLabels,
+        TcpCloseLabels, TcpLabels, TlsLabels, errno_name,
     },
     original_dst,
     tap::{Tap, TapEvent, now_ms},
@@ -42,6 +42,8 @@ pub struct Proxy {
     pub tap: Arc<Tap>,
     original_dsts: OriginalDstMap,
     pipes: PipePool,
+    /// In-kernel forwarding of opaque connections (`--copy-mode sockmap`, when available).
+    kernel: Option<Arc<KernelForwarder>>,
     http: Arc<HttpProxy>,
     opaque_ports: PortSet,
     detect_timeout: Duration,
@@ -54,6 +56,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         tap: Arc<Tap>,
         original_dsts: OriginalDstMap,
+        kernel: Option<Arc<KernelForwarder>>,
         config: &Config,
         draining: CancellationToken,
     ) -> Self {
@@ -73,6 +76,7 @@ impl Proxy {
             tap,
             original_dsts,
             pipes: PipePool::new(MAX_IDLE_PIPES),
+            kernel,
             http: Arc::new(http),
             opaque_ports: config.opaque_ports.clone(),
             detect_timeout: config.detect_timeout,
@@ -177,7 +181,6 @@ async fn forward(
     let classified = if proxy.opaque_ports.contains(labels.target_port) {
         Classified {
             protocol: Protocol::Opaque(OpaqueReason::OpaquePort),
-            prefix: BytesMut::new(),
             elapsed: Duration::ZERO,
         }
     } else {
@@ -186,13 +189,12 @@ async fn forward(
     proxy.record_detection(&classified, labels);
     let protocol = classified.protocol.result_label();
     let Some(version) = http_version(&classified.protocol) else {
-        let errno = forward_opaque(client, server, &classified.prefix, &counters, proxy).await;
+        let errno = forward_opaque(client, server, &counters, proxy).await;
         return Ended { protocol, errno };
     };
     let _ = client.set_nodelay(true);
-    let prefix = classified.prefix.freeze();
     let http = Arc::clone(&proxy.http);
-    let errno = match http::forward(client, prefix, server, conn, counters, version, http).await {
+    let errno = match http::forward(client, server, conn, counters, version, http).await {
         Ok(()) => "",
         Err(error) => {
             tracing::debug!(%error, "http connection ended with an error");
@@ -211,28 +213,15 @@ fn http_version(protocol: &Protocol) -> Option<Version> {
     }
 }
 
-/// Sends the bytes detection read, then splices both ways.
+/// Forwards raw bytes both ways, from the first (detection only peeked).
 async fn forward_opaque(
     client: TcpStream,
-    mut server: TcpStream,
-    prefix: &[u8],
+    server: TcpStream,
     counters: &ByteCounters,
     proxy: &Proxy,
 ) -> &'static str {
     let _ = client.set_nodelay(true);
-    if !prefix.is_empty() {
-        if let Err(error) = server.write_all(prefix).await {
-            opaque::reset(&client);
-            return errno_name(&error);
-        }
-        counters.client_to_server(prefix.len() as u64);
-    }
-    let outcome = match proxy.copy_mode {
-        CopyMode::Splice => {
-            opaque::splice_bidirectional(client, server, &proxy.pipes, counters).await
-        }
-        CopyMode::Userspace => opaque::copy_bidirectional(client, server, counters).await,
-    };
+    let outcome = forward_bytes(client, server, counters, proxy).await;
     match outcome {
         Outcome::Closed => "",
         Outcome::Reset(failure) => {
@@ -240,6 +229,32 @@ async fn forward_opaque(
             errno_name(&failure.error)
         }
     }
+}
+
+/// Moves the bytes of an opaque connection: in the kernel when it can take the connection,
+/// otherwise with splice (or the user-space copy, when configured).
+async fn forward_bytes(
+    client: TcpStream,
+    server: TcpStream,
+    counters: &ByteCounters,
+    proxy: &Proxy,
+) -> Outcome {
+    let (client, server) = match (&proxy.kernel, proxy.copy_mode) {
+        (Some(kernel), CopyMode::Sockmap) => match kernel.forward(client, server, counters).await {
+            Handoff::Forwarded(outcome) => {
+                proxy.count_opaque_mode("sockmap");
+                return outcome;
+            }
+            Handoff::Declined(client, server) => (client, server),
+        },
+        _ => (client, server),
+    };
+    if proxy.copy_mode == CopyMode::Userspace {
+        proxy.count_opaque_mode("userspace");
+        return opaque::copy_bidirectional(client, server, counters).await;
+    }
+    proxy.count_opaque_mode("splice");
+    opaque::splice_bidirectional(client, server, &proxy.pipes, counters).await
 }
 
 /// The upstream is unreachable. An HTTP client gets 502 on each request; anything else (and
@@ -263,15 +278,21 @@ async fn answer_unreachable(
         opaque::reset(&client);
         return protocol;
     };
-    let prefix = classified.prefix.freeze();
     let http = Arc::clone(&proxy.http);
-    if let Err(error) = http::serve_unavailable(client, prefix, version, conn, http).await {
+    if let Err(error) = http::serve_unavailable(client, version, conn, http).await {
         tracing::debug!(%error, "http connection to an unreachable upstream ended with an error");
     }
     protocol
 }
 
 impl Proxy {
+    fn count_opaque_mode(&self, mode: &'static str) {
+        self.metrics
+            .opaque_connections_total
+            .get_or_create(&OpaqueModeLabels { mode })
+            .inc();
+    }
+
     fn record_detection(&self, classified: &Classified, tcp: &TcpLabels) {
         let labels = DetectLabels {
             direction: tcp.direction,

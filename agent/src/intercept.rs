@@ -17,8 +17,8 @@ use agent_common::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkSkb, SockOps},
 };
 use ipnetwork::IpNetwork;
 
@@ -36,6 +36,9 @@ pub struct Intercept {
     ebpf: Ebpf,
     /// Attached links; dropping one detaches its program.
     links: Vec<Box<dyn Send + Sync>>,
+    /// The forwarding verdict's attachment to FWD_ACTIVE. Kept until the agent exits, not
+    /// dropped with the cgroup links: connections already handed to the kernel need it.
+    forward_link: Option<Box<dyn Send + Sync>>,
     pin_dir: PathBuf,
 }
 
@@ -61,6 +64,7 @@ impl Intercept {
         let mut intercept = Self {
             ebpf,
             links: Vec::new(),
+            forward_link: None,
             pin_dir: config.pin_dir.clone(),
         };
         intercept.pin_maps()?;
@@ -158,6 +162,30 @@ impl Intercept {
         self.typed_map(map_names::COUNTERS).map(KernelCounterMap)
     }
 
+    /// Sets up in-kernel forwarding: attaches the `sockmesh_fwd` verdict to FWD_ACTIVE and
+    /// hands out both socket maps (FWD_PEERS, FWD_ACTIVE). An error means this kernel cannot
+    /// forward this way.
+    pub fn kernel_forwarding(
+        &mut self,
+    ) -> Result<(SockHash<MapData, u64>, SockHash<MapData, u64>)> {
+        let take = |ebpf: &mut Ebpf, name: &str| -> Result<SockHash<MapData, u64>> {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing"))?;
+            SockHash::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+        };
+        let peers = take(&mut self.ebpf, map_names::FWD_PEERS)?;
+        let active = take(&mut self.ebpf, map_names::FWD_ACTIVE)?;
+        let name = program_names::FORWARD;
+        let program: &mut SkSkb = program_named(&mut self.ebpf, name)?.try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        let id = program
+            .attach(active.fd())
+            .with_context(|| format!("attaching {name} to {}", map_names::FWD_ACTIVE))?;
+        self.forward_link = Some(Box::new(program.take_link(id)?));
+        Ok((peers, active))
+    }
+
     /// Loads and attaches every program to `cgroup`. From here on, connects in the cgroup are
     /// redirected, so the listeners must already be up.
     pub fn attach(&mut self, cgroup: &Path) -> Result<()> {
@@ -211,6 +239,7 @@ impl Intercept {
 impl Drop for Intercept {
     fn drop(&mut self) {
         self.links.clear();
+        self.forward_link = None;
         for name in map_names::ALL {
             let _ = fs::remove_file(self.pin_dir.join(name));
         }

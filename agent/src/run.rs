@@ -16,7 +16,9 @@ use crate::{
     admin::{self, AdminState},
     cgroup,
     cli::RunArgs,
+    config::{Config, CopyMode},
     connection::Proxy,
+    forward::kernel::KernelForwarder,
     intercept::Intercept,
     metrics::Metrics,
     tap::Tap,
@@ -38,16 +40,18 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     runtime.block_on(serve(config))
 }
 
-async fn serve(config: crate::config::Config) -> Result<()> {
+async fn serve(config: Config) -> Result<()> {
     let mut intercept = Intercept::load(&config)?;
     let metrics = Arc::new(Metrics::new(Arc::new(intercept.kernel_counter_map()?)));
     let tap = Arc::new(Tap::default());
+    let kernel = kernel_forwarder(&config, &mut intercept, &metrics);
     // Cancelled at shutdown: listeners stop accepting, HTTP keep-alive connections wind down.
     let proxy_shutdown = CancellationToken::new();
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&metrics),
         Arc::clone(&tap),
         intercept.original_dst_map()?,
+        kernel,
         &config,
         proxy_shutdown.clone(),
     ));
@@ -100,6 +104,40 @@ async fn serve(config: crate::config::Config) -> Result<()> {
     drop(intercept);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// In-kernel forwarding for `--copy-mode sockmap`, or None (splice instead) when this kernel
+/// cannot do it.
+fn kernel_forwarder(
+    config: &Config,
+    intercept: &mut Intercept,
+    metrics: &Arc<Metrics>,
+) -> Option<Arc<KernelForwarder>> {
+    if config.copy_mode != CopyMode::Sockmap {
+        return None;
+    }
+    let forwarder = intercept.kernel_forwarding().and_then(|(peers, active)| {
+        KernelForwarder::new(peers, active).context("starting the socket watcher")
+    });
+    match forwarder {
+        Ok(forwarder) => {
+            let forwarder = Arc::new(forwarder);
+            let weak = Arc::downgrade(&forwarder);
+            metrics.refresh_before_render(Box::new(move || {
+                if let Some(forwarder) = weak.upgrade() {
+                    forwarder.sync_counters();
+                }
+            }));
+            Some(forwarder)
+        }
+        Err(error) => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "in-kernel forwarding is unavailable; opaque connections use splice"
+            );
+            None
+        }
+    }
 }
 
 /// Waits for SIGTERM, SIGINT or POST /shutdown.

@@ -1,8 +1,10 @@
 //! Forwarding: moving bytes between the client and its original destination.
-//! `opaque` splices raw TCP through pooled pipes; `http` proxies requests with hyper.
+//! `kernel` hands opaque connections to the kernel (sockmap); `opaque` splices raw TCP through
+//! pooled pipes (and copies, for comparison); `http` proxies requests with hyper.
 
 pub mod http;
 pub mod io;
+pub mod kernel;
 pub mod opaque;
 pub mod pipe;
 

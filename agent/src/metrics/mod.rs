@@ -9,7 +9,7 @@ mod process;
 use std::{
     collections::HashSet,
     fmt,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use prometheus_client::{
@@ -119,6 +119,12 @@ pub struct DetectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpaqueModeLabels {
+    /// sockmap, splice or userspace
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsLabels {
     pub direction: Direction,
     pub target_port: u16,
@@ -141,8 +147,11 @@ pub struct Metrics {
     pub detect_total: Family<DetectLabels, Counter>,
     pub detect_duration_seconds: Family<DetectLabels, Histogram>,
     pub tls_connections_total: Family<TlsLabels, Counter>,
+    pub opaque_connections_total: Family<OpaqueModeLabels, Counter>,
     pub http: HttpMetrics,
     snis: BoundedLabel,
+    /// Brings counters kept elsewhere (the kernel's) up to date before each render.
+    before_render: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Metrics {
@@ -161,9 +170,11 @@ impl Metrics {
                 Histogram::new(DETECT_BUCKETS_S)
             }),
             tls_connections_total: Family::default(),
+            opaque_connections_total: Family::default(),
             http: HttpMetrics::register(&mut registry),
             snis: BoundedLabel::new(MAX_SNIS),
             registry: Registry::default(),
+            before_render: OnceLock::new(),
         };
         registry.register(
             "tcp_open",
@@ -215,6 +226,11 @@ impl Metrics {
             "Connections detected as TLS (forwarded opaquely), by server name",
             metrics.tls_connections_total.clone(),
         );
+        registry.register(
+            "sockmesh_opaque_connections",
+            "Opaque connections by how their bytes were forwarded (sockmap, splice, userspace)",
+            metrics.opaque_connections_total.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector(kernel)));
         registry.register_collector(Box::new(process::ProcessCollector));
         Self {
@@ -228,8 +244,16 @@ impl Metrics {
         sni.map(|name| self.snis.label(name)).unwrap_or_default()
     }
 
+    /// Runs `refresh` before every render (set once; later calls are ignored).
+    pub fn refresh_before_render(&self, refresh: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.before_render.set(refresh);
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> Result<String, fmt::Error> {
+        if let Some(refresh) = self.before_render.get() {
+            refresh();
+        }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)

@@ -15,7 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode,
     body::Incoming,
@@ -31,7 +30,7 @@ use self::{
     observe::{ProxyBody, RequestSummary, ResponseRecord},
     upstream::Upstream,
 };
-use super::{ByteCounters, io::Rewind};
+use super::ByteCounters;
 use crate::{
     connect::Dialer,
     metrics::{
@@ -41,7 +40,7 @@ use crate::{
     tap::Tap,
 };
 
-type ClientIo = TokioIo<Rewind<TcpStream>>;
+type ClientIo = TokioIo<TcpStream>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
@@ -82,11 +81,9 @@ pub struct ConnInfo {
     pub dst: SocketAddr,
 }
 
-/// Proxies HTTP between `client` (whose first bytes are `prefix`) and `server`, the connection
-/// to the original destination.
+/// Proxies HTTP between `client` and `server`, the connection to the original destination.
 pub async fn forward(
     client: TcpStream,
-    prefix: Bytes,
     server: TcpStream,
     conn: ConnInfo,
     counters: ByteCounters,
@@ -96,37 +93,27 @@ pub async fn forward(
     let upstream = Upstream::new(conn.dst, version, proxy.dialer, counters)
         .with_connection(server)
         .await?;
-    serve(
-        client,
-        prefix,
-        version,
-        conn,
-        Some(Arc::new(upstream)),
-        proxy,
-    )
-    .await
+    serve(client, version, conn, Some(Arc::new(upstream)), proxy).await
 }
 
 /// Serves an HTTP client whose upstream could not be reached: each request gets 502.
 pub async fn serve_unavailable(
     client: TcpStream,
-    prefix: Bytes,
     version: Version,
     conn: ConnInfo,
     proxy: Arc<HttpProxy>,
 ) -> Result<(), hyper::Error> {
-    serve(client, prefix, version, conn, None, proxy).await
+    serve(client, version, conn, None, proxy).await
 }
 
 async fn serve(
     client: TcpStream,
-    prefix: Bytes,
     version: Version,
     conn: ConnInfo,
     upstream: Option<Arc<Upstream>>,
     proxy: Arc<HttpProxy>,
 ) -> Result<(), hyper::Error> {
-    let client_io: ClientIo = TokioIo::new(Rewind::new(prefix, client));
+    let client_io: ClientIo = TokioIo::new(client);
     let service_proxy = Arc::clone(&proxy);
     let service = service_fn(move |request| {
         let (upstream, proxy) = (upstream.clone(), Arc::clone(&service_proxy));
