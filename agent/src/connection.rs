@@ -18,7 +18,7 @@ use crate::{
         ByteCounters,
         http::{self, ConnInfo, HttpProxy, Version},
         kernel::{Handoff, KernelForwarder},
-        opaque::{self, Outcome},
+        opaque::{self, ChattyGate, Outcome, Spliced},
         pipe::PipePool,
     },
     intercept::OriginalDstMap,
@@ -231,30 +231,44 @@ async fn forward_opaque(
     }
 }
 
-/// Moves the bytes of an opaque connection: in the kernel when it can take the connection,
-/// otherwise with splice (or the user-space copy, when configured).
+/// Moves the bytes of an opaque connection. With `--copy-mode sockmap` it starts spliced and
+/// is handed to the kernel once it turns out chatty (if the kernel takes it); bulk streams and
+/// short connections stay spliced.
 async fn forward_bytes(
     client: TcpStream,
     server: TcpStream,
     counters: &ByteCounters,
     proxy: &Proxy,
 ) -> Outcome {
-    let (client, server) = match (&proxy.kernel, proxy.copy_mode) {
-        (Some(kernel), CopyMode::Sockmap) => match kernel.forward(client, server, counters).await {
-            Handoff::Forwarded(outcome) => {
-                proxy.count_opaque_mode("sockmap");
-                return outcome;
-            }
-            Handoff::Declined(client, server) => (client, server),
-        },
-        _ => (client, server),
-    };
     if proxy.copy_mode == CopyMode::Userspace {
         proxy.count_opaque_mode("userspace");
         return opaque::copy_bidirectional(client, server, counters).await;
     }
-    proxy.count_opaque_mode("splice");
-    opaque::splice_bidirectional(client, server, &proxy.pipes, counters).await
+    let Some(kernel) = &proxy.kernel else {
+        proxy.count_opaque_mode("splice");
+        return opaque::splice_to_end(client, server, &proxy.pipes, counters).await;
+    };
+    let gate = ChattyGate::new();
+    let (client, server) =
+        match opaque::splice_bidirectional(client, server, &proxy.pipes, counters, Some(&gate))
+            .await
+        {
+            Spliced::Done(outcome) => {
+                proxy.count_opaque_mode("splice");
+                return outcome;
+            }
+            Spliced::Chatty(client, server) => (client, server),
+        };
+    match kernel.forward(client, server, counters).await {
+        Handoff::Forwarded(outcome) => {
+            proxy.count_opaque_mode("sockmap");
+            outcome
+        }
+        Handoff::Declined(client, server) => {
+            proxy.count_opaque_mode("splice");
+            opaque::splice_to_end(client, server, &proxy.pipes, counters).await
+        }
+    }
 }
 
 /// The upstream is unreachable. An HTTP client gets 502 on each request; anything else (and

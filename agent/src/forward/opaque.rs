@@ -1,17 +1,20 @@
 //! Opaque TCP forwarding with splice(2): bytes go socket -> pipe -> socket without being copied
 //! into user space. Each direction is a pump; one side's EOF becomes shutdown(SHUT_WR) on the
-//! other (half-close), and an error on either side resets both connections.
+//! other (half-close), and an error on either side resets both connections. A connection that
+//! turns out chatty stops between messages, to be handed to the kernel (`forward::kernel`).
 
 use std::{
     io,
     net::Shutdown,
     os::fd::{AsRawFd, RawFd},
     ptr,
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
     time::Duration,
 };
 
 use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use super::{
     ByteCounters,
@@ -42,32 +45,118 @@ impl Failure {
     }
 }
 
+/// How splicing ended.
+pub enum Spliced {
+    /// Both directions reached EOF, or one failed.
+    Done(Outcome),
+    /// The connection turned out chatty (see [`ChattyGate`]) and both pumps stopped between
+    /// messages: no pipe holds bytes and everything not yet moved is still queued on the
+    /// sockets, in order. It can be handed to the kernel.
+    Chatty(TcpStream, TcpStream),
+}
+
+/// Watches a spliced connection's messages for the sign that in-kernel forwarding pays off:
+/// a run of small messages (request/response traffic), where a proxy's cost is the wake-ups
+/// per message rather than the bytes. Bulk streams, whose chunks fill a pipe, stay spliced
+/// (splice moves them best), and so do short connections (the hand-off costs a few syscalls).
+pub struct ChattyGate {
+    small_in_a_row: AtomicU32,
+    tripped: CancellationToken,
+    disabled: AtomicBool,
+}
+
+/// A message below this many bytes counts as small.
+const SMALL_MESSAGE: usize = 16 * 1024;
+/// Small messages in a row (both directions together) that make a connection chatty.
+const CHATTY_AFTER: u32 = 8;
+
+impl ChattyGate {
+    pub fn new() -> Self {
+        Self {
+            small_in_a_row: AtomicU32::new(0),
+            tripped: CancellationToken::new(),
+            disabled: AtomicBool::new(false),
+        }
+    }
+
+    /// A pump moved one chunk of `bytes`.
+    fn observe(&self, bytes: usize) {
+        if bytes >= SMALL_MESSAGE {
+            self.small_in_a_row.store(0, Ordering::Relaxed);
+            return;
+        }
+        let small = self.small_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if small >= CHATTY_AFTER && !self.disabled.load(Ordering::Relaxed) {
+            self.tripped.cancel();
+        }
+    }
+
+    /// From now on the connection is never handed off (one direction is already closed).
+    fn disable(&self) {
+        self.disabled.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Forwards `client` <-> `server` until both directions are done or one fails.
-pub async fn splice_bidirectional(
+pub async fn splice_to_end(
     client: TcpStream,
     server: TcpStream,
     pipes: &PipePool,
     on_bytes: &ByteCounters,
 ) -> Outcome {
-    let upload = pump(Side::client(&client), Side::server(&server), pipes, |n| {
-        on_bytes.client_to_server(n)
-    });
-    let download = pump(Side::server(&server), Side::client(&client), pipes, |n| {
-        on_bytes.server_to_client(n)
-    });
-    tokio::pin!(upload, download);
-    let (mut upload_done, mut download_done) = (false, false);
-    while !(upload_done && download_done) {
+    match splice_bidirectional(client, server, pipes, on_bytes, None).await {
+        Spliced::Done(outcome) => outcome,
+        // Pumps stop early only for a gate; there is none.
+        Spliced::Chatty(client, server) => {
+            reset(&client);
+            reset(&server);
+            Outcome::Reset(Failure {
+                step: "splicing",
+                error: io::Error::other("splicing stopped without a gate"),
+            })
+        }
+    }
+}
+
+/// Forwards `client` <-> `server` until both directions are done or one fails, or, with a
+/// `chatty` gate, until the connection turns out chatty.
+pub async fn splice_bidirectional(
+    client: TcpStream,
+    server: TcpStream,
+    pipes: &PipePool,
+    on_bytes: &ByteCounters,
+    chatty: Option<&ChattyGate>,
+) -> Spliced {
+    let pump_up = |gate| {
+        pump(
+            Side::client(&client),
+            Side::server(&server),
+            pipes,
+            gate,
+            |n| on_bytes.client_to_server(n),
+        )
+    };
+    let pump_down = |gate| {
+        pump(
+            Side::server(&server),
+            Side::client(&client),
+            pipes,
+            gate,
+            |n| on_bytes.server_to_client(n),
+        )
+    };
+    let mut upload = Box::pin(pump_up(chatty));
+    let mut download = Box::pin(pump_down(chatty));
+    let (mut up, mut down) = (PumpState::Running, PumpState::Running);
+    loop {
         let result = tokio::select! {
-            result = &mut upload, if !upload_done => {
-                upload_done = true;
-                result.and_then(|()| {
+            result = &mut upload, if up == PumpState::Running => {
+                step(result, &mut up, chatty, || {
                     SockRef::from(&server).shutdown(Shutdown::Write).map_err(Failure::tag("shutting down server"))
                 })
             }
-            result = &mut download, if !download_done => {
-                download_done = true;
-                result.and_then(|()| {
+            result = &mut download, if down == PumpState::Running => {
+                step(result, &mut down, chatty, || {
                     SockRef::from(&client).shutdown(Shutdown::Write).map_err(Failure::tag("shutting down client"))
                 })
             }
@@ -75,10 +164,57 @@ pub async fn splice_bidirectional(
         if let Err(failure) = result {
             reset(&client);
             reset(&server);
-            return Outcome::Reset(failure);
+            return Spliced::Done(Outcome::Reset(failure));
+        }
+        match (up, down) {
+            (PumpState::Stopped, PumpState::Stopped) => {
+                drop((upload, download));
+                return Spliced::Chatty(client, server);
+            }
+            // The gate tripped as the other direction closed: carry on splicing.
+            (PumpState::Stopped, PumpState::Done) => {
+                upload = Box::pin(pump_up(None));
+                up = PumpState::Running;
+            }
+            (PumpState::Done, PumpState::Stopped) => {
+                download = Box::pin(pump_down(None));
+                down = PumpState::Running;
+            }
+            (PumpState::Done, PumpState::Done) => return Spliced::Done(Outcome::Closed),
+            _ => {}
         }
     }
-    Outcome::Closed
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PumpState {
+    Running,
+    /// Stopped between messages for a hand-off.
+    Stopped,
+    /// EOF passed on.
+    Done,
+}
+
+/// Applies one pump's result: EOF is passed on with `close` (and rules out a hand-off).
+fn step(
+    result: Result<PumpEnd, Failure>,
+    state: &mut PumpState,
+    chatty: Option<&ChattyGate>,
+    close: impl FnOnce() -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    match result? {
+        PumpEnd::Eof => {
+            *state = PumpState::Done;
+            if let Some(gate) = chatty {
+                gate.disable();
+            }
+            close()
+        }
+        PumpEnd::Stopped => {
+            *state = PumpState::Stopped;
+            Ok(())
+        }
+    }
 }
 
 /// The same forwarding through user-space buffers (`--copy-mode userspace`): what splice saves
@@ -134,18 +270,34 @@ impl<'a> Side<'a> {
     }
 }
 
-/// Moves bytes from `src` to `dst` until EOF on `src`.
+enum PumpEnd {
+    Eof,
+    /// The chatty gate tripped; stopped with nothing in flight.
+    Stopped,
+}
+
+/// Moves bytes from `src` to `dst` until EOF on `src`, or until `chatty` trips (checked only
+/// while waiting for bytes, so a pump never stops with bytes in a pipe).
 async fn pump(
     src: Side<'_>,
     dst: Side<'_>,
     pipes: &PipePool,
+    chatty: Option<&ChattyGate>,
     on_bytes: impl Fn(u64),
-) -> Result<(), Failure> {
+) -> Result<PumpEnd, Failure> {
+    let tripped = async {
+        match chatty {
+            Some(gate) => gate.tripped.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(tripped);
     loop {
-        src.stream
-            .readable()
-            .await
-            .map_err(Failure::tag(src.reading))?;
+        tokio::select! {
+            biased;
+            () = &mut tripped => return Ok(PumpEnd::Stopped),
+            readable = src.stream.readable() => readable.map_err(Failure::tag(src.reading))?,
+        }
         // Borrow a pipe only now that there is something to move.
         let pipe = pipes.take().map_err(Failure::tag("allocating a pipe"))?;
         let filled = src.stream.try_io(Interest::READABLE, || {
@@ -154,13 +306,16 @@ async fn pump(
         match filled {
             Ok(0) => {
                 pipes.put(pipe);
-                return Ok(());
+                return Ok(PumpEnd::Eof);
             }
             Ok(filled) => {
                 drain(&pipe, filled, dst.stream, &on_bytes)
                     .await
                     .map_err(Failure::tag(dst.writing))?;
                 pipes.put(pipe);
+                if let Some(gate) = chatty {
+                    gate.observe(filled);
+                }
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => pipes.put(pipe),
             // The pipe is empty: nothing was spliced into it.
