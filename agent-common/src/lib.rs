@@ -24,9 +24,8 @@ pub mod map_names {
     /// In-kernel forwarding: proxy sockets whose received bytes the verdict program moves.
     pub const FWD_ACTIVE: &str = "FWD_ACTIVE";
 
-    /// Every map the agent pins, in a stable order. The two socket maps are not pinned: they
-    /// hold the agent's own sockets, which die with it.
-    pub const ALL: [&str; 7] = [
+    /// Every map the agent pins, in a stable order.
+    pub const ALL: [&str; 9] = [
         CONFIG,
         SKIP_PORTS,
         SKIP_NETS_V4,
@@ -34,6 +33,8 @@ pub mod map_names {
         ORIG_BY_COOKIE,
         ORIG_BY_TUPLE,
         COUNTERS,
+        FWD_PEERS,
+        FWD_ACTIVE,
     ];
 }
 
@@ -179,12 +180,7 @@ mod tests {
 
     #[test]
     fn map_names_fit_the_kernel_limit() {
-        let socket_maps = [map_names::FWD_PEERS, map_names::FWD_ACTIVE];
-        for name in map_names::ALL
-            .iter()
-            .chain(&socket_maps)
-            .chain(program_names::ALL.iter())
-        {
+        for name in map_names::ALL.iter().chain(program_names::ALL.iter()) {
             assert!(name.len() <= 15, "{name}");
         }
     }

@@ -259,11 +259,13 @@ async fn forward_bytes(
             }
             Spliced::Chatty(client, server) => (client, server),
         };
-    match kernel.forward(client, server, counters).await {
-        Handoff::Forwarded(outcome) => {
-            proxy.count_opaque_mode("sockmap");
-            outcome
-        }
+    match kernel
+        .forward(client, server, counters, || {
+            proxy.count_opaque_mode("sockmap")
+        })
+        .await
+    {
+        Handoff::Forwarded(outcome) => outcome,
         Handoff::Declined(client, server) => {
             proxy.count_opaque_mode("splice");
             opaque::splice_to_end(client, server, &proxy.pipes, counters).await

@@ -168,14 +168,8 @@ impl Intercept {
     pub fn kernel_forwarding(
         &mut self,
     ) -> Result<(SockHash<MapData, u64>, SockHash<MapData, u64>)> {
-        let take = |ebpf: &mut Ebpf, name: &str| -> Result<SockHash<MapData, u64>> {
-            let map = ebpf
-                .take_map(name)
-                .with_context(|| format!("map {name} missing"))?;
-            SockHash::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
-        };
-        let peers = take(&mut self.ebpf, map_names::FWD_PEERS)?;
-        let active = take(&mut self.ebpf, map_names::FWD_ACTIVE)?;
+        let peers: SockHash<MapData, u64> = self.typed_map(map_names::FWD_PEERS)?;
+        let active: SockHash<MapData, u64> = self.typed_map(map_names::FWD_ACTIVE)?;
         let name = program_names::FORWARD;
         let program: &mut SkSkb = program_named(&mut self.ebpf, name)?.try_into()?;
         program.load().with_context(|| format!("loading {name}"))?;

@@ -24,6 +24,9 @@ use crate::{
     tap::Tap,
 };
 
+/// Period of each proxy thread's housekeeping timer (see `keep_a_timer_pending`).
+const TIMER_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub fn run(mut args: RunArgs) -> Result<()> {
     raise_fd_limit();
     let cgroup = cgroup::resolve(args.cgroup.cgroup.take())?;
@@ -73,14 +76,8 @@ async fn serve(config: Config) -> Result<()> {
         Arc::clone(&admin_state),
         shutdown.child_token(),
     ));
-    for listener in accept::bind_listeners(config.outbound_port)? {
-        tokio::spawn(accept::serve(
-            listener,
-            Arc::clone(&proxy),
-            connections.clone(),
-            proxy_shutdown.clone(),
-        ));
-    }
+    let _proxy_threads =
+        start_proxy_threads(&config, &proxy, &connections, &proxy_shutdown, &shutdown)?;
     intercept.attach(&config.cgroup)?;
     admin_state.ready.store(true, Ordering::SeqCst);
     tracing::info!("ready");
@@ -137,6 +134,59 @@ fn kernel_forwarder(
             );
             None
         }
+    }
+}
+
+/// One proxy thread per core, each with a single-threaded runtime and its own SO_REUSEPORT
+/// listeners: a connection lives its whole life on one thread, so handing work between its
+/// client and upstream sides never wakes another thread.
+fn start_proxy_threads(
+    config: &Config,
+    proxy: &Arc<Proxy>,
+    connections: &TaskTracker,
+    proxy_shutdown: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<Vec<std::thread::JoinHandle<()>>> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut handles = Vec::new();
+    for index in 0..threads {
+        let listeners = accept::bind_listeners(config.outbound_port)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a proxy thread's runtime")?;
+        let (proxy, connections) = (Arc::clone(proxy), connections.clone());
+        let (proxy_shutdown, shutdown) = (proxy_shutdown.clone(), shutdown.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("proxy-{index}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    tokio::spawn(keep_a_timer_pending());
+                    for listener in listeners {
+                        tokio::spawn(accept::serve(
+                            listener,
+                            Arc::clone(&proxy),
+                            connections.clone(),
+                            proxy_shutdown.clone(),
+                        ));
+                    }
+                    // Connection tasks live here: keep the runtime until the agent stops.
+                    shutdown.cancelled().await;
+                });
+            })
+            .context("starting a proxy thread")?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+/// A timer that is always pending on this thread's runtime. tokio wakes its driver (an eventfd
+/// write and one more epoll_wait) whenever a new timer is due before every pending one; with
+/// this one second tick pending, the per-request upstream timeouts (30 s) never are.
+async fn keep_a_timer_pending() {
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    loop {
+        tick.tick().await;
     }
 }
 

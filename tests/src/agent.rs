@@ -129,6 +129,17 @@ impl Agent {
         assert!(reached, "{name}{labels:?} is {last}, expected {expected}");
     }
 
+    /// Entries in one of the agent's pinned maps, per `bpftool map dump`.
+    pub fn map_entries(&self, map: &str) -> usize {
+        let dump = crate::process::run_ok(
+            Command::new("bpftool")
+                .args(["map", "dump", "pinned"])
+                .arg(self.pin_dir.join(map)),
+            std::time::Duration::from_secs(30),
+        );
+        dump.matches("\"key\":").count()
+    }
+
     /// Open descriptors of the agent process.
     pub fn fd_count(&self) -> usize {
         fs::read_dir(format!("/proc/{}/fd", self.pid()))

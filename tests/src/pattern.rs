@@ -27,11 +27,21 @@ pub fn check(buf: &[u8], offset: u64, seed: u8) -> Result<(), u64> {
 
 /// Writes `len` bytes of the stream to `writer`.
 pub fn write_stream(writer: &mut impl std::io::Write, len: u64, seed: u8) -> std::io::Result<()> {
+    write_stream_from(writer, 0, len, seed)
+}
+
+/// Writes `len` bytes of the stream, starting at byte `start`, to `writer`.
+pub fn write_stream_from(
+    writer: &mut impl std::io::Write,
+    start: u64,
+    len: u64,
+    seed: u8,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut sent = 0u64;
     while sent < len {
         let chunk = (len - sent).min(buf.len() as u64) as usize;
-        fill(&mut buf[..chunk], sent, seed);
+        fill(&mut buf[..chunk], start + sent, seed);
         writer.write_all(&buf[..chunk])?;
         sent += chunk as u64;
     }
@@ -40,6 +50,15 @@ pub fn write_stream(writer: &mut impl std::io::Write, len: u64, seed: u8) -> std
 
 /// Reads to EOF, checking the stream; returns the byte count or an error naming the offset.
 pub fn read_stream(reader: &mut impl std::io::Read, seed: u8) -> std::io::Result<u64> {
+    read_stream_from(reader, 0, seed)
+}
+
+/// Reads to EOF, checking the stream from byte `start`; returns the bytes read.
+pub fn read_stream_from(
+    reader: &mut impl std::io::Read,
+    start: u64,
+    seed: u8,
+) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut received = 0u64;
     loop {
@@ -47,7 +66,7 @@ pub fn read_stream(reader: &mut impl std::io::Read, seed: u8) -> std::io::Result
         if n == 0 {
             return Ok(received);
         }
-        check(&buf[..n], received, seed).map_err(|offset| {
+        check(&buf[..n], start + received, seed).map_err(|offset| {
             std::io::Error::other(format!("stream {seed} corrupt at byte {offset}"))
         })?;
         received += n as u64;

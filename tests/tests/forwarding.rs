@@ -126,22 +126,11 @@ fn a_thousand_concurrent_connections_are_byte_exact_and_leak_nothing() {
     for map in ["ORIG_BY_TUPLE", "ORIG_BY_COOKIE"] {
         let mut entries = usize::MAX;
         let empty = eventually(Duration::from_secs(10), || {
-            entries = map_entries(&agent.pin_dir.join(map));
+            entries = agent.map_entries(map);
             entries == 0
         });
         assert!(empty, "{map} still holds {entries} entries");
     }
-}
-
-/// Entries in a pinned map, per `bpftool map dump`.
-fn map_entries(pin: &std::path::Path) -> usize {
-    let dump = run_ok(
-        std::process::Command::new("bpftool")
-            .args(["map", "dump", "pinned"])
-            .arg(pin),
-        Duration::from_secs(30),
-    );
-    dump.matches("\"key\":").count()
 }
 
 /// `--copy-mode userspace` (the benchmark's comparison point) forwards the same bytes, counted

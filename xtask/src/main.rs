@@ -51,6 +51,9 @@ enum Task {
         /// Number of alternating runs (default 5, or 2 with --quick).
         #[arg(long)]
         runs: Option<usize>,
+        /// Only the scenarios whose name contains this (e.g. redis, iperf, wrk).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Internal: the benchmark's client probes.
     #[command(hide = true)]
@@ -102,9 +105,9 @@ fn run(task: Task) -> Result<()> {
             run_agent(&agent, &args)
         }
         Task::Test { args } => test(&root, &args),
-        Task::Bench { quick, runs } => {
+        Task::Bench { quick, runs, only } => {
             let agent = build(&root, true)?;
-            bench::run(&root, &agent, &bench::Options { quick, runs })
+            bench::run(&root, &agent, &bench::Options { quick, runs, only })
         }
         Task::BenchProbe { probe } => match probe {
             Probe::Greeting { addr, count } => bench::probe::greeting(addr, count),

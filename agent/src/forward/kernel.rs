@@ -94,11 +94,13 @@ impl KernelForwarder {
     /// Forwards `client` <-> `server` in the kernel until both directions are done or one
     /// fails. Nothing may have been read from either socket (detection only peeks): the kernel
     /// forwards whole socket buffers, including any bytes a reader had already taken.
+    /// `on_forwarding` runs once the kernel has taken the connection.
     pub async fn forward(
         &self,
         client: TcpStream,
         server: TcpStream,
         counters: &ByteCounters,
+        on_forwarding: impl FnOnce(),
     ) -> Handoff {
         // Out of tokio's reactor: its registration would wake the runtime on every message.
         let (client, server) = match (client.into_std(), server.into_std()) {
@@ -114,7 +116,9 @@ impl KernelForwarder {
             client,
             server,
             counters: counters.clone(),
-            reported: Mutex::new([0, 0]),
+            // Bytes spliced before the hand-off are counted already, and TCP_INFO's totals
+            // include them.
+            reported: Mutex::new([counters.total_to_server(), counters.total_from_server()]),
             fin_seen: [AtomicBool::new(false), AtomicBool::new(false)],
         };
         let cookies = match (socket_cookie(&pair.client), socket_cookie(&pair.server)) {
@@ -157,6 +161,7 @@ impl KernelForwarder {
                 }));
             }
         }
+        on_forwarding();
         let pair = Arc::new(pair);
         let registered = self.live.register(&pair);
         let outcome = supervise(&pair, &watch).await;

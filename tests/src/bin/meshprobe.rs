@@ -3,6 +3,12 @@
 //!
 //!   meshprobe bulk ADDR SEND RECEIVE    send SEND bytes, half-close, expect RECEIVE bytes back
 //!   meshprobe echo ADDR CONNS BYTES     CONNS concurrent connections, each echoes BYTES
+//!   meshprobe chat ADDR CONNS ROUNDS BULK [hold|expect-reset]
+//!                                       CONNS concurrent connections to an echo server, each
+//!                                       ROUNDS small round trips, then BULK bytes echoed while
+//!                                       sending, half-close, EOF. `hold` (one connection) prints
+//!                                       "chatted" after the round trips and waits for a line on
+//!                                       stdin; `expect-reset` expects a reset after them
 //!   meshprobe peer ADDR                 print getpeername() after connecting
 //!   meshprobe expect-close ADDR         connect and wait for the connection to be closed
 
@@ -34,9 +40,26 @@ fn main() -> ExitCode {
     {
         ["bulk", addr, send, receive] => bulk(parse(addr), num(send), num(receive)),
         ["echo", addr, conns, bytes] => echo(parse(addr), num(conns), num(bytes)),
+        ["chat", addr, conns, rounds, bulk] => {
+            chat(parse(addr), num(conns), num(rounds), num(bulk), Then::Bulk)
+        }
+        ["chat", addr, conns, rounds, bulk, "hold"] => chat(
+            parse(addr),
+            num(conns),
+            num(rounds),
+            num(bulk),
+            Then::HoldThenBulk,
+        ),
+        ["chat", addr, conns, rounds, bulk, "expect-reset"] => chat(
+            parse(addr),
+            num(conns),
+            num(rounds),
+            num(bulk),
+            Then::ExpectReset,
+        ),
         ["peer", addr] => peer(parse(addr)),
         ["expect-close", addr] => expect_close(parse(addr)),
-        _ => Err("usage: meshprobe bulk|echo|peer|expect-close ...".to_string()),
+        _ => Err("usage: meshprobe bulk|echo|chat|peer|expect-close ...".to_string()),
     };
     match result {
         Ok(report) => {
@@ -144,6 +167,121 @@ fn echo_one(stream: TcpStream, bytes: u64) -> Result<(), String> {
         return Err(format!("echoed {received} of {bytes} bytes"));
     }
     Ok(())
+}
+
+/// Bytes per chat message: small, as request/response protocols send.
+const CHAT_MESSAGE: usize = 100;
+
+/// What a chatting connection does after its round trips.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    Bulk,
+    HoldThenBulk,
+    ExpectReset,
+}
+
+fn chat(
+    addr: SocketAddr,
+    conns: u64,
+    rounds: u64,
+    bulk: u64,
+    then: Then,
+) -> Result<String, String> {
+    if then == Then::HoldThenBulk && conns != 1 {
+        return Err("hold needs exactly one connection".into());
+    }
+    let barrier = Arc::new(Barrier::new(conns as usize));
+    let workers: Vec<_> = (0..conns)
+        .map(|_| {
+            let barrier = Arc::clone(&barrier);
+            thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let stream = connect(addr);
+                    barrier.wait();
+                    chat_one(stream?, rounds, bulk, then)
+                })
+                .expect("spawning a worker")
+        })
+        .collect();
+    let results: Vec<Result<String, String>> = workers
+        .into_iter()
+        .map(|worker| worker.join().unwrap_or_else(|_| Err("panicked".into())))
+        .collect();
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    if let Some(first) = failures.first() {
+        return Err(format!(
+            "{} of {conns} connections failed; first: {first}",
+            failures.len()
+        ));
+    }
+    let ending = results
+        .first()
+        .and_then(|r| r.as_ref().ok())
+        .cloned()
+        .unwrap_or_default();
+    Ok(format!(
+        "ok connections={conns} rounds={rounds} bulk={bulk} {ending}"
+    ))
+}
+
+/// Round trips of the echo stream, then the bulk phase (or a hold, or an expected reset).
+fn chat_one(stream: TcpStream, rounds: u64, bulk: u64, then: Then) -> Result<String, String> {
+    let mut stream = stream;
+    let mut offset = 0u64;
+    let mut message = [0u8; CHAT_MESSAGE];
+    let mut reply = [0u8; CHAT_MESSAGE];
+    for round in 0..rounds {
+        pattern::fill(&mut message, offset, ECHO_SEED);
+        stream
+            .write_all(&message)
+            .map_err(|e| format!("round {round}: send: {e}"))?;
+        stream
+            .read_exact(&mut reply)
+            .map_err(|e| format!("round {round}: receive: {e}"))?;
+        pattern::check(&reply, offset, ECHO_SEED)
+            .map_err(|bad| format!("round {round}: corrupt at byte {bad}"))?;
+        offset += CHAT_MESSAGE as u64;
+    }
+    match then {
+        Then::ExpectReset => return expect_reset(&mut stream),
+        Then::HoldThenBulk => {
+            println!("chatted");
+            std::io::stdout().flush().map_err(|e| e.to_string())?;
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+        }
+        Then::Bulk => {}
+    }
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let sender = thread::spawn(move || {
+        let sent = pattern::write_stream_from(&mut writer, offset, bulk, ECHO_SEED);
+        let _ = writer.shutdown(Shutdown::Write);
+        sent
+    });
+    let received = pattern::read_stream_from(&mut stream, offset, ECHO_SEED)
+        .map_err(|e| format!("bulk: receive: {e}"))?;
+    sender
+        .join()
+        .map_err(|_| "sender panicked")?
+        .map_err(|e| format!("bulk: send: {e}"))?;
+    if received != bulk {
+        return Err(format!("echoed {received} of {bulk} bulk bytes"));
+    }
+    Ok(String::new())
+}
+
+/// The next read must fail with a reset (not end cleanly, not time out).
+fn expect_reset(stream: &mut TcpStream) -> Result<String, String> {
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok("closed=reset".into()),
+        Ok(0) => Err("closed cleanly, expected a reset".into()),
+        Ok(n) => Err(format!("unexpected {n} bytes, expected a reset")),
+        Err(e) => Err(format!("expected a reset: {e}")),
+    }
 }
 
 fn peer(addr: SocketAddr) -> Result<String, String> {

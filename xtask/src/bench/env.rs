@@ -22,6 +22,7 @@ use super::probe;
 pub enum Setup {
     Direct,
     Sockmesh,
+    SockmeshSplice,
     SockmeshCopy,
     Haproxy,
     NginxStream,
@@ -33,6 +34,7 @@ impl Setup {
         match self {
             Self::Direct => "direct",
             Self::Sockmesh => "sockmesh",
+            Self::SockmeshSplice => "sockmesh-splice-only",
             Self::SockmeshCopy => "sockmesh-userspace-copy",
             Self::Haproxy => "haproxy-tcp-splice",
             Self::NginxStream => "nginx-stream",
@@ -93,6 +95,7 @@ impl Env {
         env.start_nginx_proxy()?;
         for (setup, extra) in [
             (Setup::Sockmesh, None),
+            (Setup::SockmeshSplice, Some("--copy-mode=splice")),
             (Setup::SockmeshCopy, Some("--copy-mode=userspace")),
         ] {
             let agent = env.start_agent(setup, extra)?;
@@ -104,7 +107,7 @@ impl Env {
     /// Where a client of `setup` connects to reach `backend`; None if the setup cannot.
     pub fn target(&self, setup: Setup, backend: Backend) -> Option<SocketAddr> {
         match setup {
-            Setup::Direct | Setup::Sockmesh | Setup::SockmeshCopy => {
+            Setup::Direct | Setup::Sockmesh | Setup::SockmeshSplice | Setup::SockmeshCopy => {
                 self.backends.get(&backend).copied()
             }
             Setup::Haproxy => self.haproxy.get(&backend).copied(),

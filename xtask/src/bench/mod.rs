@@ -32,6 +32,16 @@ pub const PACKAGES: &[&str] = &[
 pub struct Options {
     pub quick: bool,
     pub runs: Option<usize>,
+    /// Only scenarios whose name (as `{:?}` prints it) contains this, case-insensitively.
+    pub only: Option<String>,
+}
+
+fn selected(scenario: &Scenario, only: Option<&str>) -> bool {
+    only.is_none_or(|only| {
+        format!("{scenario:?}")
+            .to_ascii_lowercase()
+            .contains(&only.to_ascii_lowercase())
+    })
 }
 
 pub fn run(root: &Path, sockmesh: &Path, options: &Options) -> Result<()> {
@@ -47,7 +57,14 @@ pub fn run(root: &Path, sockmesh: &Path, options: &Options) -> Result<()> {
     probe::raise_fd_limit();
     let env = Env::start(&out_dir.join("work"), sockmesh).context("setting up the benchmark")?;
     let mut results = Results::default();
-    let scenarios: Vec<Scenario> = ALL.into_iter().chain([Scenario::IdleMemory]).collect();
+    let scenarios: Vec<Scenario> = ALL
+        .into_iter()
+        .chain([Scenario::IdleMemory])
+        .filter(|scenario| selected(scenario, options.only.as_deref()))
+        .collect();
+    if scenarios.is_empty() {
+        anyhow::bail!("no scenario matches --only {:?}", options.only);
+    }
     for run in 0..runs {
         for scenario in &scenarios {
             // Alternate the order of setups between runs so drift hits them all alike.

@@ -92,9 +92,10 @@ pub const ALL: [Scenario; 10] = [
     Scenario::Greeting,
 ];
 
-const TCP_SETUPS: [Setup; 5] = [
+const TCP_SETUPS: [Setup; 6] = [
     Setup::Direct,
     Setup::Sockmesh,
+    Setup::SockmeshSplice,
     Setup::SockmeshCopy,
     Setup::Haproxy,
     Setup::NginxStream,
@@ -105,7 +106,7 @@ impl Scenario {
     pub fn setups(self) -> &'static [Setup] {
         match self {
             Self::Http1Wrk | Self::Http2H2load => &HTTP_SETUPS,
-            Self::IdleMemory => &[Setup::Sockmesh, Setup::SockmeshCopy],
+            Self::IdleMemory => &[Setup::Sockmesh, Setup::SockmeshSplice, Setup::SockmeshCopy],
             _ => &TCP_SETUPS,
         }
     }

@@ -1,0 +1,222 @@
+//! In-kernel forwarding: an opaque connection that turns chatty (small messages back and
+//! forth) is handed from splice to the kernel's sockmap verdict. These tests drive real
+//! connections across that hand-off and check the bytes (pattern streams, both ways), the
+//! half-close and reset that end them, and the byte counts /metrics reports live and at close.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpListener,
+    process::Stdio,
+    thread,
+    time::Duration,
+};
+
+use integration_tests::{
+    Agent, AgentOptions, TestCgroup, meshprobe_bin,
+    process::{eventually, run_ok},
+    require_privileged,
+    servers::EchoServer,
+};
+
+/// Round trips per connection: enough for the agent to call it chatty (8 small messages).
+const ROUNDS: u64 = 20;
+/// Bytes per round trip message (meshprobe's chat message).
+const MESSAGE: u64 = 100;
+const LIMIT: Duration = Duration::from_secs(300);
+
+#[test]
+fn chatty_connections_move_to_the_kernel_and_stay_byte_exact() {
+    require_privileged!();
+    for listen in ["127.0.0.1:0", "[::1]:0"] {
+        let echo = EchoServer::start(listen);
+        let cgroup = TestCgroup::new("kfwd");
+        let agent = Agent::start(&cgroup);
+        let (conns, bulk) = (50u64, 4_000_000u64);
+
+        // Round trips, then megabytes echoed in both directions at once, then a half-close
+        // from the client that the echo server answers with its own: all after the hand-off.
+        let report = run_ok(
+            cgroup.command(meshprobe_bin()).args([
+                "chat",
+                &echo.addr().to_string(),
+                &conns.to_string(),
+                &ROUNDS.to_string(),
+                &bulk.to_string(),
+            ]),
+            LIMIT,
+        );
+        assert!(report.starts_with("ok connections=50"), "{report}");
+
+        let port = echo.addr().port().to_string();
+        let labels = [("target_port", port.as_str())];
+        let per_direction = conns * (ROUNDS * MESSAGE + bulk);
+        agent.assert_metric(
+            "sockmesh_opaque_connections_total",
+            &[("mode", "sockmap")],
+            conns,
+        );
+        agent.assert_metric("tcp_close_total", &[labels[0], ("errno", "")], conns);
+        agent.assert_metric("tcp_write_bytes_total", &labels, per_direction);
+        agent.assert_metric("tcp_read_bytes_total", &labels, per_direction);
+        // Closed sockets leave the socket maps on their own.
+        for map in ["FWD_PEERS", "FWD_ACTIVE"] {
+            let mut entries = usize::MAX;
+            let empty = eventually(Duration::from_secs(10), || {
+                entries = agent.map_entries(map);
+                entries == 0
+            });
+            assert!(empty, "{map} still holds {entries} entries");
+        }
+    }
+}
+
+#[test]
+fn bytes_of_a_kernel_forwarded_connection_are_counted_while_it_is_open() {
+    require_privileged!();
+    let echo = EchoServer::start("127.0.0.1:0");
+    let cgroup = TestCgroup::new("kfwdlive");
+    let agent = Agent::start(&cgroup);
+    let bulk = 1_000_000u64;
+
+    let mut probe = cgroup
+        .command(meshprobe_bin())
+        .args(["chat", &echo.addr().to_string(), "1", &ROUNDS.to_string()])
+        .arg(bulk.to_string())
+        .arg("hold")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting meshprobe");
+    let mut stdout = BufReader::new(probe.stdout.take().expect("probe stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("reading meshprobe");
+    assert_eq!(line.trim(), "chatted");
+
+    // The connection is open and idle in the kernel: a scrape reads its counts from TCP_INFO.
+    let port = echo.addr().port().to_string();
+    let labels = [("target_port", port.as_str())];
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "sockmap")],
+        1,
+    );
+    agent.assert_metric("tcp_open_connections", &labels, 1);
+    agent.assert_metric("tcp_write_bytes_total", &labels, ROUNDS * MESSAGE);
+    agent.assert_metric("tcp_read_bytes_total", &labels, ROUNDS * MESSAGE);
+
+    probe
+        .stdin
+        .take()
+        .expect("probe stdin")
+        .write_all(b"go\n")
+        .expect("releasing meshprobe");
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).expect("reading meshprobe");
+    let status = probe.wait().expect("waiting for meshprobe");
+    assert!(status.success(), "meshprobe failed: {rest}");
+    assert!(rest.starts_with("ok connections=1"), "{rest}");
+
+    // Nothing counted twice across scrapes, nothing lost at close.
+    agent.assert_metric("tcp_open_connections", &labels, 0);
+    agent.assert_metric("tcp_write_bytes_total", &labels, ROUNDS * MESSAGE + bulk);
+    agent.assert_metric("tcp_read_bytes_total", &labels, ROUNDS * MESSAGE + bulk);
+}
+
+#[test]
+fn a_server_reset_after_the_hand_off_resets_the_client() {
+    require_privileged!();
+    // Echoes ROUNDS messages, then resets (SO_LINGER 0) instead of closing.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
+    let addr = listener.local_addr().expect("address");
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accepting");
+        let mut message = [0u8; MESSAGE as usize];
+        for _ in 0..ROUNDS {
+            stream.read_exact(&mut message).expect("reading a message");
+            stream.write_all(&message).expect("echoing");
+        }
+        reset_on_close(&stream);
+    });
+    let cgroup = TestCgroup::new("kfwdreset");
+    let agent = Agent::start(&cgroup);
+
+    let report = run_ok(
+        cgroup.command(meshprobe_bin()).args([
+            "chat",
+            &addr.to_string(),
+            "1",
+            &ROUNDS.to_string(),
+            "0",
+            "expect-reset",
+        ]),
+        LIMIT,
+    );
+    assert!(report.contains("closed=reset"), "{report}");
+    server.join().expect("server thread");
+
+    let port = addr.port().to_string();
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "sockmap")],
+        1,
+    );
+    agent.assert_metric(
+        "tcp_close_total",
+        &[("target_port", port.as_str()), ("errno", "ECONNRESET")],
+        1,
+    );
+}
+
+#[test]
+fn splice_only_mode_never_hands_off() {
+    require_privileged!();
+    let echo = EchoServer::start("127.0.0.1:0");
+    let cgroup = TestCgroup::new("kfwdsplice");
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            args: vec!["--copy-mode=splice".to_string()],
+            ..Default::default()
+        },
+    );
+    let report = run_ok(
+        cgroup.command(meshprobe_bin()).args([
+            "chat",
+            &echo.addr().to_string(),
+            "5",
+            &ROUNDS.to_string(),
+            "100000",
+        ]),
+        LIMIT,
+    );
+    assert!(report.starts_with("ok connections=5"), "{report}");
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "splice")],
+        5,
+    );
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "sockmap")],
+        0,
+    );
+}
+
+/// Closing `stream` sends RST instead of FIN.
+fn reset_on_close(stream: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid linger struct of the given size; the descriptor is open.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
