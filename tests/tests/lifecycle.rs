@@ -87,6 +87,7 @@ fn readme_bpftool_commands_show_our_programs_and_maps() {
             [.., path] if path.ends_with("/COUNTERS") => &["\"redirected\": 1", "bypassed_port"],
             [.., path] if path.ends_with("/CONFIG") => &["proxy_port", "bypass_mark"],
             [.., path] if path.ends_with("/SKIP_PORTS") => &["\"key\""],
+            [.., path] if path.ends_with("/FWD_ACTIVE") => &["sockhash", "FWD_ACTIVE"],
             _ => &[],
         };
         for word in expected {

@@ -1,8 +1,8 @@
-//! In-kernel forwarding (`--copy-mode sockmap`, the default): once a connection is known to be
-//! opaque, its two proxy sockets are handed to the `sockmesh_fwd` stream-verdict program, which
-//! moves every byte either socket receives to the other's send queue inside the kernel. The
-//! agent then neither reads nor writes: it is not woken per message, which is what a proxy on a
-//! request/response workload spends its time on.
+//! In-kernel forwarding (`--copy-mode sockmap`, the default): once a spliced opaque connection
+//! turns out chatty (`opaque::ChattyGate`), its two proxy sockets are handed to the
+//! `sockmesh_fwd` stream-verdict program, which moves every byte either socket receives to the
+//! other's send queue inside the kernel. The agent then neither reads nor writes: it is not
+//! woken per message, which is what a proxy on a request/response workload spends its time on.
 //!
 //! What stays in user space is the connection's edges: it watches both sockets for end of
 //! stream and errors only (one epoll instance for all connections, registered for
@@ -10,9 +10,10 @@
 //! before it has reached the other socket's send queue, resets both sockets on an error, and
 //! reads byte counts from TCP_INFO (at /metrics scrapes and at the end).
 //!
-//! Order is safe by construction: detection only peeked, so both receive queues still start at
-//! byte 0 (the kernel forwards whole socket buffers, so a partly read one would repeat bytes),
-//! the sockets join `FWD_PEERS` before `FWD_ACTIVE` (a forwarded byte always finds its
+//! Order is safe by construction: the kernel forwards whole socket buffers, so a partly read
+//! one would repeat bytes; detection only peeks and splice hands over only after emptying both
+//! receive queues, so none is partly read. Everything spliced has reached the other socket's
+//! send queue before the hand-off (no pipe holds bytes). The sockets join `FWD_PEERS` before `FWD_ACTIVE` (a forwarded byte always finds its
 //! peer), and bytes that arrived before the hand-off are pushed through the verdict by a
 //! SO_RCVLOWAT write, which makes the kernel process the receive queue in order.
 
@@ -38,6 +39,7 @@ use super::{
 use crate::classify::set_rcvlowat;
 
 /// TCP states (include/net/tcp_states.h) as TCP_INFO reports them.
+const TCP_ESTABLISHED: u32 = 1;
 const TCP_TIME_WAIT: u32 = 6;
 const TCP_CLOSE: u32 = 7;
 const TCP_CLOSE_WAIT: u32 = 8;
@@ -92,8 +94,9 @@ impl KernelForwarder {
     }
 
     /// Forwards `client` <-> `server` in the kernel until both directions are done or one
-    /// fails. Nothing may have been read from either socket (detection only peeks): the kernel
-    /// forwards whole socket buffers, including any bytes a reader had already taken.
+    /// fails. Neither receive queue may hold a partly read socket buffer (the kernel forwards
+    /// whole buffers, including bytes a reader already took), and every byte read so far must
+    /// already be written to the other socket.
     /// `on_forwarding` runs once the kernel has taken the connection.
     pub async fn forward(
         &self,
@@ -190,12 +193,22 @@ impl KernelForwarder {
     }
 
     fn activate(&self, pair: &Pair, [client, server]: [u64; 2]) -> Activation {
+        // The kernel takes only established sockets. A FIN that arrives between the two
+        // inserts below would leave one socket active and the other not, which only a reset
+        // can end; checking first leaves that to the few microseconds between the inserts.
+        for socket in [&pair.client, &pair.server] {
+            match tcp_info(socket) {
+                Ok(info) if u32::from(info.tcpi_state) == TCP_ESTABLISHED => {}
+                Ok(_) => return Activation::NoneActive(io::Error::other("a socket is closing")),
+                Err(error) => return Activation::NoneActive(error),
+            }
+        }
         let mut active = self
             .active
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(error) = active.insert(client, pair.client.as_raw_fd(), 0) {
-            return Activation::NoneActive(error);
+            return Activation::NoneActive(io::Error::other(error));
         }
         if let Err(error) = active.insert(server, pair.server.as_raw_fd(), 0) {
             return Activation::Partial(io::Error::other(error));
@@ -226,7 +239,7 @@ impl KernelForwarder {
 enum Activation {
     Done,
     /// Nothing is forwarded by the kernel yet: safe to forward another way.
-    NoneActive(aya::maps::MapError),
+    NoneActive(io::Error),
     /// The client socket is active, the server's is not.
     Partial(io::Error),
 }

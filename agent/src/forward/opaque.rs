@@ -8,7 +8,7 @@ use std::{
     net::Shutdown,
     os::fd::{AsRawFd, RawFd},
     ptr,
-    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -62,20 +62,24 @@ pub enum Spliced {
 pub struct ChattyGate {
     small_in_a_row: AtomicU32,
     tripped: CancellationToken,
-    disabled: AtomicBool,
+    /// Fired when a hand-off is off for good: a direction closed, or stayed too busy to stop.
+    disabled: CancellationToken,
 }
 
 /// A message below this many bytes counts as small.
 const SMALL_MESSAGE: usize = 16 * 1024;
 /// Small messages in a row (both directions together) that make a connection chatty.
 const CHATTY_AFTER: u32 = 8;
+/// Splices a stopping pump may make to empty its socket; a direction still busy after these
+/// calls the hand-off off.
+const MAX_EMPTYING_SPLICES: usize = 32;
 
 impl ChattyGate {
     pub fn new() -> Self {
         Self {
             small_in_a_row: AtomicU32::new(0),
             tripped: CancellationToken::new(),
-            disabled: AtomicBool::new(false),
+            disabled: CancellationToken::new(),
         }
     }
 
@@ -86,14 +90,14 @@ impl ChattyGate {
             return;
         }
         let small = self.small_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-        if small >= CHATTY_AFTER && !self.disabled.load(Ordering::Relaxed) {
+        if small >= CHATTY_AFTER && !self.disabled.is_cancelled() {
             self.tripped.cancel();
         }
     }
 
-    /// From now on the connection is never handed off (one direction is already closed).
+    /// From now on the connection is never handed off.
     fn disable(&self) {
-        self.disabled.store(true, Ordering::Relaxed);
+        self.disabled.cancel();
     }
 }
 
@@ -148,6 +152,14 @@ pub async fn splice_bidirectional(
     let mut upload = Box::pin(pump_up(chatty));
     let mut download = Box::pin(pump_down(chatty));
     let (mut up, mut down) = (PumpState::Running, PumpState::Running);
+    let handoff_off = async {
+        match chatty {
+            Some(gate) => gate.disabled.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(handoff_off);
+    let mut watching_handoff = chatty.is_some();
     loop {
         let result = tokio::select! {
             result = &mut upload, if up == PumpState::Running => {
@@ -160,6 +172,10 @@ pub async fn splice_bidirectional(
                     SockRef::from(&client).shutdown(Shutdown::Write).map_err(Failure::tag("shutting down client"))
                 })
             }
+            () = &mut handoff_off, if watching_handoff => {
+                watching_handoff = false;
+                Ok(())
+            }
         };
         if let Err(failure) = result {
             reset(&client);
@@ -171,17 +187,20 @@ pub async fn splice_bidirectional(
                 drop((upload, download));
                 return Spliced::Chatty(client, server);
             }
-            // The gate tripped as the other direction closed: carry on splicing.
-            (PumpState::Stopped, PumpState::Done) => {
+            (PumpState::Done, PumpState::Done) => return Spliced::Done(Outcome::Closed),
+            _ => {}
+        }
+        // No hand-off after all (a direction closed, or stayed busy): a pump that stopped for
+        // it goes back to work.
+        if chatty.is_some_and(|gate| gate.disabled.is_cancelled()) {
+            if up == PumpState::Stopped {
                 upload = Box::pin(pump_up(None));
                 up = PumpState::Running;
             }
-            (PumpState::Done, PumpState::Stopped) => {
+            if down == PumpState::Stopped {
                 download = Box::pin(pump_down(None));
                 down = PumpState::Running;
             }
-            (PumpState::Done, PumpState::Done) => return Spliced::Done(Outcome::Closed),
-            _ => {}
         }
     }
 }
@@ -272,7 +291,8 @@ impl<'a> Side<'a> {
 
 enum PumpEnd {
     Eof,
-    /// The chatty gate tripped; stopped with nothing in flight.
+    /// The chatty gate tripped; stopped with the source socket emptied and no pipe holding
+    /// bytes, so the kernel can take over from the next whole socket buffer.
     Stopped,
 }
 
@@ -292,10 +312,23 @@ async fn pump(
         }
     };
     tokio::pin!(tripped);
+    let mut watching_gate = chatty.is_some();
     loop {
         tokio::select! {
             biased;
-            () = &mut tripped => return Ok(PumpEnd::Stopped),
+            () = &mut tripped, if watching_gate => {
+                match empty_source(src, dst, pipes, &on_bytes).await? {
+                    Emptied::Empty => return Ok(PumpEnd::Stopped),
+                    Emptied::Eof => return Ok(PumpEnd::Eof),
+                    Emptied::StillBusy => {
+                        if let Some(gate) = chatty {
+                            gate.disable();
+                        }
+                        watching_gate = false;
+                        continue;
+                    }
+                }
+            }
             readable = src.stream.readable() => readable.map_err(Failure::tag(src.reading))?,
         }
         // Borrow a pipe only now that there is something to move.
@@ -328,6 +361,52 @@ async fn pump(
             }
         }
     }
+}
+
+enum Emptied {
+    /// The source socket's receive queue was empty (EAGAIN).
+    Empty,
+    Eof,
+    StillBusy,
+}
+
+/// Splices until the source socket has nothing queued. The kernel forwards whole socket
+/// buffers, even ones a splice had already taken part of; with the queue empty, every byte that
+/// arrives from here on lands in a fresh one. The syscalls go straight to the socket: tokio's
+/// cached readiness could claim "empty" without asking the kernel.
+async fn empty_source(
+    src: Side<'_>,
+    dst: Side<'_>,
+    pipes: &PipePool,
+    on_bytes: &impl Fn(u64),
+) -> Result<Emptied, Failure> {
+    for _ in 0..MAX_EMPTYING_SPLICES {
+        let pipe = pipes.take().map_err(Failure::tag("allocating a pipe"))?;
+        match splice(src.stream.as_raw_fd(), pipe.write_fd(), pipe.capacity()) {
+            Ok(0) => {
+                pipes.put(pipe);
+                return Ok(Emptied::Eof);
+            }
+            Ok(filled) => {
+                drain(&pipe, filled, dst.stream, on_bytes)
+                    .await
+                    .map_err(Failure::tag(dst.writing))?;
+                pipes.put(pipe);
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                pipes.put(pipe);
+                return Ok(Emptied::Empty);
+            }
+            Err(error) => {
+                pipes.put(pipe);
+                return Err(Failure {
+                    step: src.reading,
+                    error,
+                });
+            }
+        }
+    }
+    Ok(Emptied::StillBusy)
 }
 
 /// Splices `len` bytes out of `pipe` into `dst`. On error the pipe is dropped by the caller
