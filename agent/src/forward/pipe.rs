@@ -8,6 +8,9 @@ use std::{
     sync::Mutex,
 };
 
+/// Capacity asked for each pipe.
+const PIPE_CAPACITY: libc::c_int = 256 * 1024;
+
 /// One kernel pipe: splice into `write`, splice out of `read`.
 pub struct Pipe {
     read: OwnedFd,
@@ -24,6 +27,13 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // Larger than the default 64 KiB: each splice moves up to a pipe's capacity, and on this
+        // project's machines 256 KiB gave bulk streams about a fifth more throughput (fewer
+        // syscalls and wake-ups per byte). An empty pipe holds no pages, so pooled ones cost
+        // little. If the kernel refuses (pipe-max-size, or the user's pipe page budget for a
+        // process without CAP_SYS_RESOURCE), the default stays.
+        // SAFETY: F_SETPIPE_SZ takes the requested size in bytes.
+        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAPACITY) };
         // SAFETY: F_GETPIPE_SZ takes no argument and returns the capacity in bytes.
         let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         let capacity = usize::try_from(capacity).unwrap_or(65_536).max(4096);

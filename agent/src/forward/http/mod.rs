@@ -115,9 +115,16 @@ async fn serve(
 ) -> Result<(), hyper::Error> {
     let client_io: ClientIo = TokioIo::new(client);
     let service_proxy = Arc::clone(&proxy);
+    let authorities = Arc::new(AuthorityLabels::default());
     let service = service_fn(move |request| {
         let (upstream, proxy) = (upstream.clone(), Arc::clone(&service_proxy));
-        async move { Ok::<_, Infallible>(proxy.handle(request, conn, upstream.as_deref()).await) }
+        let authorities = Arc::clone(&authorities);
+        async move {
+            let response = proxy
+                .handle(request, conn, &authorities, upstream.as_deref())
+                .await;
+            Ok::<_, Infallible>(response)
+        }
     });
     let draining = proxy.draining.clone();
     let result = match version {
@@ -164,22 +171,24 @@ impl HttpProxy {
         &self,
         mut request: Request<Incoming>,
         conn: ConnInfo,
+        authorities: &AuthorityLabels,
         upstream: Option<&Upstream>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let raw_authority = authority_of(&request);
-        let authority = self.metrics.http.authority_label(&raw_authority);
+        let authority = authorities.label(raw_authority, &self.metrics.http);
         let labels = RequestLabels {
             direction: Direction::Outbound,
             target_port: conn.dst.port(),
             authority: authority.clone(),
         };
         self.metrics.http.request_total.get_or_create(&labels).inc();
-        let summary = RequestSummary {
+        // What the tap shows, built only while somebody watches.
+        let summary = self.tap.is_watched().then(|| RequestSummary {
             method: request.method().to_string(),
-            authority: raw_authority,
+            authority: raw_authority.to_string(),
             path: request.uri().path().to_string(),
-        };
+        });
         let record = ResponseRecord {
             metrics: Arc::clone(&self.metrics),
             tap: Arc::clone(&self.tap),
@@ -245,16 +254,40 @@ async fn tunnel_upgraded(client: hyper::upgrade::OnUpgrade, server: hyper::upgra
 }
 
 /// :authority for HTTP/2 (and absolute-form HTTP/1), else the Host header.
-fn authority_of(request: &Request<Incoming>) -> String {
+fn authority_of(request: &Request<Incoming>) -> &str {
     if let Some(authority) = request.uri().authority() {
-        return authority.as_str().to_string();
+        return authority.as_str();
     }
     request
         .headers()
         .get(header::HOST)
         .and_then(|host| host.to_str().ok())
         .unwrap_or("")
-        .to_string()
+}
+
+/// One client connection's last authority and its bounded label: a connection's requests
+/// nearly always name the same authority, so the agent-wide label table (a lock and a hash)
+/// is consulted only when it changes.
+#[derive(Default)]
+struct AuthorityLabels {
+    last: std::sync::Mutex<Option<(String, String)>>,
+}
+
+impl AuthorityLabels {
+    fn label(&self, authority: &str, metrics: &crate::metrics::http::HttpMetrics) -> String {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match last.as_ref() {
+            Some((raw, label)) if raw == authority => label.clone(),
+            _ => {
+                let label = metrics.authority_label(authority);
+                *last = Some((authority.to_string(), label.clone()));
+                label
+            }
+        }
+    }
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {

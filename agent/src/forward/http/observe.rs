@@ -42,7 +42,8 @@ pub struct ResponseRecord {
     pub conn: ConnInfo,
     /// The bounded label value.
     pub authority: String,
-    pub request: RequestSummary,
+    /// None when nobody watched the tap as the request came in.
+    pub request: Option<RequestSummary>,
     pub grpc: bool,
     pub started: Instant,
     /// Time to response headers, once known.
@@ -127,13 +128,16 @@ impl ResponseRecord {
             },
         };
         http.response_total.get_or_create(&labels).inc();
+        let Some(request) = &self.request else {
+            return;
+        };
         self.tap.publish(|| TapEvent::Http {
             ts_ms: now_ms(),
             id: self.conn.id,
             dst: self.conn.dst,
-            method: self.request.method.clone(),
-            authority: self.request.authority.clone(),
-            path: self.request.path.clone(),
+            method: request.method.clone(),
+            authority: request.authority.clone(),
+            path: request.path.clone(),
             status: outcome.status,
             latency_ms: self.latency_ms,
             grpc_status: outcome.grpc_status.clone().filter(|_| self.grpc),
