@@ -11,7 +11,10 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
-use crate::detect::{self, Detection};
+use crate::{
+    detect::{self, Detection},
+    socket::{self, set_rcvlowat},
+};
 
 /// Most client bytes peeked at while detecting. Large enough for a whole TLS ClientHello (post-
 /// quantum key shares push them past 1 KiB) and any sane HTTP/1 request line.
@@ -197,7 +200,8 @@ impl Peeked {
                     }
                     return Ok(PeekOutcome::More);
                 }
-                if peer_closed(client) {
+                let closed = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
+                if socket::poll_now(client, libc::POLLRDHUP) & closed != 0 {
                     return Ok(PeekOutcome::Eof);
                 }
                 let low_water = libc::c_int::try_from(self.len + 1).unwrap_or(libc::c_int::MAX);
@@ -228,34 +232,4 @@ fn peek(client: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
         )
     };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-/// The client has sent its FIN (or the connection is gone).
-fn peer_closed(client: &TcpStream) -> bool {
-    let mut poll = libc::pollfd {
-        fd: client.as_raw_fd(),
-        events: libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; a zero timeout never blocks.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
-}
-
-/// SO_RCVLOWAT: how many bytes must be queued before the socket counts as readable.
-pub fn set_rcvlowat(socket: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
-    // SAFETY: bytes is a valid c_int of the given size; the descriptor is open.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const bytes).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

@@ -2,8 +2,9 @@
 //!
 //! A connection's life, one module per stage: `intercept` (kernel programs on a cgroup) ->
 //! `accept` -> `connection` (`original_dst` -> `connect` -> `classify`/`detect` -> `forward`:
-//! http | opaque) -> `metrics` and `tap`, served by `admin`. `run` wires them together;
-//! `config` and `cli` parse the flags once; `ops` holds the operator commands.
+//! http | opaque, then kernel once chatty) -> `metrics` and `tap`, served by `admin`. `run`
+//! wires them together; `config` and `cli` parse the flags once; `ops` holds the operator
+//! commands; `socket` holds the raw socket calls several stages share.
 
 mod accept;
 mod admin;
@@ -20,6 +21,7 @@ mod metrics;
 mod ops;
 mod original_dst;
 mod run;
+mod socket;
 mod tap;
 
 use std::{os::unix::process::CommandExt, process::ExitCode};

@@ -140,6 +140,18 @@ impl Agent {
         dump.matches("\"key\":").count()
     }
 
+    /// Waits (bounded) until each of the agent's pinned `maps` is empty, then asserts it.
+    pub fn assert_maps_empty(&self, maps: &[&str]) {
+        for map in maps {
+            let mut entries = usize::MAX;
+            let empty = eventually(std::time::Duration::from_secs(10), || {
+                entries = self.map_entries(map);
+                entries == 0
+            });
+            assert!(empty, "{map} still holds {entries} entries");
+        }
+    }
+
     /// Open descriptors of the agent process.
     pub fn fd_count(&self) -> usize {
         fs::read_dir(format!("/proc/{}/fd", self.pid()))

@@ -123,14 +123,7 @@ fn a_thousand_concurrent_connections_are_byte_exact_and_leak_nothing() {
     });
     assert!(settled, "agent fds: {baseline} before, {now} after");
     // Closed sockets leave nothing behind in the kernel's connection tables.
-    for map in ["ORIG_BY_TUPLE", "ORIG_BY_COOKIE"] {
-        let mut entries = usize::MAX;
-        let empty = eventually(Duration::from_secs(10), || {
-            entries = agent.map_entries(map);
-            entries == 0
-        });
-        assert!(empty, "{map} still holds {entries} entries");
-    }
+    agent.assert_maps_empty(&["ORIG_BY_TUPLE", "ORIG_BY_COOKIE"]);
 }
 
 /// `--copy-mode userspace` (the benchmark's comparison point) forwards the same bytes, counted

@@ -12,9 +12,7 @@ use std::{
 };
 
 use integration_tests::{
-    Agent, AgentOptions, TestCgroup, meshprobe_bin,
-    process::{eventually, run_ok},
-    require_privileged,
+    Agent, AgentOptions, TestCgroup, meshprobe_bin, process::run_ok, require_privileged,
     servers::EchoServer,
 };
 
@@ -59,14 +57,7 @@ fn chatty_connections_move_to_the_kernel_and_stay_byte_exact() {
         agent.assert_metric("tcp_write_bytes_total", &labels, per_direction);
         agent.assert_metric("tcp_read_bytes_total", &labels, per_direction);
         // Closed sockets leave the socket maps on their own.
-        for map in ["FWD_PEERS", "FWD_ACTIVE"] {
-            let mut entries = usize::MAX;
-            let empty = eventually(Duration::from_secs(10), || {
-                entries = agent.map_entries(map);
-                entries == 0
-            });
-            assert!(empty, "{map} still holds {entries} entries");
-        }
+        agent.assert_maps_empty(&["FWD_PEERS", "FWD_ACTIVE"]);
     }
 }
 

@@ -19,7 +19,7 @@
 
 use std::{
     collections::HashMap,
-    io, mem,
+    io,
     net::{self, Shutdown},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
     sync::{
@@ -36,7 +36,7 @@ use super::{
     ByteCounters,
     opaque::{Failure, Outcome},
 };
-use crate::classify::set_rcvlowat;
+use crate::socket::{poll_now, set_rcvlowat, socket_cookie, tcp_info};
 
 /// TCP states (include/net/tcp_states.h) as TCP_INFO reports them.
 const TCP_ESTABLISHED: u32 = 1;
@@ -363,7 +363,9 @@ async fn supervise(pair: &Pair, watch: &Watch<'_>) -> Outcome {
             return Outcome::Reset(failure);
         }
         for leg in [&mut upload, &mut download] {
-            if leg.open && peer_closed(leg.from) {
+            if leg.open
+                && poll_now(leg.from, libc::POLLRDHUP) & (libc::POLLRDHUP | libc::POLLHUP) != 0
+            {
                 pair.fin_seen[leg.side].store(true, Ordering::Relaxed);
                 if let Err(failure) = pass_on_close(pair, leg).await {
                     return Outcome::Reset(failure);
@@ -390,18 +392,6 @@ fn check_errors(pair: &Pair) -> Result<(), Failure> {
         }
     }
     Ok(())
-}
-
-/// The socket's peer has sent its FIN (or the socket is closed).
-fn peer_closed(socket: &net::TcpStream) -> bool {
-    let mut poll = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; a zero timeout never blocks.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
 }
 
 /// `leg.from` reached end of stream: once everything it received has reached `leg.to`'s send
@@ -476,45 +466,6 @@ fn bytes_queued(info: &libc::tcp_info) -> u64 {
     info.tcpi_bytes_sent
         .saturating_sub(info.tcpi_bytes_retrans)
         .saturating_add(u64::from(info.tcpi_notsent_bytes))
-}
-
-fn tcp_info(socket: &net::TcpStream) -> io::Result<libc::tcp_info> {
-    // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
-    let mut info: libc::tcp_info = unsafe { mem::zeroed() };
-    let mut len = mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: info and len are valid out-pointers of the given size.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info)
-}
-
-fn socket_cookie(socket: &net::TcpStream) -> io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie and len are valid out-pointers of the given size.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
 
 /// The connections the kernel is forwarding now, for counter updates at scrape time.

@@ -452,3 +452,43 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
     Ok(moved as usize)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_small_messages_trips_the_gate() {
+        let gate = ChattyGate::new();
+        for _ in 1..CHATTY_AFTER {
+            gate.observe(100);
+        }
+        assert!(!gate.tripped.is_cancelled());
+        gate.observe(100);
+        assert!(gate.tripped.is_cancelled());
+    }
+
+    #[test]
+    fn a_large_message_starts_the_run_again() {
+        let gate = ChattyGate::new();
+        for _ in 1..CHATTY_AFTER {
+            gate.observe(100);
+        }
+        gate.observe(SMALL_MESSAGE);
+        for _ in 1..CHATTY_AFTER {
+            gate.observe(100);
+        }
+        assert!(!gate.tripped.is_cancelled());
+    }
+
+    #[test]
+    fn a_disabled_gate_never_trips() {
+        let gate = ChattyGate::new();
+        gate.disable();
+        for _ in 0..2 * CHATTY_AFTER {
+            gate.observe(1);
+        }
+        assert!(!gate.tripped.is_cancelled());
+        assert!(gate.disabled.is_cancelled());
+    }
+}

@@ -117,37 +117,51 @@ fn bulk(addr: SocketAddr, send: u64, receive: u64) -> Result<String, String> {
 }
 
 fn echo(addr: SocketAddr, conns: u64, bytes: u64) -> Result<String, String> {
-    // Every connection is open before any sends: they are concurrent, not sequential.
+    concurrently(addr, conns, move |stream| {
+        echo_one(stream, bytes).map(|()| String::new())
+    })?;
+    Ok(format!("ok connections={conns} bytes={bytes}"))
+}
+
+/// Runs `work` on `conns` connections at once (every connection is open before any starts,
+/// so they are concurrent, not sequential). Returns the first connection's report, or the
+/// first failure and how many failed.
+fn concurrently(
+    addr: SocketAddr,
+    conns: u64,
+    work: impl Fn(TcpStream) -> Result<String, String> + Send + Sync + 'static,
+) -> Result<String, String> {
     let barrier = Arc::new(Barrier::new(conns as usize));
+    let work = Arc::new(work);
     let workers: Vec<_> = (0..conns)
         .map(|_| {
-            let barrier = Arc::clone(&barrier);
+            let (barrier, work) = (Arc::clone(&barrier), Arc::clone(&work));
             thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || {
                     let stream = connect(addr);
                     barrier.wait();
-                    echo_one(stream?, bytes)
+                    work(stream?)
                 })
                 .expect("spawning a worker")
         })
         .collect();
-    let failures: Vec<String> = workers
+    let results: Vec<Result<String, String>> = workers
         .into_iter()
-        .filter_map(|worker| {
-            worker
-                .join()
-                .unwrap_or_else(|_| Err("panicked".into()))
-                .err()
-        })
+        .map(|worker| worker.join().unwrap_or_else(|_| Err("panicked".into())))
         .collect();
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     if let Some(first) = failures.first() {
         return Err(format!(
             "{} of {conns} connections failed; first: {first}",
             failures.len()
         ));
     }
-    Ok(format!("ok connections={conns} bytes={bytes}"))
+    Ok(results
+        .into_iter()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_default())
 }
 
 fn echo_one(stream: TcpStream, bytes: u64) -> Result<(), String> {
@@ -190,36 +204,9 @@ fn chat(
     if then == Then::HoldThenBulk && conns != 1 {
         return Err("hold needs exactly one connection".into());
     }
-    let barrier = Arc::new(Barrier::new(conns as usize));
-    let workers: Vec<_> = (0..conns)
-        .map(|_| {
-            let barrier = Arc::clone(&barrier);
-            thread::Builder::new()
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    let stream = connect(addr);
-                    barrier.wait();
-                    chat_one(stream?, rounds, bulk, then)
-                })
-                .expect("spawning a worker")
-        })
-        .collect();
-    let results: Vec<Result<String, String>> = workers
-        .into_iter()
-        .map(|worker| worker.join().unwrap_or_else(|_| Err("panicked".into())))
-        .collect();
-    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    if let Some(first) = failures.first() {
-        return Err(format!(
-            "{} of {conns} connections failed; first: {first}",
-            failures.len()
-        ));
-    }
-    let ending = results
-        .first()
-        .and_then(|r| r.as_ref().ok())
-        .cloned()
-        .unwrap_or_default();
+    let ending = concurrently(addr, conns, move |stream| {
+        chat_one(stream, rounds, bulk, then)
+    })?;
     Ok(format!(
         "ok connections={conns} rounds={rounds} bulk={bulk} {ending}"
     ))
