@@ -76,8 +76,7 @@ async fn serve(config: Config) -> Result<()> {
         Arc::clone(&admin_state),
         shutdown.child_token(),
     ));
-    let _proxy_threads =
-        start_proxy_threads(&config, &proxy, &connections, &proxy_shutdown, &shutdown)?;
+    start_proxy_threads(&config, &proxy, &connections, &proxy_shutdown, &shutdown)?;
     intercept.attach(&config.cgroup)?;
     admin_state.ready.store(true, Ordering::SeqCst);
     tracing::info!("ready");
@@ -146,9 +145,8 @@ fn start_proxy_threads(
     connections: &TaskTracker,
     proxy_shutdown: &CancellationToken,
     shutdown: &CancellationToken,
-) -> Result<Vec<std::thread::JoinHandle<()>>> {
+) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut handles = Vec::new();
     for index in 0..threads {
         let listeners = accept::bind_listeners(config.outbound_port)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -157,7 +155,8 @@ fn start_proxy_threads(
             .context("starting a proxy thread's runtime")?;
         let (proxy, connections) = (Arc::clone(proxy), connections.clone());
         let (proxy_shutdown, shutdown) = (proxy_shutdown.clone(), shutdown.clone());
-        let handle = std::thread::Builder::new()
+        // Detached: each thread ends when `shutdown` fires (or with the process).
+        std::thread::Builder::new()
             .name(format!("proxy-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
@@ -175,9 +174,8 @@ fn start_proxy_threads(
                 });
             })
             .context("starting a proxy thread")?;
-        handles.push(handle);
     }
-    Ok(handles)
+    Ok(())
 }
 
 /// A timer that is always pending on this thread's runtime. tokio wakes its driver (an eventfd

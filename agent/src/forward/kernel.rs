@@ -13,9 +13,10 @@
 //! Order is safe by construction: the kernel forwards whole socket buffers, so a partly read
 //! one would repeat bytes; detection only peeks and splice hands over only after emptying both
 //! receive queues, so none is partly read. Everything spliced has reached the other socket's
-//! send queue before the hand-off (no pipe holds bytes). The sockets join `FWD_PEERS` before `FWD_ACTIVE` (a forwarded byte always finds its
-//! peer), and bytes that arrived before the hand-off are pushed through the verdict by a
-//! SO_RCVLOWAT write, which makes the kernel process the receive queue in order.
+//! send queue before the hand-off (no pipe holds bytes). The sockets join `FWD_PEERS` before
+//! `FWD_ACTIVE` (a forwarded byte always finds its peer), and bytes that arrived before the
+//! hand-off are pushed through the verdict by a SO_RCVLOWAT write, which makes the kernel
+//! process the receive queue in order.
 
 use std::{
     collections::HashMap,
@@ -23,7 +24,7 @@ use std::{
     net::{self, Shutdown},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
     sync::{
-        Arc, Mutex, Weak,
+        Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -37,6 +38,14 @@ use super::{
     opaque::{Failure, Outcome},
 };
 use crate::socket::{poll_now, set_rcvlowat, socket_cookie, tcp_info};
+
+/// Locks `mutex`, also after a panic elsewhere poisoned it: every value kept under these locks
+/// (socket maps, byte counts, waiter tables) stays consistent between statements.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// TCP states (include/net/tcp_states.h) as TCP_INFO reports them.
 const TCP_ESTABLISHED: u32 = 1;
@@ -183,10 +192,7 @@ impl KernelForwarder {
         pair: &Pair,
         [client, server]: [u64; 2],
     ) -> Result<(), aya::maps::MapError> {
-        let mut peers = self
-            .peers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut peers = locked(&self.peers);
         // Under each socket's cookie, the socket its bytes go out of.
         peers.insert(client, pair.server.as_raw_fd(), 0)?;
         peers.insert(server, pair.client.as_raw_fd(), 0)
@@ -203,10 +209,7 @@ impl KernelForwarder {
                 Err(error) => return Activation::NoneActive(error),
             }
         }
-        let mut active = self
-            .active
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut active = locked(&self.active);
         if let Err(error) = active.insert(client, pair.client.as_raw_fd(), 0) {
             return Activation::NoneActive(io::Error::other(error));
         }
@@ -228,7 +231,7 @@ impl KernelForwarder {
     /// Takes the sockets out of both maps (entries that are not there are ignored).
     fn leave(&self, cookies: [u64; 2]) {
         for map in [&self.active, &self.peers] {
-            let mut map = map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut map = locked(map);
             for cookie in &cookies {
                 let _ = map.remove(cookie);
             }
@@ -279,10 +282,7 @@ impl Pair {
             self.data_received(&self.client, CLIENT, when),
             self.data_received(&self.server, SERVER, when),
         ];
-        let mut reported = self
-            .reported
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut reported = locked(&self.reported);
         if let Some(total) = received[CLIENT] {
             let new = total.saturating_sub(reported[CLIENT]);
             self.counters.client_to_server(new);
@@ -337,6 +337,8 @@ struct Leg<'a> {
     to: &'a net::TcpStream,
     from_name: &'static str,
     to_name: &'static str,
+    /// The step named when shutting `to` down fails.
+    shutting_down: &'static str,
     open: bool,
 }
 
@@ -348,6 +350,7 @@ async fn supervise(pair: &Pair, watch: &Watch<'_>) -> Outcome {
         to: &pair.server,
         from_name: "client",
         to_name: "server",
+        shutting_down: "shutting down server",
         open: true,
     };
     let mut download = Leg {
@@ -356,6 +359,7 @@ async fn supervise(pair: &Pair, watch: &Watch<'_>) -> Outcome {
         to: &pair.client,
         from_name: "server",
         to_name: "client",
+        shutting_down: "shutting down client",
         open: true,
     };
     loop {
@@ -450,11 +454,7 @@ async fn pass_on_close(pair: &Pair, leg: &Leg<'_>) -> Result<(), Failure> {
         interval = (interval * 2).min(DRAIN_POLL_MAX);
     }
     leg.to.shutdown(Shutdown::Write).map_err(|error| Failure {
-        step: if leg.to_name == "server" {
-            "shutting down server"
-        } else {
-            "shutting down client"
-        },
+        step: leg.shutting_down,
         error,
     })
 }
@@ -488,10 +488,8 @@ impl LiveConnections {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Weak<Pair>>> {
-        self.pairs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> MutexGuard<'_, HashMap<usize, Weak<Pair>>> {
+        locked(&self.pairs)
     }
 }
 
@@ -556,10 +554,7 @@ impl Watcher {
             if count < EVENTS_PER_WAKE {
                 guard.clear_ready();
             }
-            let waiters = self
-                .waiters
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let waiters = locked(&self.waiters);
             for event in &events[..count] {
                 let token = event.u64;
                 if let Some(waiter) = waiters.get(&token) {
@@ -572,10 +567,7 @@ impl Watcher {
     fn watch(&self, fds: [RawFd; 2]) -> io::Result<Watch<'_>> {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let notify = Arc::new(Notify::new());
-        self.waiters
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(token, Arc::clone(&notify));
+        locked(&self.waiters).insert(token, Arc::clone(&notify));
         let mut watch = Watch {
             watcher: self,
             token,
@@ -631,10 +623,6 @@ impl Drop for Watch<'_> {
             // SAFETY: the descriptors are still open (the pair outlives its watch).
             unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
         }
-        self.watcher
-            .waiters
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&self.token);
+        locked(&self.watcher.waiters).remove(&self.token);
     }
 }

@@ -331,36 +331,64 @@ async fn pump(
             }
             readable = src.stream.readable() => readable.map_err(Failure::tag(src.reading))?,
         }
-        // Borrow a pipe only now that there is something to move.
-        let pipe = pipes.take().map_err(Failure::tag("allocating a pipe"))?;
-        let filled = src.stream.try_io(Interest::READABLE, || {
-            splice(src.stream.as_raw_fd(), pipe.write_fd(), pipe.capacity())
-        });
-        match filled {
-            Ok(0) => {
-                pipes.put(pipe);
-                return Ok(PumpEnd::Eof);
-            }
-            Ok(filled) => {
-                drain(&pipe, filled, dst.stream, &on_bytes)
-                    .await
-                    .map_err(Failure::tag(dst.writing))?;
-                pipes.put(pipe);
+        // Through tokio, so that "nothing queued" clears the readiness that woke us.
+        let splice_in = |pipe: &Pipe| {
+            src.stream.try_io(Interest::READABLE, || {
+                splice(src.stream.as_raw_fd(), pipe.write_fd(), pipe.capacity())
+            })
+        };
+        match move_chunk(src, dst, pipes, &on_bytes, splice_in).await? {
+            Chunk::Eof => return Ok(PumpEnd::Eof),
+            Chunk::Moved(bytes) => {
                 if let Some(gate) = chatty {
-                    gate.observe(filled);
+                    gate.observe(bytes);
                 }
             }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => pipes.put(pipe),
-            // The pipe is empty: nothing was spliced into it.
-            Err(error) => {
-                pipes.put(pipe);
-                return Err(Failure {
-                    step: src.reading,
-                    error,
-                });
-            }
+            Chunk::Nothing => {}
         }
     }
+}
+
+/// What one splice from the source found.
+enum Chunk {
+    Eof,
+    /// This many bytes went through a pipe to the destination.
+    Moved(usize),
+    /// Nothing was queued.
+    Nothing,
+}
+
+/// Moves one chunk: `splice_in` fills a pipe from `src`, then all of it goes to `dst`. A pipe
+/// is borrowed only for the chunk and goes back to the pool empty.
+async fn move_chunk(
+    src: Side<'_>,
+    dst: Side<'_>,
+    pipes: &PipePool,
+    on_bytes: &impl Fn(u64),
+    splice_in: impl FnOnce(&Pipe) -> io::Result<usize>,
+) -> Result<Chunk, Failure> {
+    let pipe = pipes.take().map_err(Failure::tag("allocating a pipe"))?;
+    let chunk = match splice_in(&pipe) {
+        Ok(0) => Chunk::Eof,
+        Ok(filled) => {
+            // On error the pipe may still hold bytes: it is dropped, not pooled.
+            drain(&pipe, filled, dst.stream, on_bytes)
+                .await
+                .map_err(Failure::tag(dst.writing))?;
+            Chunk::Moved(filled)
+        }
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Chunk::Nothing,
+        // The pipe is empty: nothing was spliced into it.
+        Err(error) => {
+            pipes.put(pipe);
+            return Err(Failure {
+                step: src.reading,
+                error,
+            });
+        }
+    };
+    pipes.put(pipe);
+    Ok(chunk)
 }
 
 enum Emptied {
@@ -380,30 +408,12 @@ async fn empty_source(
     pipes: &PipePool,
     on_bytes: &impl Fn(u64),
 ) -> Result<Emptied, Failure> {
+    let splice_in = |pipe: &Pipe| splice(src.stream.as_raw_fd(), pipe.write_fd(), pipe.capacity());
     for _ in 0..MAX_EMPTYING_SPLICES {
-        let pipe = pipes.take().map_err(Failure::tag("allocating a pipe"))?;
-        match splice(src.stream.as_raw_fd(), pipe.write_fd(), pipe.capacity()) {
-            Ok(0) => {
-                pipes.put(pipe);
-                return Ok(Emptied::Eof);
-            }
-            Ok(filled) => {
-                drain(&pipe, filled, dst.stream, on_bytes)
-                    .await
-                    .map_err(Failure::tag(dst.writing))?;
-                pipes.put(pipe);
-            }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                pipes.put(pipe);
-                return Ok(Emptied::Empty);
-            }
-            Err(error) => {
-                pipes.put(pipe);
-                return Err(Failure {
-                    step: src.reading,
-                    error,
-                });
-            }
+        match move_chunk(src, dst, pipes, on_bytes, splice_in).await? {
+            Chunk::Eof => return Ok(Emptied::Eof),
+            Chunk::Moved(_) => {}
+            Chunk::Nothing => return Ok(Emptied::Empty),
         }
     }
     Ok(Emptied::StillBusy)
