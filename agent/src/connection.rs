@@ -198,7 +198,7 @@ async fn forward(
         Ok(()) => "",
         Err(error) => {
             tracing::debug!(%error, "http connection ended with an error");
-            http::errno_of(&error)
+            error.errno()
         }
     };
     Ended { protocol, errno }

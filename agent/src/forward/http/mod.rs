@@ -1,10 +1,12 @@
-//! HTTP forwarding with hyper: the client's connection is served as HTTP/1 or h2c, and every
-//! request goes to the original destination over one upstream connection per client connection
-//! (re-opened when the server closes it; no load balancing yet), with request-level metrics. Upgrades (WebSocket 101,
-//! CONNECT 2xx) continue as a raw byte tunnel. The proxy answers itself only when it must:
-//! 400 for malformed requests (hyper), 502 when the upstream is unreachable or fails, 504 when
-//! its response headers take longer than the upstream timeout.
+//! HTTP forwarding with request-level metrics. HTTP/1 goes through `h1`, which parses heads
+//! and forwards bytes unchanged; h2c (and gRPC) is served and proxied with hyper. Either way
+//! every request goes to the original destination over one upstream connection per client
+//! connection (re-opened when the server closes it; no load balancing yet). Upgrades
+//! (WebSocket 101, CONNECT 2xx) continue as a raw byte tunnel. The proxy answers itself only
+//! when it must: 400 for malformed requests, 502 when the upstream is unreachable or fails,
+//! 504 when its response headers take longer than the upstream timeout.
 
+mod h1;
 mod observe;
 mod upstream;
 
@@ -19,7 +21,7 @@ use hyper::{
     HeaderMap, Method, Request, Response, StatusCode,
     body::Incoming,
     header,
-    server::conn::{http1 as server_h1, http2 as server_h2},
+    server::conn::http2 as server_h2,
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -59,17 +61,33 @@ pub struct HttpProxy {
     pub draining: CancellationToken,
 }
 
-/// The errno label for a failed HTTP connection: the socket error underneath, if any;
-/// protocol errors (hyper already answered 400) close cleanly.
-pub fn errno_of(error: &hyper::Error) -> &'static str {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = source {
-        if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            return crate::metrics::errno_name(io);
+/// How an HTTP connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+}
+
+impl HttpError {
+    /// The errno label for the connection's close: the socket error underneath, if any;
+    /// protocol errors (already answered 400) close cleanly.
+    pub fn errno(&self) -> &'static str {
+        match self {
+            Self::Io(error) => crate::metrics::errno_name(error),
+            Self::Hyper(error) => {
+                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+                while let Some(current) = source {
+                    if let Some(io) = current.downcast_ref::<std::io::Error>() {
+                        return crate::metrics::errno_name(io);
+                    }
+                    source = current.source();
+                }
+                ""
+            }
         }
-        source = current.source();
     }
-    ""
 }
 
 /// The proxied connection an HTTP request belongs to.
@@ -89,11 +107,16 @@ pub async fn forward(
     counters: ByteCounters,
     version: Version,
     proxy: Arc<HttpProxy>,
-) -> Result<(), hyper::Error> {
-    let upstream = Upstream::new(conn.dst, version, proxy.dialer, counters)
-        .with_connection(server)
-        .await?;
-    serve(client, version, conn, Some(Arc::new(upstream)), proxy).await
+) -> Result<(), HttpError> {
+    match version {
+        Version::Http1 => Ok(h1::forward(client, Some((server, counters)), conn, proxy).await?),
+        Version::Http2 => {
+            let upstream = Upstream::new(conn.dst, proxy.dialer, counters)
+                .with_connection(server)
+                .await?;
+            Ok(serve_h2(client, conn, Some(Arc::new(upstream)), proxy).await?)
+        }
+    }
 }
 
 /// Serves an HTTP client whose upstream could not be reached: each request gets 502.
@@ -102,13 +125,15 @@ pub async fn serve_unavailable(
     version: Version,
     conn: ConnInfo,
     proxy: Arc<HttpProxy>,
-) -> Result<(), hyper::Error> {
-    serve(client, version, conn, None, proxy).await
+) -> Result<(), HttpError> {
+    match version {
+        Version::Http1 => Ok(h1::forward(client, None, conn, proxy).await?),
+        Version::Http2 => Ok(serve_h2(client, conn, None, proxy).await?),
+    }
 }
 
-async fn serve(
+async fn serve_h2(
     client: TcpStream,
-    version: Version,
     conn: ConnInfo,
     upstream: Option<Arc<Upstream>>,
     proxy: Arc<HttpProxy>,
@@ -126,40 +151,21 @@ async fn serve(
             Ok::<_, Infallible>(response)
         }
     });
-    let draining = proxy.draining.clone();
-    let result = match version {
-        Version::Http1 => {
-            let connection = server_h1::Builder::new()
-                .serve_connection(client_io, service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => result,
-                () = draining.cancelled() => {
-                    // Finish the request in flight, then close instead of keeping alive.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            }
-        }
-        Version::Http2 => {
-            let connection =
-                server_h2::Builder::new(TokioExecutor::new()).serve_connection(client_io, service);
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => result,
-                () = draining.cancelled() => {
-                    // GOAWAY: streams in flight finish, no new ones start.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            }
+    let connection =
+        server_h2::Builder::new(TokioExecutor::new()).serve_connection(client_io, service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = proxy.draining.cancelled() => {
+            // GOAWAY: streams in flight finish, no new ones start.
+            connection.as_mut().graceful_shutdown();
+            connection.await
         }
     };
     if let Err(error) = &result
         && error.is_parse()
     {
-        // hyper has already answered 400 (or 431/414) and closed the connection.
+        // hyper has already answered (or sent GOAWAY) and closed the connection.
         proxy.count_error("bad_request");
     }
     result
@@ -174,50 +180,32 @@ impl HttpProxy {
         authorities: &AuthorityLabels,
         upstream: Option<&Upstream>,
     ) -> Response<ProxyBody> {
-        let started = Instant::now();
         let raw_authority = authority_of(&request);
         let authority = authorities.label(raw_authority, &self.metrics.http);
-        let labels = RequestLabels {
-            direction: Direction::Outbound,
-            target_port: conn.dst.port(),
-            authority: authority.clone(),
-        };
-        self.metrics.http.request_total.get_or_create(&labels).inc();
-        // What the tap shows, built only while somebody watches.
-        let summary = self.tap.is_watched().then(|| RequestSummary {
-            method: request.method().to_string(),
-            authority: raw_authority.to_string(),
-            path: request.uri().path().to_string(),
+        let record = self.begin_record(conn, authority, is_grpc(request.headers()), || {
+            RequestSummary {
+                method: request.method().to_string(),
+                authority: raw_authority.to_string(),
+                path: request.uri().path().to_string(),
+            }
         });
-        let record = ResponseRecord {
-            metrics: Arc::clone(&self.metrics),
-            tap: Arc::clone(&self.tap),
-            conn,
-            authority,
-            request: summary,
-            grpc: is_grpc(request.headers()),
-            started,
-            latency_ms: 0.0,
-        };
         let Some(upstream) = upstream else {
             self.count_error("upstream_unavailable");
-            return record.local(StatusCode::BAD_GATEWAY, false);
+            return record.local_response(StatusCode::BAD_GATEWAY);
         };
         let client_upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let is_connect = request.method() == Method::CONNECT;
-        let is_http1 = upstream.is_http1();
         let mut response =
             match tokio::time::timeout(self.upstream_timeout, upstream.send(request)).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(error)) => {
                     tracing::debug!(%error, "upstream request failed");
                     self.count_error("upstream_unavailable");
-                    return record.local(StatusCode::BAD_GATEWAY, is_http1);
+                    return record.local_response(StatusCode::BAD_GATEWAY);
                 }
                 Err(_) => {
                     self.count_error("upstream_timeout");
-                    // The HTTP/1 upstream connection is stuck mid-request: close this one too.
-                    return record.local(StatusCode::GATEWAY_TIMEOUT, is_http1);
+                    return record.local_response(StatusCode::GATEWAY_TIMEOUT);
                 }
             };
         let tunnel = response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -227,6 +215,35 @@ impl HttpProxy {
             tokio::spawn(tunnel_upgraded(client_upgrade, server_upgrade));
         }
         record.upstream(response)
+    }
+
+    /// Counts a request and starts its response record; the tap summary is built only while
+    /// somebody watches.
+    fn begin_record(
+        &self,
+        conn: ConnInfo,
+        authority: String,
+        grpc: bool,
+        summary: impl FnOnce() -> RequestSummary,
+    ) -> ResponseRecord {
+        let started = Instant::now();
+        let labels = RequestLabels {
+            direction: Direction::Outbound,
+            target_port: conn.dst.port(),
+            authority,
+        };
+        self.metrics.http.request_total.get_or_create(&labels).inc();
+        ResponseRecord {
+            metrics: Arc::clone(&self.metrics),
+            tap: Arc::clone(&self.tap),
+            conn,
+            authority: labels.authority,
+            request: self.tap.is_watched().then(summary),
+            grpc,
+            started,
+            status: 0,
+            latency_ms: 0.0,
+        }
     }
 
     fn count_error(&self, reason: &'static str) {

@@ -14,7 +14,6 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::{
     HeaderMap, Response, StatusCode,
     body::{Body, Frame, Incoming, SizeHint},
-    header,
 };
 
 use super::ConnInfo;
@@ -46,6 +45,8 @@ pub struct ResponseRecord {
     pub request: Option<RequestSummary>,
     pub grpc: bool,
     pub started: Instant,
+    /// The response's status, once its head is known.
+    pub status: u16,
     /// Time to response headers, once known.
     pub latency_ms: f64,
 }
@@ -58,30 +59,24 @@ pub struct RequestSummary {
 }
 
 impl ResponseRecord {
-    /// A response the proxy makes itself (502/504).
-    pub fn local(mut self, status: StatusCode, close: bool) -> Response<ProxyBody> {
-        self.latency(status);
-        let outcome = Outcome {
-            status: status.as_u16(),
-            grpc_status: None,
-            broken: false,
-        };
-        self.finish(&outcome);
+    /// A response the proxy makes itself (502/504), as hyper sends it.
+    pub fn local_response(self, status: StatusCode) -> Response<ProxyBody> {
+        self.answered_locally(status.as_u16());
         let body = Full::new(Bytes::from(format!("{status}\n"))).map_err(|never| match never {});
         let mut response = Response::new(UnsyncBoxBody::new(body));
         *response.status_mut() = status;
-        if close {
-            response.headers_mut().insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
-        }
         response
+    }
+
+    /// Records a response the proxy made itself.
+    pub fn answered_locally(mut self, status: u16) {
+        self.response_started(status);
+        self.finish(status, false);
     }
 
     /// The upstream's response, observed until its body ends.
     pub fn upstream(mut self, response: Response<Incoming>) -> Response<ProxyBody> {
-        self.latency(response.status());
+        self.response_started(response.status().as_u16());
         let outcome = Outcome {
             status: response.status().as_u16(),
             // A trailers-only gRPC response carries its status in the headers.
@@ -97,12 +92,14 @@ impl ResponseRecord {
         })
     }
 
-    fn latency(&mut self, status: StatusCode) {
+    /// The response head arrived: its latency is known.
+    pub fn response_started(&mut self, status: u16) {
+        self.status = status;
         let labels = LatencyLabels {
             direction: Direction::Outbound,
             target_port: self.conn.dst.port(),
             authority: self.authority.clone(),
-            status_code: status.as_u16(),
+            status_code: status,
         };
         let millis = self.started.elapsed().as_secs_f64() * 1000.0;
         self.latency_ms = millis;
@@ -113,7 +110,16 @@ impl ResponseRecord {
             .observe(millis);
     }
 
-    fn finish(&self, outcome: &Outcome) {
+    /// The response ended (`broken`: midway) without gRPC status.
+    pub fn finish(self, status: u16, broken: bool) {
+        self.record(&Outcome {
+            status,
+            grpc_status: None,
+            broken,
+        });
+    }
+
+    fn record(&self, outcome: &Outcome) {
         let http: &HttpMetrics = &self.metrics.http;
         let labels = ResponseLabels {
             direction: Direction::Outbound,
@@ -176,7 +182,7 @@ struct ObservedBody {
 impl ObservedBody {
     fn finish(&mut self) {
         if let Some(record) = self.record.take() {
-            record.finish(&self.outcome);
+            record.record(&self.outcome);
         }
     }
 }

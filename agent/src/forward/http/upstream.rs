@@ -1,36 +1,23 @@
-//! The upstream side of an HTTP client connection: one connection to the original destination,
-//! opened at accept and re-opened when the server closes it (an HTTP/1 server ending a
-//! keep-alive connection, an HTTP/2 GOAWAY), so a long-lived client connection keeps working.
+//! The upstream side of an h2c client connection: one HTTP/2 connection to the original
+//! destination, opened at accept and re-opened when the server closes it (GOAWAY), so a
+//! long-lived client connection keeps working.
 
 use std::{io, net::SocketAddr};
 
 use hyper::{
     Request, Response,
     body::Incoming,
-    client::conn::{http1 as client_h1, http2 as client_h2},
+    client::conn::http2 as client_h2,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpStream, sync::Mutex};
 
-use super::Version;
 use crate::{
     connect::Dialer,
     forward::{ByteCounters, io::Counted},
 };
 
-enum Sender {
-    Http1(client_h1::SendRequest<Incoming>),
-    Http2(client_h2::SendRequest<Incoming>),
-}
-
-impl Sender {
-    fn is_closed(&self) -> bool {
-        match self {
-            Self::Http1(sender) => sender.is_closed(),
-            Self::Http2(sender) => sender.is_closed(),
-        }
-    }
-}
+type Sender = client_h2::SendRequest<Incoming>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -42,19 +29,16 @@ pub enum UpstreamError {
 
 pub struct Upstream {
     dst: SocketAddr,
-    version: Version,
     dialer: Dialer,
     counters: ByteCounters,
-    /// The live sender; HTTP/1 requests hold the lock while they wait for their response, which
-    /// keeps one client connection's requests in order on one upstream connection.
+    /// The live sender; held only to (re)open the connection, never across a response.
     sender: Mutex<Option<Sender>>,
 }
 
 impl Upstream {
-    pub fn new(dst: SocketAddr, version: Version, dialer: Dialer, counters: ByteCounters) -> Self {
+    pub fn new(dst: SocketAddr, dialer: Dialer, counters: ByteCounters) -> Self {
         Self {
             dst,
-            version,
             dialer,
             counters,
             sender: Mutex::new(None),
@@ -63,13 +47,9 @@ impl Upstream {
 
     /// Starts with the connection opened at accept.
     pub async fn with_connection(self, server: TcpStream) -> Result<Self, hyper::Error> {
-        let sender = handshake(server, self.version, &self.counters).await?;
+        let sender = handshake(server, &self.counters).await?;
         *self.sender.lock().await = Some(sender);
         Ok(self)
-    }
-
-    pub fn is_http1(&self) -> bool {
-        self.version == Version::Http1
     }
 
     pub async fn send(
@@ -79,43 +59,23 @@ impl Upstream {
         let mut slot = self.sender.lock().await;
         if slot.as_ref().is_none_or(Sender::is_closed) {
             let server = self.dialer.connect(self.dst).await?;
-            *slot = Some(handshake(server, self.version, &self.counters).await?);
+            *slot = Some(handshake(server, &self.counters).await?);
         }
-        match slot.as_mut() {
-            Some(Sender::Http1(sender)) => {
-                sender.ready().await?;
-                Ok(sender.send_request(request).await?)
-            }
-            Some(Sender::Http2(sender)) => {
-                // HTTP/2 multiplexes: release the lock before waiting for the response.
-                let mut sender = sender.clone();
-                drop(slot);
-                sender.ready().await?;
-                Ok(sender.send_request(request).await?)
-            }
-            None => Err(UpstreamError::Connect(io::Error::other(
+        // HTTP/2 multiplexes: release the lock before waiting for the response.
+        let Some(mut sender) = slot.clone() else {
+            return Err(UpstreamError::Connect(io::Error::other(
                 "no upstream connection",
-            ))),
-        }
+            )));
+        };
+        drop(slot);
+        sender.ready().await?;
+        Ok(sender.send_request(request).await?)
     }
 }
 
-async fn handshake(
-    server: TcpStream,
-    version: Version,
-    counters: &ByteCounters,
-) -> Result<Sender, hyper::Error> {
+async fn handshake(server: TcpStream, counters: &ByteCounters) -> Result<Sender, hyper::Error> {
     let io = TokioIo::new(Counted::new(server, counters.clone()));
-    Ok(match version {
-        Version::Http1 => {
-            let (sender, connection) = client_h1::handshake(io).await?;
-            tokio::spawn(connection.with_upgrades());
-            Sender::Http1(sender)
-        }
-        Version::Http2 => {
-            let (sender, connection) = client_h2::handshake(TokioExecutor::new(), io).await?;
-            tokio::spawn(connection);
-            Sender::Http2(sender)
-        }
-    })
+    let (sender, connection) = client_h2::handshake(TokioExecutor::new(), io).await?;
+    tokio::spawn(connection);
+    Ok(sender)
 }

@@ -1,0 +1,502 @@
+//! HTTP/1 forwarding without re-encoding. Each request head is parsed (httparse) for what the
+//! metrics and the tap need and for its framing, then its bytes go to the upstream unchanged,
+//! followed by its body; the response comes back the same way. Nothing is decoded or rebuilt,
+//! so a request costs one read and one write each way, and the client sees the server's bytes.
+//!
+//! One upstream connection per client connection, re-opened when the server closed it between
+//! requests. Request body and response run concurrently (a server may answer early, or send
+//! 100 Continue before the body). Upgrades (101) and CONNECT (2xx) continue as a byte tunnel.
+//! The proxy answers itself only when it must: 400 (or 431) for a request it cannot frame, 502
+//! when the upstream is unreachable or its response is malformed, 504 when the response head
+//! takes longer than the upstream timeout. Framing it cannot trust (Content-Length with
+//! Transfer-Encoding, conflicting lengths) is refused rather than guessed, so no request can
+//! be smuggled past the proxy.
+
+mod body;
+mod head;
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Waker},
+};
+
+use bytes::{Buf, BytesMut};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use self::{
+    body::{ChunkError, Framing, Remaining},
+    head::{HeadError, RequestHead, ResponseHead},
+};
+use super::{AuthorityLabels, ConnInfo, HttpProxy, observe::ResponseRecord};
+use crate::forward::{ByteCounters, io::Counted};
+
+/// Read size while waiting for a head; bodies read in larger pieces.
+const HEAD_READ: usize = 8 * 1024;
+const BODY_READ: usize = 64 * 1024;
+
+/// Proxies HTTP/1 between `client` and its original destination (`upstream`: the connection
+/// opened at accept and the connection's byte counters), or answers 502 to an HTTP client
+/// whose upstream is unreachable (`upstream` None).
+pub async fn forward(
+    client: TcpStream,
+    upstream: Option<(TcpStream, ByteCounters)>,
+    conn: ConnInfo,
+    proxy: Arc<HttpProxy>,
+) -> io::Result<()> {
+    let mut session = Session {
+        client,
+        client_buf: BytesMut::new(),
+        upstream: upstream.map(|(stream, counters)| Upstream {
+            stream: Some(stream),
+            buf: BytesMut::new(),
+            counters,
+        }),
+        conn,
+        authorities: AuthorityLabels::default(),
+        proxy,
+    };
+    let result = session.run().await;
+    // A clean end: FIN to the client after the last response (errors just drop the socket).
+    if result.is_ok() {
+        let _ = session.client.shutdown().await;
+    }
+    result
+}
+
+struct Session {
+    client: TcpStream,
+    /// Bytes read from the client and not forwarded yet (a head being parsed, the next
+    /// pipelined request).
+    client_buf: BytesMut,
+    /// None: the original destination is unreachable.
+    upstream: Option<Upstream>,
+    conn: ConnInfo,
+    authorities: AuthorityLabels,
+    proxy: Arc<HttpProxy>,
+}
+
+struct Upstream {
+    /// None after the connection failed or the server ended it; re-opened on the next request.
+    stream: Option<TcpStream>,
+    buf: BytesMut,
+    counters: ByteCounters,
+}
+
+/// What happens after an exchange.
+enum Next {
+    KeepAlive,
+    Close,
+    Tunnel,
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+enum Failure {
+    /// The client went away or failed: nobody to answer.
+    Client(io::Error),
+    /// The request body is not valid chunked coding.
+    BadRequestBody,
+    /// The upstream failed (connect, I/O, closed early).
+    Upstream(io::Error),
+    BadResponse,
+    Timeout,
+}
+
+impl Session {
+    async fn run(&mut self) -> io::Result<()> {
+        loop {
+            let request = match self.next_request().await {
+                Ok(Some(request)) => request,
+                Ok(None) => return Ok(()),
+                Err(RequestError::Io(error)) => return Err(error),
+                Err(RequestError::Head(error)) => {
+                    tracing::debug!(%error, "malformed request");
+                    self.proxy.count_error("bad_request");
+                    let status = if error == HeadError::TooLarge { 431 } else { 400 };
+                    return self.write_local(status).await;
+                }
+            };
+            match self.exchange(&request).await? {
+                Next::KeepAlive if !self.proxy.draining.is_cancelled() => {}
+                Next::KeepAlive | Next::Close => return Ok(()),
+                Next::Tunnel => return self.tunnel().await,
+            }
+        }
+    }
+
+    /// The next request head, or None when the client ends the connection between requests
+    /// (or the agent drains while it is idle).
+    async fn next_request(&mut self) -> Result<Option<RequestHead>, RequestError> {
+        loop {
+            if !self.client_buf.is_empty()
+                && let Some(request) = head::parse_request(&self.client_buf)?
+            {
+                return Ok(Some(request));
+            }
+            let read = if self.client_buf.is_empty() {
+                tokio::select! {
+                    biased;
+                    read = fill(&mut self.client, &mut self.client_buf, HEAD_READ) => read?,
+                    () = self.proxy.draining.cancelled() => return Ok(None),
+                }
+            } else {
+                fill(&mut self.client, &mut self.client_buf, HEAD_READ).await?
+            };
+            if read == 0 {
+                // An unfinished head at EOF has no one left to answer.
+                return Ok(None);
+            }
+        }
+    }
+
+    /// One request and its response.
+    async fn exchange(&mut self, request: &RequestHead) -> io::Result<Next> {
+        let mut record = self.begin_record(request);
+        let Some(upstream) = self.upstream.as_mut() else {
+            self.proxy.count_error("upstream_unavailable");
+            record.answered_locally(502);
+            self.write_local(502).await?;
+            return Ok(Next::Close);
+        };
+        // Set once the response head went to the client: after that, a failure can only close.
+        let response_started = AtomicBool::new(false);
+        let result = upstream
+            .exchange(
+                &mut self.client,
+                &mut self.client_buf,
+                request,
+                &mut record,
+                &response_started,
+                &self.proxy,
+                self.conn.dst,
+            )
+            .await;
+        let response = match result {
+            Ok(response) => response,
+            Err(failure) => {
+                upstream.stream = None;
+                return self.failed(failure, record, response_started.load(Ordering::Relaxed)).await;
+            }
+        };
+        record.finish(response.status, false);
+        if response.tunnel {
+            return Ok(Next::Tunnel);
+        }
+        if !response.keep_alive {
+            upstream.stream = None;
+        }
+        upstream.release_idle_buffer();
+        release_idle_buffer(&mut self.client_buf);
+        Ok(if request.keep_alive && response.keep_alive {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        })
+    }
+
+    /// Answers a failed exchange if its response had not begun; the connection closes.
+    async fn failed(
+        &mut self,
+        failure: Failure,
+        record: ResponseRecord,
+        response_started: bool,
+    ) -> io::Result<Next> {
+        tracing::debug!(?failure, response_started, "http/1 exchange failed");
+        if response_started {
+            let status = record.status;
+            record.finish(status, true);
+            return match failure {
+                Failure::Client(error) | Failure::Upstream(error) => Err(error),
+                _ => Ok(Next::Close),
+            };
+        }
+        let (status, reason) = match failure {
+            Failure::Client(error) => return Err(error),
+            Failure::BadRequestBody => (400, "bad_request"),
+            Failure::Upstream(_) | Failure::BadResponse => (502, "upstream_unavailable"),
+            Failure::Timeout => (504, "upstream_timeout"),
+        };
+        self.proxy.count_error(reason);
+        record.answered_locally(status);
+        self.write_local(status).await?;
+        Ok(Next::Close)
+    }
+
+    fn begin_record(&self, request: &RequestHead) -> ResponseRecord {
+        let authority = self
+            .authorities
+            .label(&request.authority, &self.proxy.metrics.http);
+        self.proxy.begin_record(self.conn, authority, false, || {
+            super::observe::RequestSummary {
+                method: request.method.clone(),
+                authority: request.authority.clone(),
+                path: request.path().to_string(),
+            }
+        })
+    }
+
+    /// A response the proxy makes itself; the connection closes after it.
+    async fn write_local(&mut self, status: u16) -> io::Result<()> {
+        let reason = hyper::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|status| status.canonical_reason())
+            .unwrap_or("");
+        let body = format!("{status} {reason}\n");
+        let response = format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        self.client.write_all(response.as_bytes()).await
+    }
+
+    /// After a 101 or a successful CONNECT: raw bytes both ways until either side ends.
+    async fn tunnel(&mut self) -> io::Result<()> {
+        let Some(Upstream {
+            stream: Some(server),
+            buf: server_buf,
+            counters,
+        }) = self.upstream.as_mut()
+        else {
+            return Ok(());
+        };
+        let mut server = Counted::new(server, counters.clone());
+        // Whatever either side sent right after the heads is the tunnel's first bytes.
+        server.write_all(&self.client_buf).await?;
+        self.client.write_all(server_buf).await?;
+        counters.server_to_client(server_buf.len() as u64);
+        self.client_buf.clear();
+        server_buf.clear();
+        tokio::io::copy_bidirectional(&mut self.client, &mut server).await?;
+        Ok(())
+    }
+}
+
+impl Upstream {
+    /// Sends the request (head and body) and brings the response back to the client. The
+    /// request body and the response move concurrently.
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange(
+        &mut self,
+        client: &mut TcpStream,
+        client_buf: &mut BytesMut,
+        request: &RequestHead,
+        record: &mut ResponseRecord,
+        response_started: &AtomicBool,
+        proxy: &HttpProxy,
+        dst: SocketAddr,
+    ) -> Result<ResponseHead, Failure> {
+        self.connect_if_closed(proxy, dst).await?;
+        let Self {
+            stream: Some(server),
+            buf: server_buf,
+            counters,
+        } = self
+        else {
+            return Err(Failure::Upstream(io::ErrorKind::NotConnected.into()));
+        };
+        let (mut client_read, mut client_write) = client.split();
+        let (mut server_read, mut server_write) = server.split();
+        let request_side = async {
+            forward_message(
+                &mut client_read,
+                client_buf,
+                &mut server_write,
+                request.len,
+                request.framing,
+                |bytes| counters.client_to_server(bytes),
+            )
+            .await
+            .map_err(|error| match error {
+                MessageError::Read(error) | MessageError::Truncated(error) => {
+                    Failure::Client(error)
+                }
+                MessageError::Write(error) => Failure::Upstream(error),
+                MessageError::Body(ChunkError) => Failure::BadRequestBody,
+            })
+        };
+        let response_side = async {
+            let response = tokio::time::timeout(
+                proxy.upstream_timeout,
+                read_response_head(&mut server_read, server_buf, &mut client_write, request, counters),
+            )
+            .await
+            .map_err(|_| Failure::Timeout)??;
+            record.response_started(response.status);
+            response_started.store(true, Ordering::Relaxed);
+            forward_message(
+                &mut server_read,
+                server_buf,
+                &mut client_write,
+                response.len,
+                response.framing,
+                |bytes| counters.server_to_client(bytes),
+            )
+            .await
+            .map_err(|error| match error {
+                MessageError::Read(error) | MessageError::Truncated(error) => {
+                    Failure::Upstream(error)
+                }
+                MessageError::Write(error) => Failure::Client(error),
+                MessageError::Body(ChunkError) => Failure::BadResponse,
+            })?;
+            Ok(response)
+        };
+        let ((), response) = tokio::try_join!(request_side, response_side)?;
+        Ok(response)
+    }
+
+    /// Re-opens the upstream connection if the server closed it while idle (or never opened).
+    async fn connect_if_closed(&mut self, proxy: &HttpProxy, dst: SocketAddr) -> Result<(), Failure> {
+        let reusable = self
+            .stream
+            .as_ref()
+            .is_some_and(|stream| self.buf.is_empty() && !closed_while_idle(stream));
+        if !reusable {
+            self.buf.clear();
+            self.stream = Some(proxy.dialer.connect(dst).await.map_err(Failure::Upstream)?);
+        }
+        Ok(())
+    }
+
+    fn release_idle_buffer(&mut self) {
+        release_idle_buffer(&mut self.buf);
+    }
+}
+
+/// Reads response heads, forwarding interim ones (100 Continue, 103), up to the final one,
+/// which stays at the start of `buf`.
+async fn read_response_head<R, W>(
+    server: &mut R,
+    buf: &mut BytesMut,
+    client: &mut W,
+    request: &RequestHead,
+    counters: &ByteCounters,
+) -> Result<ResponseHead, Failure>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        match head::parse_response(buf, request) {
+            Ok(Some(response)) if response.is_interim() => {
+                client
+                    .write_all(&buf[..response.len])
+                    .await
+                    .map_err(Failure::Client)?;
+                counters.server_to_client(response.len as u64);
+                buf.advance(response.len);
+                continue;
+            }
+            Ok(Some(response)) => return Ok(response),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::debug!(%error, "malformed response");
+                return Err(Failure::BadResponse);
+            }
+        }
+        let read = fill(server, buf, HEAD_READ)
+            .await
+            .map_err(Failure::Upstream)?;
+        if read == 0 {
+            return Err(Failure::Upstream(io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+enum MessageError {
+    Read(io::Error),
+    Write(io::Error),
+    /// The sender closed before the body ended.
+    Truncated(io::Error),
+    Body(ChunkError),
+}
+
+/// Forwards a message: its head (the first `head_len` bytes of `buf`), then its body as
+/// framed, reading more from `from` as needed. What follows the body (a pipelined request)
+/// stays in `buf`. Head and the body bytes already read go out in one write.
+async fn forward_message<R, W>(
+    from: &mut R,
+    buf: &mut BytesMut,
+    to: &mut W,
+    head_len: usize,
+    framing: Framing,
+    count: impl Fn(u64),
+) -> Result<(), MessageError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut remaining = Remaining::of(framing);
+    let mut ready = head_len;
+    loop {
+        ready += remaining.take(&buf[ready..]).map_err(MessageError::Body)?;
+        if ready > 0 {
+            to.write_all(&buf[..ready])
+                .await
+                .map_err(MessageError::Write)?;
+            count(ready as u64);
+            buf.advance(ready);
+            ready = 0;
+        }
+        if remaining.is_done() {
+            return Ok(());
+        }
+        let read = fill(from, buf, BODY_READ).await.map_err(MessageError::Read)?;
+        if read == 0 {
+            return if remaining.ends_at_close() {
+                Ok(())
+            } else {
+                Err(MessageError::Truncated(io::ErrorKind::UnexpectedEof.into()))
+            };
+        }
+    }
+}
+
+/// Reads what is there (at least one byte, or 0 at EOF) onto the end of `buf`.
+async fn fill<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buf: &mut BytesMut,
+    read_size: usize,
+) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < read_size / 4 {
+        buf.reserve(read_size);
+    }
+    from.read_buf(buf).await
+}
+
+/// An idle connection keeps no large buffer (a big body grew it).
+fn release_idle_buffer(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 2 * HEAD_READ {
+        *buf = BytesMut::new();
+    }
+}
+
+/// Whether the server closed (or sent something unasked) while the connection was idle. Asks
+/// tokio's readiness first, so a quiet connection costs no system call.
+fn closed_while_idle(stream: &TcpStream) -> bool {
+    let mut context = Context::from_waker(Waker::noop());
+    match stream.poll_read_ready(&mut context) {
+        Poll::Pending => false,
+        Poll::Ready(Err(_)) => true,
+        Poll::Ready(Ok(())) => {
+            let mut byte = [0u8; 1];
+            !matches!(stream.try_read(&mut byte), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Head(#[from] HeadError),
+}
