@@ -3,6 +3,10 @@
   GET  /bytes/N     N bytes of a deterministic pattern (Content-Length)
   POST /upload      reads the body (Content-Length or chunked), answers "<length> <sha256>"
   GET  /status/N    an empty response with status N
+  GET  /unframed/N  N pattern bytes without Content-Length; the body ends when the server closes
+  GET  /close-after a short response, then the server closes the keep-alive connection without
+                    saying so (as an idle timeout does)
+  HEAD              what GET would answer, without the body
   CONNECT host:port 200, then the tunnel echoes every byte back (a stand-in HTTP proxy)
 
 Prints "READY <port>" once listening; runs until killed.
@@ -27,6 +31,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def do_HEAD(self):
+        self.do_GET()
+
+    def write_body(self, body):
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
     def do_GET(self):
         parts = self.path.strip("/").split("/")
         if len(parts) == 2 and parts[0] == "bytes" and parts[1].isdigit():
@@ -35,7 +46,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            self.write_body(body)
+        elif len(parts) == 2 and parts[0] == "unframed" and parts[1].isdigit():
+            self.send_response(200)
+            self.end_headers()
+            self.write_body(pattern(int(parts[1])))
+            self.close_connection = True
+        elif parts == ["close-after"]:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.write_body(b"ok")
+            self.close_connection = True
         elif len(parts) == 2 and parts[0] == "status" and parts[1].isdigit():
             self.send_response(int(parts[1]))
             self.send_header("Content-Length", "0")

@@ -341,3 +341,46 @@ fn connect_tunnel_continues_as_bytes() {
         1,
     );
 }
+
+/// HTTP/1 is forwarded byte for byte, so the framing cases must come out exactly as the server
+/// sent them: pipelining, HEAD, 100-continue, a server closing an idle keep-alive connection,
+/// a close-delimited body; and a request framed two ways at once is refused, not guessed.
+#[test]
+fn http1_framing_edge_cases_are_forwarded_exactly() {
+    require_privileged!();
+    let server = ServerProcess::peer("http_peer.py", &[]);
+    let cgroup = TestCgroup::new("h1edge");
+    let agent = Agent::start(&cgroup);
+
+    let report = run_ok(
+        cgroup
+            .command(SYSTEM_PYTHON)
+            .arg(peer_script("h1_edge_client.py"))
+            .arg(server.addr.to_string()),
+        LIMIT,
+    );
+    // The pattern's first bytes are 03 0a 11 18 1f ...
+    assert_eq!(
+        report.lines().collect::<Vec<_>>(),
+        [
+            "pipelined 200 030a11181f 204",
+            "head 200 0 200 030a11",
+            "continue 100 200 1000",
+            "reconnect 200 ok 200 030a1118",
+            "unframed 200 70000 030a1118",
+            "smuggle 400 closed",
+        ],
+        "{report}"
+    );
+    agent.assert_metric(
+        "sockmesh_http_errors_total",
+        &[("reason", "bad_request")],
+        1,
+    );
+    let edge = [("authority", "edge.test")];
+    // Everything but the refused request was counted, each with its response.
+    agent.assert_metric("request_total", &edge, 8);
+    agent.assert_metric("response_total", &[edge[0], ("status_code", "200")], 7);
+    agent.assert_metric("response_total", &[edge[0], ("status_code", "204")], 1);
+    agent.assert_metric("response_latency_ms_count", &edge, 8);
+}

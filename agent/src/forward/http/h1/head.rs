@@ -43,6 +43,16 @@ impl RequestHead {
         self.method == "HEAD"
     }
 
+    /// Safe to send again if the connection it went out on closed unanswered: idempotent
+    /// (RFC 9110 9.2.2) and without a body to replay.
+    pub fn is_retryable(&self) -> bool {
+        self.framing == Framing::Empty
+            && matches!(
+                self.method.as_str(),
+                "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+            )
+    }
+
     pub fn is_connect(&self) -> bool {
         self.method == "CONNECT"
     }

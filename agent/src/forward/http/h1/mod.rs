@@ -23,6 +23,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, Waker},
+    time::Duration,
 };
 
 use bytes::{Buf, BytesMut};
@@ -58,6 +59,8 @@ pub async fn forward(
             stream: Some(stream),
             buf: BytesMut::new(),
             counters,
+            reused: false,
+            used: false,
         }),
         conn,
         authorities: AuthorityLabels::default(),
@@ -88,6 +91,10 @@ struct Upstream {
     stream: Option<TcpStream>,
     buf: BytesMut,
     counters: ByteCounters,
+    /// The current request went out on a connection that had carried an earlier one.
+    reused: bool,
+    /// Whether the connection in `stream` has carried a request.
+    used: bool,
 }
 
 /// What happens after an exchange.
@@ -168,24 +175,45 @@ impl Session {
         };
         // Set once the response head went to the client: after that, a failure can only close.
         let response_started = AtomicBool::new(false);
-        let result = upstream
-            .exchange(
-                &mut self.client,
-                &mut self.client_buf,
-                request,
-                &mut record,
-                &response_started,
-                &self.proxy,
-                self.conn.dst,
-            )
-            .await;
-        let response = match result {
-            Ok(response) => response,
-            Err(failure) => {
-                upstream.stream = None;
-                return self.failed(failure, record, response_started.load(Ordering::Relaxed)).await;
+        let mut retried = false;
+        let response = loop {
+            let result = upstream
+                .exchange(
+                    &mut self.client,
+                    &mut self.client_buf,
+                    request,
+                    &mut record,
+                    &response_started,
+                    &self.proxy,
+                    self.conn.dst,
+                )
+                .await;
+            match result {
+                Ok(response) => break response,
+                // A reused connection the server closed just as the request went out (an idle
+                // timeout racing us): nothing was answered, so an idempotent request without a
+                // body is sent once more, on a fresh connection.
+                Err(Failure::Upstream(error))
+                    if !retried
+                        && upstream.reused
+                        && request.is_retryable()
+                        && upstream.buf.is_empty()
+                        && !response_started.load(Ordering::Relaxed) =>
+                {
+                    tracing::debug!(%error, "reused upstream connection was closed; retrying");
+                    upstream.stream = None;
+                    retried = true;
+                }
+                Err(failure) => {
+                    upstream.stream = None;
+                    let started = response_started.load(Ordering::Relaxed);
+                    return self.failed(failure, record, started).await;
+                }
             }
         };
+        if request.framing == Framing::Empty {
+            self.client_buf.advance(request.len);
+        }
         record.finish(response.status, false);
         if response.tunnel {
             return Ok(Next::Tunnel);
@@ -254,7 +282,31 @@ impl Session {
             "HTTP/1.1 {status} {reason}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
-        self.client.write_all(response.as_bytes()).await
+        self.client.write_all(response.as_bytes()).await?;
+        self.linger().await;
+        Ok(())
+    }
+
+    /// Closes after a local answer without losing it: closing a socket with unread input
+    /// sends a reset, which can destroy the answer before the client reads it. So the write
+    /// side closes first and what the client still sends is read and dropped, briefly.
+    async fn linger(&mut self) {
+        const LINGER: Duration = Duration::from_secs(1);
+        const LINGER_BYTES: usize = 256 * 1024;
+        if self.client.shutdown().await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut discarded = 0;
+            let mut scratch = [0u8; 4096];
+            while discarded < LINGER_BYTES {
+                match self.client.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => discarded += read,
+                }
+            }
+        })
+        .await;
     }
 
     /// After a 101 or a successful CONNECT: raw bytes both ways until either side ends.
@@ -263,6 +315,7 @@ impl Session {
             stream: Some(server),
             buf: server_buf,
             counters,
+            ..
         }) = self.upstream.as_mut()
         else {
             return Ok(());
@@ -298,6 +351,7 @@ impl Upstream {
             stream: Some(server),
             buf: server_buf,
             counters,
+            ..
         } = self
         else {
             return Err(Failure::Upstream(io::ErrorKind::NotConnected.into()));
@@ -305,6 +359,16 @@ impl Upstream {
         let (mut client_read, mut client_write) = client.split();
         let (mut server_read, mut server_write) = server.split();
         let request_side = async {
+            if request.framing == Framing::Empty {
+                // The head stays in the client's buffer until the response is in, so that it
+                // can be sent again should this connection turn out closed.
+                server_write
+                    .write_all(&client_buf[..request.len])
+                    .await
+                    .map_err(Failure::Upstream)?;
+                counters.client_to_server(request.len as u64);
+                return Ok(());
+            }
             forward_message(
                 &mut client_read,
                 client_buf,
@@ -359,6 +423,9 @@ impl Upstream {
             .stream
             .as_ref()
             .is_some_and(|stream| self.buf.is_empty() && !closed_while_idle(stream));
+        // The connection opened at accept counts as fresh: it has carried nothing yet.
+        self.reused = reusable && self.used;
+        self.used = true;
         if !reusable {
             self.buf.clear();
             self.stream = Some(proxy.dialer.connect(dst).await.map_err(Failure::Upstream)?);
