@@ -18,11 +18,8 @@ use std::{
 };
 
 use hyper::{
-    HeaderMap, Method, Request, Response, StatusCode,
-    body::Incoming,
-    header,
-    server::conn::http2 as server_h2,
-    service::service_fn,
+    HeaderMap, Method, Request, Response, StatusCode, body::Incoming, header,
+    server::conn::http2 as server_h2, service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;

@@ -4,11 +4,7 @@
 
 use std::{io, net::SocketAddr};
 
-use hyper::{
-    Request, Response,
-    body::Incoming,
-    client::conn::http2 as client_h2,
-};
+use hyper::{Request, Response, body::Incoming, client::conn::http2 as client_h2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpStream, sync::Mutex};
 

@@ -64,11 +64,20 @@ impl Remaining {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Chunk {
     /// In the hex chunk size; `digits` so far.
-    Size { size: u64, digits: u8 },
+    Size {
+        size: u64,
+        digits: u8,
+    },
     /// After the size: extensions or whitespace up to CR.
-    Extension { size: u64 },
-    SizeLf { size: u64 },
-    Data { left: u64 },
+    Extension {
+        size: u64,
+    },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        left: u64,
+    },
     DataCr,
     DataLf,
     /// At the start of a trailer line (or of the final CRLF).

@@ -143,7 +143,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
 }
 
 /// The response head at the start of `buf` for `request`, or None if not complete yet.
-pub fn parse_response(buf: &[u8], request: &RequestHead) -> Result<Option<ResponseHead>, HeadError> {
+pub fn parse_response(
+    buf: &[u8],
+    request: &RequestHead,
+) -> Result<Option<ResponseHead>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let len = match response.parse(buf) {
@@ -162,11 +165,10 @@ pub fn parse_response(buf: &[u8], request: &RequestHead) -> Result<Option<Respon
         } else {
             status == 101
         };
-    // RFC 9112 6.3, in its order.
-    let framing = if request.is_head() || (100..200).contains(&status) || status == 204 || status == 304
-    {
-        Framing::Empty
-    } else if tunnel {
+    // RFC 9112 6.3, in its order (a tunnel's bytes after the head are not a body).
+    let no_body =
+        request.is_head() || (100..200).contains(&status) || status == 204 || status == 304;
+    let framing = if no_body || tunnel {
         Framing::Empty
     } else if fields.chunked_last {
         Framing::Chunked
@@ -338,20 +340,30 @@ mod tests {
             parse_response(bytes.as_bytes(), request).unwrap().unwrap()
         };
         let ok = response("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", &get);
-        assert_eq!((ok.status, ok.framing, ok.keep_alive), (200, Framing::Length(3), true));
+        assert_eq!(
+            (ok.status, ok.framing, ok.keep_alive),
+            (200, Framing::Length(3), true)
+        );
         let to_head = response("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", &head);
         assert_eq!(to_head.framing, Framing::Empty);
         let no_length = response("HTTP/1.1 200 OK\r\n\r\n", &get);
         assert_eq!(no_length.framing, Framing::UntilClose);
         assert!(!no_length.keep_alive);
-        let chunked = response("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", &get);
+        let chunked = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &get,
+        );
         assert_eq!(chunked.framing, Framing::Chunked);
-        let not_modified = response("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", &get);
+        let not_modified = response(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            &get,
+        );
         assert_eq!(not_modified.framing, Framing::Empty);
         let interim = response("HTTP/1.1 100 Continue\r\n\r\n", &get);
         assert!(interim.is_interim());
 
-        let upgrade = request("GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n");
+        let upgrade =
+            request("GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n");
         let switching = response("HTTP/1.1 101 Switching Protocols\r\n\r\n", &upgrade);
         assert!(switching.tunnel && !switching.is_interim());
         let connect = request("CONNECT a:1 HTTP/1.1\r\n\r\n");

@@ -127,7 +127,11 @@ impl Session {
                 Err(RequestError::Head(error)) => {
                     tracing::debug!(%error, "malformed request");
                     self.proxy.count_error("bad_request");
-                    let status = if error == HeadError::TooLarge { 431 } else { 400 };
+                    let status = if error == HeadError::TooLarge {
+                        431
+                    } else {
+                        400
+                    };
                     return self.write_local(status).await;
                 }
             };
@@ -389,7 +393,13 @@ impl Upstream {
         let response_side = async {
             let response = tokio::time::timeout(
                 proxy.upstream_timeout,
-                read_response_head(&mut server_read, server_buf, &mut client_write, request, counters),
+                read_response_head(
+                    &mut server_read,
+                    server_buf,
+                    &mut client_write,
+                    request,
+                    counters,
+                ),
             )
             .await
             .map_err(|_| Failure::Timeout)??;
@@ -418,7 +428,11 @@ impl Upstream {
     }
 
     /// Re-opens the upstream connection if the server closed it while idle (or never opened).
-    async fn connect_if_closed(&mut self, proxy: &HttpProxy, dst: SocketAddr) -> Result<(), Failure> {
+    async fn connect_if_closed(
+        &mut self,
+        proxy: &HttpProxy,
+        dst: SocketAddr,
+    ) -> Result<(), Failure> {
         let reusable = self
             .stream
             .as_ref()
@@ -516,7 +530,9 @@ where
         if remaining.is_done() {
             return Ok(());
         }
-        let read = fill(from, buf, BODY_READ).await.map_err(MessageError::Read)?;
+        let read = fill(from, buf, BODY_READ)
+            .await
+            .map_err(MessageError::Read)?;
         if read == 0 {
             return if remaining.ends_at_close() {
                 Ok(())
