@@ -7,6 +7,8 @@ prints one line "<case> <result>"; the test compares them with what the server m
   reconnect     the server closes an idle keep-alive connection; the next request still works
   unframed      a response without length, delimited by the server closing
   smuggle       Content-Length and Transfer-Encoding together: 400, and the connection closes
+  badchunk      a chunked body that is not chunked coding: 400, and the connection closes
+  hugehead      a head over 64 KiB: 431, and the connection closes
 """
 import argparse
 import socket
@@ -84,6 +86,18 @@ def main():
     )
     status, _ = read_response(f)
     print("smuggle", status, "closed" if f.read() == b"" else "open")
+    s.close()
+
+    s, f = connect(addr)
+    s.sendall(request("/upload", "POST", "Transfer-Encoding: chunked\r\n") + b"zz\r\nhello\r\n")
+    status, _ = read_response(f)
+    print("badchunk", status, "closed" if f.read() == b"" else "open")
+    s.close()
+
+    s, f = connect(addr)
+    s.sendall(request("/bytes/1", extra="X-Big: " + "a" * 70000 + "\r\n"))
+    status, _ = read_response(f)
+    print("hugehead", status, "closed" if f.read() == b"" else "open")
     s.close()
 
 

@@ -344,7 +344,8 @@ fn connect_tunnel_continues_as_bytes() {
 
 /// HTTP/1 is forwarded byte for byte, so the framing cases must come out exactly as the server
 /// sent them: pipelining, HEAD, 100-continue, a server closing an idle keep-alive connection,
-/// a close-delimited body; and a request framed two ways at once is refused, not guessed.
+/// a close-delimited body. A request framed two ways at once is refused, not guessed; a broken
+/// chunked body and an oversized head get their error status and a closed connection.
 #[test]
 fn http1_framing_edge_cases_are_forwarded_exactly() {
     require_privileged!();
@@ -369,18 +370,21 @@ fn http1_framing_edge_cases_are_forwarded_exactly() {
             "reconnect 200 ok 200 030a1118",
             "unframed 200 70000 030a1118",
             "smuggle 400 closed",
+            "badchunk 400 closed",
+            "hugehead 431 closed",
         ],
         "{report}"
     );
     agent.assert_metric(
         "sockmesh_http_errors_total",
         &[("reason", "bad_request")],
-        1,
+        3,
     );
     let edge = [("authority", "edge.test")];
-    // Everything but the refused request was counted, each with its response.
-    agent.assert_metric("request_total", &edge, 8);
+    // Every request with a valid head was counted (the broken chunked one too, as a 400).
+    agent.assert_metric("request_total", &edge, 9);
+    agent.assert_metric("response_total", &[edge[0], ("status_code", "400")], 1);
     agent.assert_metric("response_total", &[edge[0], ("status_code", "200")], 7);
     agent.assert_metric("response_total", &[edge[0], ("status_code", "204")], 1);
-    agent.assert_metric("response_latency_ms_count", &edge, 8);
+    agent.assert_metric("response_latency_ms_count", &edge, 9);
 }

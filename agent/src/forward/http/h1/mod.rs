@@ -66,12 +66,15 @@ pub async fn forward(
         authorities: AuthorityLabels::default(),
         proxy,
     };
-    let result = session.run().await;
-    // A clean end: FIN to the client after the last response (errors just drop the socket).
-    if result.is_ok() {
-        let _ = session.client.shutdown().await;
+    match session.run().await {
+        // A peer closing in the middle of a message is not a socket error.
+        Err(error) if error.kind() != io::ErrorKind::UnexpectedEof => Err(error),
+        _ => {
+            // A clean end: FIN to the client after the last response.
+            let _ = session.client.shutdown().await;
+            Ok(())
+        }
     }
-    result
 }
 
 struct Session {
