@@ -388,3 +388,35 @@ fn http1_framing_edge_cases_are_forwarded_exactly() {
     agent.assert_metric("response_total", &[edge[0], ("status_code", "204")], 1);
     agent.assert_metric("response_latency_ms_count", &edge, 9);
 }
+
+/// 100 keep-alive connections at once, each with a dozen downloads and uploads of different
+/// sizes: every byte arrives where it belongs, and every request is counted once.
+#[test]
+fn http1_concurrent_keep_alive_connections_are_byte_exact() {
+    require_privileged!();
+    let server = ServerProcess::peer("http_peer.py", &[]);
+    let cgroup = TestCgroup::new("h1load");
+    let agent = Agent::start(&cgroup);
+
+    let report = run_ok(
+        cgroup
+            .command(SYSTEM_PYTHON)
+            .arg(peer_script("h1_load_client.py"))
+            .arg(server.addr.to_string())
+            .args(["--connections", "100", "--rounds", "12"]),
+        LIMIT,
+    );
+    assert_eq!(report.trim(), "h1 load ok requests=1200");
+    let load = [("authority", "load.test")];
+    agent.assert_metric("request_total", &load, 1200);
+    agent.assert_metric(
+        "response_total",
+        &[
+            load[0],
+            ("status_code", "200"),
+            ("classification", "success"),
+        ],
+        1200,
+    );
+    agent.assert_metric("tcp_detect_total", &[("result", "http1")], 100);
+}

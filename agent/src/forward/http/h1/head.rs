@@ -63,8 +63,8 @@ impl RequestHead {
         if self.is_connect() {
             return "";
         }
-        let without_authority = match self.target.split_once("://") {
-            Some((_, rest)) => rest.find('/').map_or("/", |slash| &rest[slash..]),
+        let without_authority = match absolute_form(&self.target) {
+            Some(rest) => rest.find('/').map_or("/", |slash| &rest[slash..]),
             None => &self.target,
         };
         without_authority
@@ -126,7 +126,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
     let is_connect = method == "CONNECT";
     let authority = if is_connect {
         target.to_string()
-    } else if let Some((_, rest)) = target.split_once("://") {
+    } else if let Some(rest) = absolute_form(target) {
         rest.split(['/', '?', '#']).next().unwrap_or("").to_string()
     } else {
         fields.host.unwrap_or_default().to_string()
@@ -188,6 +188,15 @@ pub fn parse_response(
         framing,
         tunnel,
     }))
+}
+
+/// An absolute-form target ("http://host/path") without its scheme; None for the usual
+/// origin-form ("/path"), which is checked first because nearly every request has it.
+fn absolute_form(target: &str) -> Option<&str> {
+    if target.starts_with('/') {
+        return None;
+    }
+    target.split_once("://").map(|(_, rest)| rest)
 }
 
 fn incomplete<T>(buf: &[u8]) -> Result<Option<T>, HeadError> {
