@@ -330,3 +330,21 @@ impl Proxy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, C, F>(_: impl Fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every proxied connection's task holds this future for as long as the connection is
+    /// open, idle ones included: large, rarely used states (hyper's HTTP/2 connection, an
+    /// HTTP/1 exchange) are boxed so that they do not size every connection's task.
+    #[test]
+    fn a_connection_task_stays_small() {
+        let size = future_size(handle);
+        assert!(size <= 2560, "a connection's future is {size} bytes");
+    }
+}

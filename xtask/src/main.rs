@@ -82,6 +82,9 @@ enum Probe {
     Hold {
         addr: std::net::SocketAddr,
         count: usize,
+        /// Make one HTTP/1.1 keep-alive request on each connection first.
+        #[arg(long)]
+        http: bool,
     },
 }
 
@@ -112,7 +115,7 @@ fn run(task: Task) -> Result<()> {
         Task::BenchProbe { probe } => match probe {
             Probe::Greeting { addr, count } => bench::probe::greeting(addr, count),
             Probe::Connrate { addr, seconds } => bench::probe::connection_rate(addr, seconds),
-            Probe::Hold { addr, count } => bench::probe::hold(addr, count),
+            Probe::Hold { addr, count, http } => bench::probe::hold(addr, count, http),
         },
     }
 }

@@ -1,5 +1,6 @@
 //! Process metrics with the standard Prometheus names, read from /proc at scrape time:
-//! CPU seconds, resident and virtual memory, open and maximum file descriptors, start time.
+//! CPU seconds, resident and virtual memory, open and maximum file descriptors, start time;
+//! and the heap in use, which shows what connections cost better than resident memory does.
 
 use std::fmt;
 
@@ -71,6 +72,14 @@ impl Collector for ProcessCollector {
                 fds.count() as f64,
             )?;
         }
+        #[cfg(target_env = "gnu")]
+        gauge(
+            &mut encoder,
+            "sockmesh_heap_in_use_bytes",
+            "Heap bytes allocated and not freed (glibc mallinfo2); unlike resident memory, \
+             it falls when connections close",
+            heap_in_use_bytes() as f64,
+        )?;
         let mut limit = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
@@ -86,6 +95,14 @@ impl Collector for ProcessCollector {
         }
         Ok(())
     }
+}
+
+/// Bytes handed out by malloc and not freed yet: small blocks plus mmapped ones.
+#[cfg(target_env = "gnu")]
+fn heap_in_use_bytes() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    info.uordblks + info.hblkhd
 }
 
 fn counter(

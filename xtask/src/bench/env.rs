@@ -75,6 +75,7 @@ pub struct Env {
 pub struct Agent {
     cgroup: PathBuf,
     pub pid: u32,
+    admin: SocketAddr,
 }
 
 impl Env {
@@ -296,7 +297,7 @@ impl Env {
             .args(extra);
         self.spawn(setup.name(), &mut command)?;
         let pid = self.children.last().map(Child::id).unwrap_or(0);
-        let agent = Agent { cgroup, pid };
+        let agent = Agent { cgroup, pid, admin };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !http_ok(admin, "/ready") {
             if Instant::now() > deadline {
@@ -339,14 +340,15 @@ impl Drop for Env {
 }
 
 impl Agent {
-    /// Resident memory of the agent, in bytes.
-    pub fn rss_bytes(&self) -> u64 {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
-        status
+    /// The agent's heap in use (its sockmesh_heap_in_use_bytes gauge), in bytes. Unlike
+    /// resident memory it does not keep what earlier connections freed.
+    pub fn heap_bytes(&self) -> Result<u64> {
+        let metrics = http_body(self.admin, "/metrics").context("scraping the agent")?;
+        let value = metrics
             .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+            .find_map(|line| line.strip_prefix("sockmesh_heap_in_use_bytes "))
+            .context("no sockmesh_heap_in_use_bytes in /metrics")?;
+        Ok(value.trim().parse::<f64>()? as u64)
     }
 
     /// CPU seconds (user + system) the agent has used.
@@ -416,16 +418,24 @@ fn wait_listening(addr: SocketAddr) -> Result<()> {
 }
 
 fn http_ok(addr: SocketAddr, path: &str) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if write!(stream, "GET {path} HTTP/1.0\r\n\r\n").is_err() {
-        return false;
-    }
+    http_body(addr, path).is_ok()
+}
+
+/// The body of a 200 answer to GET `path` (HTTP/1.0, so the server closes after it).
+fn http_body(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
     let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200")
+    stream.read_to_string(&mut response)?;
+    if !(response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200")) {
+        bail!(
+            "GET {path}: {}",
+            response.lines().next().unwrap_or("no answer")
+        );
+    }
+    let (_, body) = response.split_once("\r\n\r\n").unwrap_or(("", ""));
+    Ok(body.to_string())
 }
 
 pub fn cgroup2_mount() -> Result<PathBuf> {

@@ -59,7 +59,7 @@ pub fn run(root: &Path, sockmesh: &Path, options: &Options) -> Result<()> {
     let mut results = Results::default();
     let scenarios: Vec<Scenario> = ALL
         .into_iter()
-        .chain([Scenario::IdleMemory])
+        .chain([Scenario::IdleMemory, Scenario::IdleHttpMemory])
         .filter(|scenario| selected(scenario, options.only.as_deref()))
         .collect();
     if scenarios.is_empty() {

@@ -52,12 +52,18 @@ pub fn connection_rate(addr: SocketAddr, seconds: f64) -> Result<()> {
     Ok(())
 }
 
-/// Opens `count` idle connections, prints "ready", and holds them until stdin closes.
-pub fn hold(addr: SocketAddr, count: usize) -> Result<()> {
+/// Opens `count` connections, prints "ready", and holds them idle until stdin closes. With
+/// `http`, each first makes one keep-alive HTTP/1.1 request, as an idle pooled client
+/// connection has.
+pub fn hold(addr: SocketAddr, count: usize, http: bool) -> Result<()> {
     raise_fd_limit();
     let mut held = Vec::with_capacity(count);
     for i in 0..count {
-        held.push(TcpStream::connect(addr).with_context(|| format!("connection {i}"))?);
+        let mut stream = TcpStream::connect(addr).with_context(|| format!("connection {i}"))?;
+        if http {
+            one_request(&mut stream).with_context(|| format!("request on connection {i}"))?;
+        }
+        held.push(stream);
     }
     println!("ready");
     std::io::stdout().flush()?;
@@ -65,6 +71,31 @@ pub fn hold(addr: SocketAddr, count: usize) -> Result<()> {
     let _ = std::io::stdin().read_to_end(&mut sink);
     drop(held);
     Ok(())
+}
+
+/// GET / with keep-alive; reads the whole response (a Content-Length one).
+fn one_request(stream: &mut TcpStream) -> Result<()> {
+    stream.write_all(b"GET /index.html HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = stream.read(&mut buf)?;
+        anyhow::ensure!(read > 0, "closed before the response ended");
+        response.extend_from_slice(&buf[..read]);
+        let Some(head_end) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&response[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .context("no content-length")?
+            .trim()
+            .parse()?;
+        if response.len() >= head_end + 4 + length {
+            return Ok(());
+        }
+    }
 }
 
 /// A server that greets every connection first (a server-speaks-first protocol).

@@ -58,13 +58,20 @@ impl Scale {
 
 #[derive(Clone, Copy, Debug)]
 pub enum Scenario {
-    Iperf { streams: u32, reverse: bool },
-    RedisGet { clients: u32 },
+    Iperf {
+        streams: u32,
+        reverse: bool,
+    },
+    RedisGet {
+        clients: u32,
+    },
     ConnectionRate,
     Http1Wrk,
     Http2H2load,
     Greeting,
     IdleMemory,
+    /// Idle keep-alive connections that have each carried one HTTP/1.1 request.
+    IdleHttpMemory,
 }
 
 pub const ALL: [Scenario; 10] = [
@@ -107,6 +114,7 @@ impl Scenario {
         match self {
             Self::Http1Wrk | Self::Http2H2load => &HTTP_SETUPS,
             Self::IdleMemory => &[Setup::Sockmesh, Setup::SockmeshSplice, Setup::SockmeshCopy],
+            Self::IdleHttpMemory => &[Setup::Sockmesh],
             _ => &TCP_SETUPS,
         }
     }
@@ -140,6 +148,11 @@ impl Scenario {
             Self::Http2H2load => vec![metric("HTTP/2 h2load -c 8 -m 10", "req/s", true)],
             Self::Greeting => vec![metric("server-first greeting", "us", false)],
             Self::IdleMemory => vec![metric("agent memory per idle connection", "KiB", false)],
+            Self::IdleHttpMemory => vec![metric(
+                "agent memory per idle HTTP/1.1 keep-alive connection",
+                "KiB",
+                false,
+            )],
         }
     }
 
@@ -208,7 +221,8 @@ impl Scenario {
                 ]))?;
                 Ok(vec![Some(parse_number(&out)?)])
             }
-            Self::IdleMemory => idle_memory(env, setup, scale),
+            Self::IdleMemory => idle_memory(env, setup, scale, false),
+            Self::IdleHttpMemory => idle_memory(env, setup, scale, true),
         }
     }
 }
@@ -296,13 +310,20 @@ fn redis(env: &Env, setup: Setup, scale: Scale, clients: u32) -> Result<Vec<Opti
 }
 
 /// Holds idle connections through the agent; reports the agent's memory growth per connection.
-fn idle_memory(env: &Env, setup: Setup, scale: Scale) -> Result<Vec<Option<f64>>> {
+/// Agent heap growth per idle connection (socket buffers are the kernel's and not counted);
+/// `http`: each has carried one HTTP/1.1 request.
+fn idle_memory(env: &Env, setup: Setup, scale: Scale, http: bool) -> Result<Vec<Option<f64>>> {
     let agent = env
         .agents
         .get(&setup)
         .context("idle memory needs an agent")?;
-    let target = target(env, setup, Backend::Pong)?;
-    let before = agent.rss_bytes();
+    let backend = if http {
+        Backend::OriginHttp1
+    } else {
+        Backend::Pong
+    };
+    let target = target(env, setup, backend)?;
+    let before = agent.heap_bytes()?;
     let mut holder = env
         .client(setup, &xtask_exe()?)
         .args([
@@ -311,6 +332,7 @@ fn idle_memory(env: &Env, setup: Setup, scale: Scale) -> Result<Vec<Option<f64>>
             &target.to_string(),
             &scale.idle_connections.to_string(),
         ])
+        .args(http.then_some("--http"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -322,7 +344,7 @@ fn idle_memory(env: &Env, setup: Setup, scale: Scale) -> Result<Vec<Option<f64>>
         bail!("the holder did not open its connections");
     }
     thread::sleep(Duration::from_millis(500));
-    let after = agent.rss_bytes();
+    let after = agent.heap_bytes()?;
     drop(holder.stdin.take().map(|mut stdin| stdin.flush()));
     let _ = holder.wait();
     let per_connection =

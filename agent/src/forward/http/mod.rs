@@ -107,13 +107,23 @@ pub async fn forward(
 ) -> Result<(), HttpError> {
     match version {
         Version::Http1 => Ok(h1::forward(client, Some((server, counters)), conn, proxy).await?),
-        Version::Http2 => {
-            let upstream = Upstream::new(conn.dst, proxy.dialer, counters)
-                .with_connection(server)
-                .await?;
-            Ok(serve_h2(client, conn, Some(Arc::new(upstream)), proxy).await?)
-        }
+        // Boxed: hyper's HTTP/2 connection state is large, and every connection's task
+        // (opaque and HTTP/1 ones too) would otherwise be sized for it.
+        Version::Http2 => Ok(Box::pin(forward_h2(client, server, conn, counters, proxy)).await?),
     }
+}
+
+async fn forward_h2(
+    client: TcpStream,
+    server: TcpStream,
+    conn: ConnInfo,
+    counters: ByteCounters,
+    proxy: Arc<HttpProxy>,
+) -> Result<(), HttpError> {
+    let upstream = Upstream::new(conn.dst, proxy.dialer, counters)
+        .with_connection(server)
+        .await?;
+    Ok(serve_h2(client, conn, Some(Arc::new(upstream)), proxy).await?)
 }
 
 /// Serves an HTTP client whose upstream could not be reached: each request gets 502.
@@ -125,7 +135,7 @@ pub async fn serve_unavailable(
 ) -> Result<(), HttpError> {
     match version {
         Version::Http1 => Ok(h1::forward(client, None, conn, proxy).await?),
-        Version::Http2 => Ok(serve_h2(client, conn, None, proxy).await?),
+        Version::Http2 => Ok(Box::pin(serve_h2(client, conn, None, proxy)).await?),
     }
 }
 
