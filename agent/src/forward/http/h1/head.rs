@@ -96,11 +96,8 @@ impl ResponseHead {
 pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    let len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return incomplete(buf),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(error) => return Err(HeadError::Malformed(error)),
+    let Some(len) = head_len(request.parse(buf), buf)? else {
+        return Ok(None);
     };
     let (Some(method), Some(target), Some(version)) =
         (request.method, request.path, request.version)
@@ -149,11 +146,8 @@ pub fn parse_response(
 ) -> Result<Option<ResponseHead>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
-    let len = match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return incomplete(buf),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(error) => return Err(HeadError::Malformed(error)),
+    let Some(len) = head_len(response.parse(buf), buf)? else {
+        return Ok(None);
     };
     let (Some(status), Some(version)) = (response.code, response.version) else {
         return Err(HeadError::Malformed(httparse::Error::Status));
@@ -199,11 +193,14 @@ fn absolute_form(target: &str) -> Option<&str> {
     target.split_once("://").map(|(_, rest)| rest)
 }
 
-fn incomplete<T>(buf: &[u8]) -> Result<Option<T>, HeadError> {
-    if buf.len() >= MAX_HEAD_BYTES {
-        Err(HeadError::TooLarge)
-    } else {
-        Ok(None)
+/// The head's length once httparse has all of it; None while it is incomplete.
+fn head_len(parsed: httparse::Result<usize>, buf: &[u8]) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(error) => Err(HeadError::Malformed(error)),
     }
 }
 

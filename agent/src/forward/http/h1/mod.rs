@@ -388,13 +388,7 @@ impl Upstream {
                 |bytes| counters.client_to_server(bytes),
             )
             .await
-            .map_err(|error| match error {
-                MessageError::Read(error) | MessageError::Truncated(error) => {
-                    Failure::Client(error)
-                }
-                MessageError::Write(error) => Failure::Upstream(error),
-                MessageError::Body(ChunkError) => Failure::BadRequestBody,
-            })
+            .map_err(|error| error.failure(Sender::Client))
         };
         let response_side = async {
             let response = tokio::time::timeout(
@@ -420,13 +414,7 @@ impl Upstream {
                 |bytes| counters.server_to_client(bytes),
             )
             .await
-            .map_err(|error| match error {
-                MessageError::Read(error) | MessageError::Truncated(error) => {
-                    Failure::Upstream(error)
-                }
-                MessageError::Write(error) => Failure::Client(error),
-                MessageError::Body(ChunkError) => Failure::BadResponse,
-            })?;
+            .map_err(|error| error.failure(Sender::Server))?;
             Ok(response)
         };
         let ((), response) = tokio::try_join!(request_side, response_side)?;
@@ -504,6 +492,28 @@ enum MessageError {
     /// The sender closed before the body ended.
     Truncated(io::Error),
     Body(ChunkError),
+}
+
+/// Whose message was being forwarded.
+#[derive(Clone, Copy)]
+enum Sender {
+    Client,
+    Server,
+}
+
+impl MessageError {
+    /// What the exchange failed of: reading (or a cut-off or malformed body) fails on the
+    /// sender's side, writing on the receiver's.
+    fn failure(self, sender: Sender) -> Failure {
+        match (self, sender) {
+            (Self::Read(error) | Self::Truncated(error), Sender::Client)
+            | (Self::Write(error), Sender::Server) => Failure::Client(error),
+            (Self::Read(error) | Self::Truncated(error), Sender::Server)
+            | (Self::Write(error), Sender::Client) => Failure::Upstream(error),
+            (Self::Body(ChunkError), Sender::Client) => Failure::BadRequestBody,
+            (Self::Body(ChunkError), Sender::Server) => Failure::BadResponse,
+        }
+    }
 }
 
 /// Forwards a message: its head (the first `head_len` bytes of `buf`), then its body as
