@@ -133,7 +133,8 @@ pub struct RunArgs {
     /// Drop the default opaque ports; only --opaque-ports remain.
     #[arg(long, env = "SOCKMESH_NO_DEFAULT_OPAQUE_PORTS")]
     pub no_default_opaque_ports: bool,
-    /// How long to wait for a client's first bytes before forwarding the connection opaquely.
+    /// How long to wait for a client's first bytes before forwarding the connection opaquely;
+    /// also how long an HTTP/1 request head may take to arrive whole (then 408).
     #[arg(long, env = "SOCKMESH_DETECT_TIMEOUT", default_value = "10s",
           value_parser = parse_duration)]
     pub detect_timeout: Duration,

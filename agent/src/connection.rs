@@ -68,6 +68,7 @@ impl Proxy {
             metrics: Arc::clone(&metrics),
             tap: Arc::clone(&tap),
             upstream_timeout: config.upstream_timeout,
+            head_timeout: config.detect_timeout,
             dialer,
             draining,
         };

@@ -420,3 +420,41 @@ fn http1_concurrent_keep_alive_connections_are_byte_exact() {
     );
     agent.assert_metric("tcp_detect_total", &[("result", "http1")], 100);
 }
+
+/// A client that starts a request head and stalls (slow loris) gets 408 once the head has
+/// taken longer than the detection timeout, and its connection closes; the agent keeps serving.
+#[test]
+fn a_stalled_request_head_gets_408() {
+    require_privileged!();
+    let server = ServerProcess::peer("http_peer.py", &[]);
+    let cgroup = TestCgroup::new("h1slow");
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            args: vec!["--detect-timeout=1s".to_string()],
+            ..AgentOptions::default()
+        },
+    );
+
+    let script = format!(
+        "import socket\n\
+         s = socket.create_connection(('127.0.0.1', {}), timeout=20)\n\
+         s.sendall(b'GET /bytes/1 HTTP/1.1\\r\\nHost: slow.test\\r\\n')\n\
+         answer = b''\n\
+         while chunk := s.recv(4096):\n\
+         \x20   answer += chunk\n\
+         print(answer.split(b'\\r\\n')[0].decode(), '| closed')\n",
+        server.addr.port()
+    );
+    let out = run_ok(cgroup.command(SYSTEM_PYTHON).args(["-c", &script]), LIMIT);
+    assert_eq!(out.trim(), "HTTP/1.1 408 Request Timeout | closed");
+    agent.assert_metric(
+        "sockmesh_http_errors_total",
+        &[("reason", "bad_request")],
+        1,
+    );
+    assert_eq!(
+        curl_status(&cgroup, &format!("http://{}/status/204", server.addr)),
+        "204"
+    );
+}

@@ -52,6 +52,9 @@ pub struct HttpProxy {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub tap: Arc<Tap>,
     pub upstream_timeout: Duration,
+    /// How long an HTTP/1 request head may take once it has begun (slow-loris clients get
+    /// 408 instead of holding a connection and a buffer for ever).
+    pub head_timeout: Duration,
     pub dialer: Dialer,
     /// Cancelled when the agent starts shutting down: idle keep-alive connections close then,
     /// instead of holding the drain for the whole grace period.

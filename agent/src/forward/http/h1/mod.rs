@@ -6,7 +6,8 @@
 //! One upstream connection per client connection, re-opened when the server closed it between
 //! requests. Request body and response run concurrently (a server may answer early, or send
 //! 100 Continue before the body). Upgrades (101) and CONNECT (2xx) continue as a byte tunnel.
-//! The proxy answers itself only when it must: 400 (or 431) for a request it cannot frame, 502
+//! The proxy answers itself only when it must: 400 (or 431) for a request it cannot frame, 408
+//! for a head that does not arrive whole within the detection timeout, 502
 //! when the upstream is unreachable or its response is malformed, 504 when the response head
 //! takes longer than the upstream timeout. Framing it cannot trust (Content-Length with
 //! Transfer-Encoding, conflicting lengths) is refused rather than guessed, so no request can
@@ -127,6 +128,10 @@ impl Session {
                 Ok(Some(request)) => request,
                 Ok(None) => return Ok(()),
                 Err(RequestError::Io(error)) => return Err(error),
+                Err(RequestError::Timeout) => {
+                    self.proxy.count_error("bad_request");
+                    return self.write_local(408).await;
+                }
                 Err(RequestError::Head(error)) => {
                     tracing::debug!(%error, "malformed request");
                     self.proxy.count_error("bad_request");
@@ -165,7 +170,16 @@ impl Session {
                     () = self.proxy.draining.cancelled() => return Ok(None),
                 }
             }
-            let read = fill(&mut self.client, &mut self.client_buf, HEAD_READ).await?;
+            let read = if self.client_buf.is_empty() {
+                fill(&mut self.client, &mut self.client_buf, HEAD_READ).await?
+            } else {
+                // A head that has begun must finish in time (the first read is untimed: an
+                // idle keep-alive connection may wait as long as it likes).
+                let more = fill(&mut self.client, &mut self.client_buf, HEAD_READ);
+                tokio::time::timeout(self.proxy.head_timeout, more)
+                    .await
+                    .map_err(|_| RequestError::Timeout)??
+            };
             if read == 0 {
                 // An unfinished head at EOF has no one left to answer.
                 return Ok(None);
@@ -600,6 +614,8 @@ enum RequestError {
     Io(#[from] io::Error),
     #[error(transparent)]
     Head(#[from] HeadError),
+    #[error("request head not complete in time")]
+    Timeout,
 }
 
 #[cfg(test)]
