@@ -162,19 +162,17 @@ impl Session {
             {
                 return Ok(Some(request));
             }
-            if self.client_buf.is_empty() {
-                // Idle between requests: wait without holding a buffer.
+            let read = if self.client_buf.is_empty() {
+                // Idle between requests: wait without holding a buffer, and untimed (a
+                // keep-alive connection may stay idle as long as it likes).
                 tokio::select! {
                     biased;
                     ready = self.client.readable() => ready?,
                     () = self.proxy.draining.cancelled() => return Ok(None),
                 }
-            }
-            let read = if self.client_buf.is_empty() {
                 fill(&mut self.client, &mut self.client_buf, HEAD_READ).await?
             } else {
-                // A head that has begun must finish in time (the first read is untimed: an
-                // idle keep-alive connection may wait as long as it likes).
+                // A head that has begun must finish in time.
                 let more = fill(&mut self.client, &mut self.client_buf, HEAD_READ);
                 tokio::time::timeout(self.proxy.head_timeout, more)
                     .await
