@@ -54,8 +54,9 @@ impl Upstream {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut slot = self.sender.lock().await;
         if slot.as_ref().is_none_or(Sender::is_closed) {
-            let server = self.dialer.connect(self.dst).await?;
-            *slot = Some(handshake(server, &self.counters).await?);
+            // Boxed: re-opening is rare, and its state would otherwise be carried (and
+            // copied) by every request's future.
+            *slot = Some(Box::pin(self.reconnect()).await?);
         }
         // HTTP/2 multiplexes: release the lock before waiting for the response.
         let Some(mut sender) = slot.clone() else {
@@ -66,6 +67,13 @@ impl Upstream {
         drop(slot);
         sender.ready().await?;
         Ok(sender.send_request(request).await?)
+    }
+}
+
+impl Upstream {
+    async fn reconnect(&self) -> Result<Sender, UpstreamError> {
+        let server = self.dialer.connect(self.dst).await?;
+        Ok(handshake(server, &self.counters).await?)
     }
 }
 
