@@ -73,7 +73,8 @@ pub fn hold(addr: SocketAddr, count: usize, http: bool) -> Result<()> {
     Ok(())
 }
 
-/// GET / with keep-alive; reads the whole response (a Content-Length one).
+/// GET /index.html, keeping the connection alive; reads the whole response (a Content-Length
+/// one).
 fn one_request(stream: &mut TcpStream) -> Result<()> {
     stream.write_all(b"GET /index.html HTTP/1.1\r\nHost: bench\r\n\r\n")?;
     let mut response = Vec::new();
