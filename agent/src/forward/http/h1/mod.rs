@@ -242,7 +242,7 @@ impl Session {
         if !response.keep_alive {
             upstream.stream = None;
         }
-        upstream.release_idle_buffer();
+        release_idle_buffer(&mut upstream.buf);
         release_idle_buffer(&mut self.client_buf);
         Ok(if request.keep_alive && response.keep_alive {
             Next::KeepAlive
@@ -451,10 +451,6 @@ impl Upstream {
             self.stream = Some(proxy.dialer.connect(dst).await.map_err(Failure::Upstream)?);
         }
         Ok(())
-    }
-
-    fn release_idle_buffer(&mut self) {
-        release_idle_buffer(&mut self.buf);
     }
 }
 
