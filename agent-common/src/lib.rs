@@ -23,10 +23,14 @@ pub mod map_names {
     pub const FWD_PEERS: &str = "FWD_PEERS";
     /// In-kernel forwarding: proxy sockets whose received bytes the verdict program moves.
     pub const FWD_ACTIVE: &str = "FWD_ACTIVE";
+    /// Network namespaces the agent serves (netns cookie -> settings): connect4/6 redirect
+    /// only connects made in one of them.
+    pub const SERVED_NETNS: &str = "SERVED_NETNS";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CONFIG,
+        SERVED_NETNS,
         SKIP_PORTS,
         SKIP_NETS_V4,
         SKIP_NETS_V6,
@@ -69,6 +73,8 @@ pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
 pub const MAX_KERNEL_FORWARDED: u32 = 32_768;
 /// Entries of each in-kernel forwarding socket map: two sockets per connection.
 pub const FWD_MAP_ENTRIES: u32 = 2 * MAX_KERNEL_FORWARDED;
+/// Network namespaces the agent can serve at once (the host's plus one per pod).
+pub const MAX_SERVED_NETNS: u32 = 4_096;
 /// Entries of each skip-network LPM trie.
 pub const MAX_SKIP_NETWORKS: u32 = 1_024;
 /// The skip-port bitmap: one bit per TCP port, 64 ports per word.
@@ -85,6 +91,7 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
 /// Where connect4/connect6 send intercepted connections, written once by the agent at start-up.
+/// The listener port is per network namespace (`ServedNetns`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProxyConfig {
@@ -92,12 +99,25 @@ pub struct ProxyConfig {
     pub proxy_ip4: u32,
     /// IPv6 listener address, network-order words.
     pub proxy_ip6: [u32; 4],
-    /// Listener port (both families), host order.
-    pub proxy_port: u16,
     /// 1 once the agent has filled this in; connect hooks do nothing before that.
     pub enabled: u16,
+    pub pad: u16,
     /// Socket mark of the agent's own sockets, which are never redirected.
     pub bypass_mark: u32,
+}
+
+/// A network namespace the agent serves, under its netns cookie in `SERVED_NETNS`. The agent
+/// inserts it only once its listeners exist inside that namespace, so a connect is never
+/// redirected to a port where nothing listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServedNetns {
+    /// The outbound listener's port in this namespace (on 127.0.0.1 and ::1), host order.
+    pub proxy_port: u16,
+    /// Reserved for per-workload settings; 0 today.
+    pub flags: u16,
+    /// Reserved: a per-workload policy id (0 = the node-wide lists).
+    pub policy: u32,
 }
 
 /// The destination an application asked for before connect4/6 rewrote it.
@@ -112,8 +132,9 @@ pub struct OriginalDst {
     pub family: u16,
 }
 
-/// A redirected connection as the client socket sees it: client address -> proxy listener.
-/// The proxy looks up its accepted socket with (peer, local), which is the same tuple.
+/// A redirected connection as the client socket sees it: client address -> proxy listener, in
+/// the client's network namespace (two pods can both use 127.0.0.1:ephemeral -> 127.0.0.1:4140).
+/// The proxy looks up its accepted socket with (peer, local, its netns), the same tuple.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ConnTuple {
@@ -125,6 +146,8 @@ pub struct ConnTuple {
     pub dst_port: u16,
     pub family: u16,
     pub pad: u16,
+    /// Cookie of the network namespace both sockets live in.
+    pub netns: u64,
 }
 
 /// Kernel-side counters, one slot per CPU; user space sums the slots.
@@ -141,6 +164,8 @@ pub struct KernelCounters {
     pub bypassed_self: u64,
     /// Map updates that failed; the connect went direct (fail-open).
     pub errors: u64,
+    /// TCP connects left alone because their network namespace is not one the agent serves.
+    pub bypassed_unserved_netns: u64,
 }
 
 /// Word index and bit mask of `port` in the skip-port bitmap.
@@ -156,6 +181,7 @@ mod pod {
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::ConnTuple {}
     unsafe impl aya::Pod for super::KernelCounters {}
+    unsafe impl aya::Pod for super::ServedNetns {}
 }
 
 #[cfg(test)]
@@ -174,8 +200,9 @@ mod tests {
     fn shared_types_have_no_padding() {
         assert_eq!(core::mem::size_of::<ProxyConfig>(), 4 + 16 + 2 + 2 + 4);
         assert_eq!(core::mem::size_of::<OriginalDst>(), 16 + 2 + 2);
-        assert_eq!(core::mem::size_of::<ConnTuple>(), 32 + 8);
-        assert_eq!(core::mem::size_of::<KernelCounters>(), 5 * 8);
+        assert_eq!(core::mem::size_of::<ConnTuple>(), 32 + 8 + 8);
+        assert_eq!(core::mem::size_of::<KernelCounters>(), 6 * 8);
+        assert_eq!(core::mem::size_of::<ServedNetns>(), 8);
     }
 
     #[test]

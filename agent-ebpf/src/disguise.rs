@@ -6,7 +6,7 @@ use agent_common::{AF_INET, AF_INET6, ConnTuple, OriginalDst, SO_ORIGINAL_DST};
 use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_sock, bpf_sockopt},
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SockAddrContext, SockoptContext},
 };
 
@@ -65,8 +65,10 @@ pub fn getsockopt(ctx: &SockoptContext) {
     // SAFETY: for sockopt programs ctx->sk is a non-null full socket.
     let sk = unsafe { opt.__bindgen_anon_1.sk };
     // SAFETY: copied out at once.
+    // SAFETY: bpf_get_netns_cookie is allowed in cgroup sockopt programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(dst) = ORIG_BY_TUPLE
-        .get_ptr(accepted_tuple(sk))
+        .get_ptr(accepted_tuple(sk, netns))
         .map(|d| unsafe { *d })
     else {
         return;
@@ -84,7 +86,7 @@ pub fn getsockopt(ctx: &SockoptContext) {
 /// The proxy's accepted socket is the far end of the client's: swap local and remote.
 /// Socket fields are read one load each: the verifier forbids pointer arithmetic on `sk`.
 #[inline(always)]
-fn accepted_tuple(sk: *const bpf_sock) -> ConnTuple {
+fn accepted_tuple(sk: *const bpf_sock, netns: u64) -> ConnTuple {
     // SAFETY (all reads): sk is the kernel's socket for this call; each is a plain field load.
     let family = unsafe { read_field(&raw const (*sk).family) } as u16;
     let (src_addr, dst_addr) = if family == AF_INET {
@@ -103,6 +105,7 @@ fn accepted_tuple(sk: *const bpf_sock) -> ConnTuple {
         dst_port: unsafe { read_field(&raw const (*sk).src_port) } as u16,
         family,
         pad: 0,
+        netns,
     }
 }
 

@@ -2,21 +2,27 @@
 //! `bpftool map dump` prints named fields. Names, sizes and types come from agent-common.
 
 use agent_common::{
-    ConnTuple, FWD_MAP_ENTRIES, KernelCounters, MAX_SKIP_NETWORKS, MAX_TRACKED_CONNECTIONS,
-    OriginalDst, ProxyConfig, SKIP_PORT_WORDS,
+    ConnTuple, FWD_MAP_ENTRIES, KernelCounters, MAX_SERVED_NETNS, MAX_SKIP_NETWORKS,
+    MAX_TRACKED_CONNECTIONS, OriginalDst, ProxyConfig, SKIP_PORT_WORDS, ServedNetns,
 };
 use aya_ebpf::{
-    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
 
 const TRACKED: usize = MAX_TRACKED_CONNECTIONS as usize;
 const NETWORKS: usize = MAX_SKIP_NETWORKS as usize;
 const FORWARDED_SOCKETS: usize = FWD_MAP_ENTRIES as usize;
+const NAMESPACES: usize = MAX_SERVED_NETNS as usize;
 
 /// Slot 0: where to redirect to. Written by the agent before any program is attached.
 #[btf_map]
 pub static CONFIG: Array<ProxyConfig, 1> = Array::new();
+
+/// The network namespaces the agent has listeners in, by netns cookie. A connect from any
+/// other namespace is left alone: its 127.0.0.1 is not where the agent listens.
+#[btf_map]
+pub static SERVED_NETNS: HashMap<u64, ServedNetns, NAMESPACES> = HashMap::new();
 
 /// One bit per destination port that connect4/6 leave alone.
 #[btf_map]

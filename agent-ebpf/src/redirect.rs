@@ -1,22 +1,28 @@
 //! connect4/connect6: decide whether a TCP connect goes to the proxy, and if so remember where
 //! it was going and rewrite it. Every path returns "allow": the hooks never refuse a connect.
 
-use agent_common::{AF_INET, AF_INET6, KernelCounters, OriginalDst, ProxyConfig, skip_port_slot};
+use agent_common::{
+    AF_INET, AF_INET6, KernelCounters, OriginalDst, ProxyConfig, ServedNetns, skip_port_slot,
+};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, bpf_sock_addr},
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 
-use crate::maps::{ORIG_BY_COOKIE, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS, count, proxy_config};
+use crate::access::read_words;
+use crate::maps::{
+    ORIG_BY_COOKIE, SERVED_NETNS, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS, count, proxy_config,
+};
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 
 enum Decision {
     Redirect,
+    BypassUnservedNetns,
     BypassSelf,
     BypassPort,
     BypassNetwork,
@@ -35,10 +41,11 @@ pub fn connect4(ctx: &SockAddrContext) {
         port: u16::from_be(sa.user_port as u16),
         family: AF_INET,
     };
-    let decision = decide(sa, config, &dst, || skip_network_v4(sa.user_ip4));
-    if record(ctx, decision, &dst) {
+    let served = served_netns(ctx);
+    let decision = decide(sa, config, served, &dst, || skip_network_v4(sa.user_ip4));
+    if let (true, Some(served)) = (record(ctx, decision, &dst), served) {
         sa.user_ip4 = config.proxy_ip4;
-        sa.user_port = u32::from(config.proxy_port.to_be());
+        sa.user_port = u32::from(served.proxy_port.to_be());
     }
 }
 
@@ -50,16 +57,19 @@ pub fn connect6(ctx: &SockAddrContext) {
     if !is_tcp(sa) {
         return;
     }
-    let ip6 = sa.user_ip6;
+    // SAFETY: user_ip6 is a readable field of this call's context; read word by word, as the
+    // verifier wants context loads at fixed offsets.
+    let ip6 = unsafe { read_words(&raw const sa.user_ip6) };
     let dst = OriginalDst {
         addr: ip6,
         port: u16::from_be(sa.user_port as u16),
         family: AF_INET6,
     };
-    let decision = decide(sa, config, &dst, || skip_network_v6(ip6));
-    if record(ctx, decision, &dst) {
+    let served = served_netns(ctx);
+    let decision = decide(sa, config, served, &dst, || skip_network_v6(ip6));
+    if let (true, Some(served)) = (record(ctx, decision, &dst), served) {
         set_user_ip6(sa, &config.proxy_ip6);
-        sa.user_port = u32::from(config.proxy_port.to_be());
+        sa.user_port = u32::from(served.proxy_port.to_be());
     }
 }
 
@@ -73,6 +83,15 @@ pub fn set_user_ip6(sa: &mut bpf_sock_addr, words: &[u32; 4]) {
     }
 }
 
+/// The settings of the caller's network namespace, if the agent serves it.
+#[inline(always)]
+fn served_netns(ctx: &SockAddrContext) -> Option<ServedNetns> {
+    // SAFETY: bpf_get_netns_cookie is allowed in sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    SERVED_NETNS.get_ptr(netns).map(|served| unsafe { *served })
+}
+
 #[inline(always)]
 fn is_tcp(sa: &bpf_sock_addr) -> bool {
     sa.type_ == SOCK_STREAM && sa.protocol == IPPROTO_TCP
@@ -82,12 +101,16 @@ fn is_tcp(sa: &bpf_sock_addr) -> bool {
 fn decide(
     sa: &bpf_sock_addr,
     config: &ProxyConfig,
+    served: Option<ServedNetns>,
     dst: &OriginalDst,
     skip_network: impl Fn() -> bool,
 ) -> Decision {
+    let Some(served) = served else {
+        return Decision::BypassUnservedNetns;
+    };
     // SAFETY: for sock_addr programs the verifier types ctx->sk as a non-null socket.
     let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
-    if mark == config.bypass_mark || is_proxy(config, dst) {
+    if mark == config.bypass_mark || is_proxy(config, &served, dst) {
         return Decision::BypassSelf;
     }
     if port_is_skipped(dst.port) {
@@ -104,6 +127,9 @@ fn decide(
 #[inline(always)]
 fn record(ctx: &SockAddrContext, decision: Decision, dst: &OriginalDst) -> bool {
     match decision {
+        Decision::BypassUnservedNetns => {
+            count(|c: &mut KernelCounters| &mut c.bypassed_unserved_netns)
+        }
         Decision::BypassSelf => count(|c: &mut KernelCounters| &mut c.bypassed_self),
         Decision::BypassPort => count(|c: &mut KernelCounters| &mut c.bypassed_port),
         Decision::BypassNetwork => count(|c: &mut KernelCounters| &mut c.bypassed_network),
@@ -125,8 +151,8 @@ fn record(ctx: &SockAddrContext, decision: Decision, dst: &OriginalDst) -> bool 
 }
 
 #[inline(always)]
-fn is_proxy(config: &ProxyConfig, dst: &OriginalDst) -> bool {
-    dst.port == config.proxy_port
+fn is_proxy(config: &ProxyConfig, served: &ServedNetns, dst: &OriginalDst) -> bool {
+    dst.port == served.proxy_port
         && match dst.family {
             AF_INET => dst.addr[0] == config.proxy_ip4,
             _ => dst.addr == config.proxy_ip6,

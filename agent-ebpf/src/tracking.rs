@@ -10,7 +10,7 @@ use aya_ebpf::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
 
@@ -71,7 +71,7 @@ fn on_close(ctx: &SockOpsContext) {
     let _ = ORIG_BY_COOKIE.remove(cookie(ctx));
 }
 
-/// The client socket's view: local address -> proxy listener.
+/// The client socket's view: local address -> proxy listener, in its network namespace.
 #[inline(always)]
 fn client_tuple(ctx: &SockOpsContext) -> ConnTuple {
     let ops = ctx.ops;
@@ -96,5 +96,7 @@ fn client_tuple(ctx: &SockOpsContext) -> ConnTuple {
         dst_port: u16::from_be((remote_port >> 16) as u16),
         family,
         pad: 0,
+        // SAFETY: bpf_get_netns_cookie is allowed in sock_ops programs.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
     }
 }

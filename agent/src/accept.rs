@@ -1,5 +1,6 @@
 //! Accept: the outbound listeners on 127.0.0.1 and ::1 where the kernel sends redirected
-//! connects, and the accept loop that hands each connection to its own task.
+//! connects (in the agent's own network namespace, and in each served pod's), and the accept
+//! loop that hands each connection to its own task.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -12,24 +13,29 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::connection::{self, Proxy};
+use crate::{
+    connection::{self, Proxy},
+    netns::Origin,
+};
 
 /// Listen backlog: the kernel caps it at net.core.somaxconn (4096 here).
 const LISTEN_BACKLOG: u32 = 4096;
 /// Pause after an accept error such as EMFILE, so a full fd table does not spin the loop.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Binds the outbound listeners (IPv4 and IPv6 loopback) on `port`, not yet registered with a
-/// runtime. With SO_REUSEPORT each proxy thread binds its own pair and the kernel spreads
-/// connections over them.
-pub fn bind_listeners(port: u16) -> Result<Vec<std::net::TcpListener>> {
+/// Binds the outbound listeners (IPv4 and IPv6 loopback) on `port` in `origin`'s network
+/// namespace, not yet registered with a runtime. With SO_REUSEPORT each proxy thread binds its
+/// own pair and the kernel spreads connections over them.
+pub fn bind_listeners(origin: &Origin, port: u16) -> Result<Vec<std::net::TcpListener>> {
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-    Ok(vec![bind(v4)?, bind(v6)?])
+    Ok(vec![bind(origin, v4)?, bind(origin, v6)?])
 }
 
-fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+fn bind(origin: &Origin, addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let socket = origin
+        .within(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))
+        .context("creating a listener socket")?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
@@ -43,13 +49,47 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Accepts until `shutdown` fires; every connection runs as a task on `tracker`.
-pub async fn serve(
-    listener: std::net::TcpListener,
-    proxy: Arc<Proxy>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) {
+/// What a listener's connections share: where they come from, the proxy, and the signals that
+/// end them. The host's listeners and each pod's have their own.
+#[derive(Clone)]
+pub struct Scope {
+    pub origin: Arc<Origin>,
+    pub proxy: Arc<Proxy>,
+    /// Every connection of the agent runs on this tracker (the shutdown drain waits for it).
+    pub connections: TaskTracker,
+    /// Held by each of this scope's connections: a pod's removal waits for its own ones.
+    pub scope_connections: Option<TaskTracker>,
+    /// Cancelled to stop accepting (shutdown, or the pod's removal).
+    pub stop_accepting: CancellationToken,
+    /// Cancelled to close the connections still open once the drain is over.
+    pub abort: CancellationToken,
+}
+
+/// The proxy threads' runtimes: each listener pair is served by one of them.
+#[derive(Clone)]
+pub struct ProxyThreads {
+    pub handles: Vec<tokio::runtime::Handle>,
+}
+
+impl ProxyThreads {
+    /// Opens a listener pair on `port` in the scope's namespace for every proxy thread and
+    /// starts accepting on them. When this returns, connects to the port are accepted.
+    pub fn listen(&self, scope: &Scope, port: u16) -> Result<()> {
+        let mut pairs = Vec::with_capacity(self.handles.len());
+        for _ in &self.handles {
+            pairs.push(bind_listeners(&scope.origin, port)?);
+        }
+        for (handle, listeners) in self.handles.iter().zip(pairs) {
+            for listener in listeners {
+                handle.spawn(serve(listener, scope.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Accepts until the scope stops accepting; every connection runs as a task.
+pub async fn serve(listener: std::net::TcpListener, scope: Scope) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(error) => {
@@ -59,12 +99,26 @@ pub async fn serve(
     };
     loop {
         let accepted = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = scope.stop_accepting.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((client, peer)) => {
-                tracker.spawn(connection::handle(client, peer, Arc::clone(&proxy)));
+                let held = scope.scope_connections.as_ref().map(TaskTracker::token);
+                let abort = scope.abort.clone();
+                let connection = connection::handle(
+                    client,
+                    peer,
+                    Arc::clone(&scope.origin),
+                    Arc::clone(&scope.proxy),
+                );
+                scope.connections.spawn(async move {
+                    let _held = held;
+                    tokio::select! {
+                        () = connection => {}
+                        () = abort.cancelled() => {}
+                    }
+                });
             }
             Err(error) => {
                 tracing::warn!(%error, "accept failed");

@@ -6,7 +6,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    Config, CopyMode, DEFAULT_OPAQUE_PORTS, NetworkList, PortSet, parse_cgroup_dir, parse_duration,
+    Config, CopyMode, DEFAULT_CNI_SOCKET, DEFAULT_OPAQUE_PORTS, NetworkList, PortSet, parse_cgroup_dir, parse_duration,
     parse_listen_port,
 };
 
@@ -172,6 +172,15 @@ pub struct RunArgs {
     /// SO_MARK put on the agent's own upstream sockets so they are never redirected.
     #[arg(long, env = "SOCKMESH_BYPASS_MARK", default_value_t = agent_common::DEFAULT_BYPASS_MARK)]
     pub bypass_mark: u32,
+    /// Proxy connects made in the agent's own network namespace (the host's). A DaemonSet
+    /// that meshes only pods sets this to false.
+    #[arg(long, env = "SOCKMESH_SERVE_HOST_NETNS", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub serve_host_netns: bool,
+    /// Unix socket where `sockmesh-cni` registers pods (pod mode); the pod registry is kept
+    /// beside it, in `pods/`. An empty value turns pod mode off.
+    #[arg(long, env = "SOCKMESH_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
+    pub cni_socket: PathBuf,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -212,6 +221,8 @@ impl RunArgs {
             copy_mode: self.copy_mode,
             pin_dir: self.pin_dir,
             bypass_mark: self.bypass_mark,
+            serve_host_netns: self.serve_host_netns,
+            cni_socket: (!self.cni_socket.as_os_str().is_empty()).then_some(self.cni_socket),
         }
     }
 }

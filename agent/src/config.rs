@@ -207,6 +207,9 @@ pub fn parse_cgroup_dir(text: &str) -> Result<PathBuf, String> {
 /// Memcached 11211.
 pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
 
+/// Where `sockmesh-cni` finds the agent (its `agent_socket` default is the same).
+pub const DEFAULT_CNI_SOCKET: &str = "/var/run/sockmesh/cni.sock";
+
 /// How opaque connections move their bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum CopyMode {
@@ -245,6 +248,10 @@ pub struct Config {
     pub pin_dir: PathBuf,
     /// SO_MARK of the agent's own sockets, which the kernel programs never redirect.
     pub bypass_mark: u32,
+    /// Whether connects in the agent's own network namespace (the host's) are proxied.
+    pub serve_host_netns: bool,
+    /// The unix socket `sockmesh-cni` registers pods on (pod mode); None: no pod mode.
+    pub cni_socket: Option<PathBuf>,
 }
 
 impl Config {
@@ -265,6 +272,8 @@ impl Config {
             "bypass_mark": self.bypass_mark,
             "enable_shutdown_endpoint": self.enable_shutdown_endpoint,
             "copy_mode": format!("{:?}", self.copy_mode).to_ascii_lowercase(),
+            "serve_host_netns": self.serve_host_netns,
+            "cni_socket": self.cni_socket.as_ref().map(|path| path.display().to_string()),
         });
         serde_json::to_string_pretty(&json).unwrap_or_default()
     }

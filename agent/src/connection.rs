@@ -22,6 +22,7 @@ use crate::{
         pipe::PipePool,
     },
     intercept::OriginalDstMap,
+    netns::Origin,
     metrics::{
         ConnectErrorLabels, DetectLabels, Direction, LookupLabels, Metrics, OpaqueModeLabels,
         TcpCloseLabels, TcpLabels, TlsLabels, errno_name,
@@ -94,12 +95,18 @@ struct Ended {
     errno: &'static str,
 }
 
-/// One redirected connection, start to finish.
-pub async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
+/// One redirected connection, start to finish. `origin` is the namespace (host or pod) whose
+/// listener accepted it.
+pub async fn handle(client: TcpStream, peer: SocketAddr, origin: Arc<Origin>, proxy: Arc<Proxy>) {
     let Ok(local) = client.local_addr() else {
         return;
     };
-    let (dst, lookup) = original_dst::lookup(&client, peer, local, &proxy.original_dsts);
+    let accepted = original_dst::Accepted {
+        peer,
+        local,
+        netns_cookie: origin.netns_cookie,
+    };
+    let (dst, lookup) = original_dst::lookup(&client, &accepted, &proxy.original_dsts);
     proxy
         .metrics
         .original_dst_lookups_total
@@ -111,19 +118,24 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
         return;
     };
     let started = Instant::now();
+    let workload = origin.workload.clone();
     let conn = ConnInfo {
         id: proxy.tap.connection_id(),
         dst,
+        origin: Arc::clone(&origin),
+        workload: workload.clone(),
     };
     proxy.tap.publish(|| TapEvent::TcpOpen {
         ts_ms: now_ms(),
         id: conn.id,
         client: peer,
         dst,
+        workload: workload.clone(),
     });
     let labels = TcpLabels {
         direction: Direction::Outbound,
         target_port: dst.port(),
+        workload,
     };
     let metrics = &proxy.metrics;
     metrics.tcp_open_total.get_or_create(&labels).inc();
@@ -132,34 +144,43 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, proxy: Arc<Proxy>) {
     let counters = ByteCounters::new(metrics, &labels);
 
     // Connect before detecting: a server that speaks first must be heard at once.
-    let ended = match proxy.dialer.connect(dst).await {
-        Ok(server) => forward(client, server, conn, &labels, counters.clone(), &proxy).await,
+    let ended = match proxy.dialer.connect(dst, &origin).await {
+        Ok(server) => {
+            let tap_id = conn.id;
+            let ended = forward(client, server, conn, &labels, counters.clone(), &proxy).await;
+            (tap_id, ended)
+        }
         Err(error) => {
             tracing::debug!(%peer, %dst, %error, "upstream connect failed");
             let errno = errno_name(&error);
             let connect_error = ConnectErrorLabels {
                 direction: labels.direction,
                 target_port: labels.target_port,
+                workload: labels.workload.clone(),
                 errno,
             };
             metrics
                 .tcp_connect_errors_total
                 .get_or_create(&connect_error)
                 .inc();
+            let tap_id = conn.id;
             let protocol = answer_unreachable(client, conn, &labels, &proxy).await;
-            Ended { protocol, errno }
+            (tap_id, Ended { protocol, errno })
         }
     };
+    let (tap_id, ended) = ended;
     open.dec();
     let close = TcpCloseLabels {
         direction: labels.direction,
         target_port: labels.target_port,
+        workload: labels.workload.clone(),
         errno: ended.errno,
     };
     metrics.tcp_close_total.get_or_create(&close).inc();
     proxy.tap.publish(|| TapEvent::TcpClose {
         ts_ms: now_ms(),
-        id: conn.id,
+        id: tap_id,
+        workload: labels.workload.clone(),
         client: peer,
         dst,
         protocol: ended.protocol,
@@ -303,6 +324,11 @@ async fn answer_unreachable(
 }
 
 impl Proxy {
+    /// Forgets the original destinations recorded in a namespace the agent stopped serving.
+    pub fn forget_netns(&self, netns_cookie: u64) -> usize {
+        self.original_dsts.forget_netns(netns_cookie)
+    }
+
     fn count_opaque_mode(&self, mode: &'static str) {
         self.metrics
             .opaque_connections_total
@@ -314,6 +340,7 @@ impl Proxy {
         let labels = DetectLabels {
             direction: tcp.direction,
             target_port: tcp.target_port,
+            workload: tcp.workload.clone(),
             result: classified.protocol.result_label(),
         };
         self.metrics.detect_total.get_or_create(&labels).inc();
@@ -325,6 +352,7 @@ impl Proxy {
             let tls = TlsLabels {
                 direction: tcp.direction,
                 target_port: tcp.target_port,
+                workload: tcp.workload.clone(),
                 sni: self.metrics.sni_label(sni.as_deref()),
             };
             self.metrics.tls_connections_total.get_or_create(&tls).inc();
@@ -336,7 +364,7 @@ impl Proxy {
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, F>(_: impl Fn(A, B, C) -> F) -> usize {
+    fn future_size<A, B, C, D, F>(_: impl Fn(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

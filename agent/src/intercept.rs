@@ -11,8 +11,8 @@ use std::{
 };
 
 use agent_common::{
-    ConnTuple, KernelCounters, OriginalDst, ProxyConfig, SKIP_PORT_WORDS, map_names, program_names,
-    skip_port_slot,
+    ConnTuple, KernelCounters, OriginalDst, ProxyConfig, SKIP_PORT_WORDS, ServedNetns, map_names,
+    program_names, skip_port_slot,
 };
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -45,6 +45,10 @@ pub struct Intercept {
 /// The original-destination map, shared with every connection task, which reads its entry and
 /// removes it (the kernel publishes, the proxy consumes).
 pub struct OriginalDstMap(Mutex<HashMap<MapData, ConnTuple, OriginalDst>>);
+
+/// The namespaces connect4/6 redirect in (SERVED_NETNS): an entry is added only once the
+/// agent listens in that namespace, and removed before its listeners close.
+pub struct ServedNetnsMap(Mutex<HashMap<MapData, u64, ServedNetns>>);
 
 /// Read access to the per-CPU kernel counters, for /metrics.
 pub struct KernelCounterMap(PerCpuArray<MapData, KernelCounters>);
@@ -95,8 +99,8 @@ impl Intercept {
         let proxy = ProxyConfig {
             proxy_ip4: u32::from(Ipv4Addr::LOCALHOST).to_be(),
             proxy_ip6: ipv6_words(Ipv6Addr::LOCALHOST),
-            proxy_port: config.outbound_port,
             enabled: 1,
+            pad: 0,
             bypass_mark: config.bypass_mark,
         };
         let mut skip_words = [0u64; SKIP_PORT_WORDS as usize];
@@ -156,6 +160,11 @@ impl Intercept {
     pub fn original_dst_map(&mut self) -> Result<OriginalDstMap> {
         self.typed_map(map_names::ORIG_BY_TUPLE)
             .map(|map| OriginalDstMap(Mutex::new(map)))
+    }
+
+    pub fn served_netns_map(&mut self) -> Result<ServedNetnsMap> {
+        self.typed_map(map_names::SERVED_NETNS)
+            .map(|map| ServedNetnsMap(Mutex::new(map)))
     }
 
     pub fn kernel_counter_map(&mut self) -> Result<KernelCounterMap> {
@@ -256,6 +265,47 @@ impl OriginalDstMap {
             let _ = map.remove(tuple);
         }
     }
+
+    /// Removes every entry of a namespace the agent stopped serving (connections that were
+    /// redirected but never accepted). Returns how many there were.
+    pub fn forget_netns(&self, netns_cookie: u64) -> usize {
+        let Ok(mut map) = self.0.lock() else {
+            return 0;
+        };
+        let stale: Vec<ConnTuple> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|tuple| tuple.netns == netns_cookie)
+            .collect();
+        for tuple in &stale {
+            let _ = map.remove(tuple);
+        }
+        stale.len()
+    }
+}
+
+impl ServedNetnsMap {
+    /// From now on, TCP connects in this namespace go to `proxy_port` there.
+    pub fn serve(&self, netns_cookie: u64, proxy_port: u16) -> Result<()> {
+        let served = ServedNetns {
+            proxy_port,
+            flags: 0,
+            policy: 0,
+        };
+        let mut map = self
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("SERVED_NETNS lock poisoned"))?;
+        map.insert(netns_cookie, served, 0)
+            .context("adding a namespace to SERVED_NETNS")
+    }
+
+    /// Connects in this namespace go direct again.
+    pub fn unserve(&self, netns_cookie: u64) {
+        if let Ok(mut map) = self.0.lock() {
+            let _ = map.remove(&netns_cookie);
+        }
+    }
 }
 
 impl KernelCounterMap {
@@ -270,6 +320,7 @@ impl KernelCounterMap {
                 sum.bypassed_network += cpu.bypassed_network;
                 sum.bypassed_self += cpu.bypassed_self;
                 sum.errors += cpu.errors;
+                sum.bypassed_unserved_netns += cpu.bypassed_unserved_netns;
                 sum
             }))
     }

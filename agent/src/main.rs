@@ -1,28 +1,4 @@
-//! sockmesh: an eBPF-accelerated, node-level transparent proxy agent.
-//!
-//! A connection's life, one module per stage: `intercept` (kernel programs on a cgroup) ->
-//! `accept` -> `connection` (`original_dst` -> `connect` -> `classify`/`detect` -> `forward`:
-//! http | opaque, then kernel once chatty) -> `metrics` and `tap`, served by `admin`. `run`
-//! wires them together; `config` and `cli` parse the flags once; `ops` holds the operator
-//! commands; `socket` holds the raw socket calls several stages share.
-
-mod accept;
-mod admin;
-mod cgroup;
-mod classify;
-mod cli;
-mod config;
-mod connect;
-mod connection;
-mod detect;
-mod forward;
-mod intercept;
-mod metrics;
-mod ops;
-mod original_dst;
-mod run;
-mod socket;
-mod tap;
+//! The `sockmesh` binary: parses the command line and hands each subcommand to the library.
 
 use std::{os::unix::process::CommandExt, process::ExitCode};
 
@@ -30,7 +6,11 @@ use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command, ExecArgs, LogArgs, LogFormat};
+use agent::{
+    cgroup,
+    cli::{self, Cli, Command, ExecArgs, LogArgs, LogFormat},
+    ops, run,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

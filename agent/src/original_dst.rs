@@ -13,15 +13,22 @@ use agent_common::{AF_INET, AF_INET6, ConnTuple, OriginalDst, SO_ORIGINAL_DST};
 
 use crate::{intercept::OriginalDstMap, metrics::LookupResult};
 
+/// An accepted connection as the map knows it: its addresses and its network namespace.
+#[derive(Clone, Copy, Debug)]
+pub struct Accepted {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub netns_cookie: u64,
+}
+
 /// Resolves the original destination of an accepted connection.
 pub fn lookup(
     socket: &impl AsRawFd,
-    peer: SocketAddr,
-    local: SocketAddr,
+    accepted: &Accepted,
     map: &OriginalDstMap,
 ) -> (Option<SocketAddr>, LookupResult) {
-    let tuple = conn_tuple(peer, local);
-    if let Ok(addr) = so_original_dst(socket, local.is_ipv4()) {
+    let tuple = conn_tuple(accepted);
+    if let Ok(addr) = so_original_dst(socket, accepted.local.is_ipv4()) {
         map.forget(&tuple);
         return (Some(addr), LookupResult::Getsockopt);
     }
@@ -90,8 +97,10 @@ fn sockaddr_to_socket_addr(storage: &libc::sockaddr_storage) -> io::Result<Socke
     }
 }
 
-/// The map key: the client's address -> the proxy listener, as sockops recorded it.
-pub fn conn_tuple(peer: SocketAddr, local: SocketAddr) -> ConnTuple {
+/// The map key: the client's address -> the proxy listener in their namespace, as sockops
+/// recorded it.
+pub fn conn_tuple(accepted: &Accepted) -> ConnTuple {
+    let Accepted { peer, local, .. } = *accepted;
     ConnTuple {
         src_addr: ip_words(peer.ip()),
         dst_addr: ip_words(local.ip()),
@@ -99,6 +108,7 @@ pub fn conn_tuple(peer: SocketAddr, local: SocketAddr) -> ConnTuple {
         dst_port: local.port(),
         family: if peer.is_ipv4() { AF_INET } else { AF_INET6 },
         pad: 0,
+        netns: accepted.netns_cookie,
     }
 }
 
@@ -163,10 +173,12 @@ mod tests {
 
     #[test]
     fn tuple_is_client_to_proxy() {
-        let tuple = conn_tuple(
-            "127.0.0.1:50000".parse().unwrap(),
-            "127.0.0.1:4140".parse().unwrap(),
-        );
+        let tuple = conn_tuple(&Accepted {
+            peer: "127.0.0.1:50000".parse().unwrap(),
+            local: "127.0.0.1:4140".parse().unwrap(),
+            netns_cookie: 7,
+        });
+        assert_eq!(tuple.netns, 7);
         assert_eq!(tuple.src_port, 50000);
         assert_eq!(tuple.dst_port, 4140);
         assert_eq!(tuple.family, AF_INET);

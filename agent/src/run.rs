@@ -12,7 +12,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    accept,
+    accept::{ProxyThreads, Scope},
     admin::{self, AdminState},
     cgroup,
     cli::RunArgs,
@@ -21,6 +21,8 @@ use crate::{
     forward::kernel::KernelForwarder,
     intercept::Intercept,
     metrics::Metrics,
+    netns::{Netns, Origin},
+    pod::{Pods, PodsConfig, server::CniSocket, store::Store},
     tap::Tap,
 };
 
@@ -46,6 +48,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
 async fn serve(config: Config) -> Result<()> {
     let mut intercept = Intercept::load(&config)?;
     let metrics = Arc::new(Metrics::new(Arc::new(intercept.kernel_counter_map()?)));
+    let served = Arc::new(intercept.served_netns_map()?);
     let tap = Arc::new(Tap::default());
     let kernel = kernel_forwarder(&config, &mut intercept, &metrics);
     // Cancelled at shutdown: listeners stop accepting, HTTP keep-alive connections wind down.
@@ -76,7 +79,45 @@ async fn serve(config: Config) -> Result<()> {
         Arc::clone(&admin_state),
         shutdown.child_token(),
     ));
-    start_proxy_threads(&config, &proxy, &connections, &proxy_shutdown, &shutdown)?;
+    let threads = start_proxy_threads(&shutdown)?;
+    let host = Netns::current().context("opening the agent's network namespace")?;
+    let host_scope = Scope {
+        origin: Origin::host(host.cookie()),
+        proxy: Arc::clone(&proxy),
+        connections: connections.clone(),
+        scope_connections: None,
+        stop_accepting: proxy_shutdown.clone(),
+        abort: shutdown.clone(),
+    };
+    if config.serve_host_netns {
+        threads.listen(&host_scope, config.outbound_port)?;
+        served.serve(host.cookie(), config.outbound_port)?;
+    }
+    let cni = match &config.cni_socket {
+        Some(socket) => {
+            let pods = Arc::new(Pods::new(PodsConfig {
+                threads: threads.clone(),
+                proxy: Arc::clone(&proxy),
+                served: Arc::clone(&served),
+                connections: connections.clone(),
+                stop_accepting: proxy_shutdown.clone(),
+                abort: shutdown.clone(),
+                host_netns_cookie: host.cookie(),
+                outbound_port: config.outbound_port,
+                drain: config.shutdown_grace,
+                store: Store::beside(socket),
+            }));
+            let adopt = Arc::clone(&pods);
+            let (adopted, dropped) = tokio::task::spawn_blocking(move || adopt.adopt_registered())
+                .await
+                .context("re-adopting registered pods")?;
+            tracing::info!(adopted, dropped, "pod registry loaded");
+            let cni = CniSocket::bind(socket)?;
+            tracing::info!(socket = %socket.display(), "serving CNI registrations");
+            Some(tokio::spawn(cni.serve(pods, shutdown.child_token())))
+        }
+        None => None,
+    };
     intercept.attach(&config.cgroup)?;
     admin_state.ready.store(true, Ordering::SeqCst);
     tracing::info!("ready");
@@ -97,6 +138,10 @@ async fn serve(config: Config) -> Result<()> {
         );
     }
     shutdown.cancel();
+    if let Some(cni) = cni {
+        // Dropping the socket removes its file; the pod registry stays for the next agent.
+        let _ = cni.await;
+    }
     drop(intercept);
     tracing::info!("stopped");
     Ok(())
@@ -136,46 +181,32 @@ fn kernel_forwarder(
     }
 }
 
-/// One proxy thread per core, each with a single-threaded runtime and its own SO_REUSEPORT
-/// listeners: a connection lives its whole life on one thread, so handing work between its
-/// client and upstream sides never wakes another thread.
-fn start_proxy_threads(
-    config: &Config,
-    proxy: &Arc<Proxy>,
-    connections: &TaskTracker,
-    proxy_shutdown: &CancellationToken,
-    shutdown: &CancellationToken,
-) -> Result<()> {
+/// One proxy thread per core, each with a single-threaded runtime: a connection lives its
+/// whole life on one thread, so handing work between its client and upstream sides never wakes
+/// another thread. Listeners (the host's, each pod's) are added to every thread later.
+fn start_proxy_threads(shutdown: &CancellationToken) -> Result<ProxyThreads> {
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut handles = Vec::with_capacity(threads);
     for index in 0..threads {
-        let listeners = accept::bind_listeners(config.outbound_port)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting a proxy thread's runtime")?;
-        let (proxy, connections) = (Arc::clone(proxy), connections.clone());
-        let (proxy_shutdown, shutdown) = (proxy_shutdown.clone(), shutdown.clone());
+        handles.push(runtime.handle().clone());
+        let shutdown = shutdown.clone();
         // Detached: each thread ends when `shutdown` fires (or with the process).
         std::thread::Builder::new()
             .name(format!("proxy-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
                     tokio::spawn(keep_a_timer_pending());
-                    for listener in listeners {
-                        tokio::spawn(accept::serve(
-                            listener,
-                            Arc::clone(&proxy),
-                            connections.clone(),
-                            proxy_shutdown.clone(),
-                        ));
-                    }
                     // Connection tasks live here: keep the runtime until the agent stops.
                     shutdown.cancelled().await;
                 });
             })
             .context("starting a proxy thread")?;
     }
-    Ok(())
+    Ok(ProxyThreads { handles })
 }
 
 /// A timer that is always pending on this thread's runtime. tokio wakes its driver (an eventfd

@@ -83,3 +83,9 @@ pub fn poll_now(socket: &impl AsRawFd, events: libc::c_short) -> libc::c_short {
     let ready = unsafe { libc::poll(&mut poll, 1, 0) };
     if ready > 0 { poll.revents } else { 0 }
 }
+
+/// SO_NETNS_COOKIE: the cookie of the network namespace the socket lives in.
+pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    // SAFETY: the cookie is a u64.
+    unsafe { get_option(socket, libc::SOL_SOCKET, libc::SO_NETNS_COOKIE) }
+}

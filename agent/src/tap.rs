@@ -12,6 +12,8 @@ use std::{
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use crate::metrics::WorkloadLabels;
+
 /// Events buffered per watcher before a slow one starts skipping.
 const CAPACITY: usize = 4096;
 
@@ -23,10 +25,15 @@ pub enum TapEvent {
         id: u64,
         client: SocketAddr,
         dst: SocketAddr,
+        /// `namespace` and `pod` (empty in host mode).
+        #[serde(flatten)]
+        workload: WorkloadLabels,
     },
     TcpClose {
         ts_ms: u64,
         id: u64,
+        #[serde(flatten)]
+        workload: WorkloadLabels,
         client: SocketAddr,
         dst: SocketAddr,
         protocol: &'static str,
@@ -39,6 +46,8 @@ pub enum TapEvent {
     Http {
         ts_ms: u64,
         id: u64,
+        #[serde(flatten)]
+        workload: WorkloadLabels,
         dst: SocketAddr,
         method: String,
         authority: String,
@@ -208,6 +217,7 @@ mod tests {
         TapEvent::Http {
             ts_ms: 0,
             id: 1,
+            workload: WorkloadLabels::default(),
             dst: SocketAddr::from(([127, 0, 0, 1], port)),
             method: method.into(),
             authority: authority.into(),
@@ -225,6 +235,7 @@ mod tests {
             id: 1,
             client: addr,
             dst: addr,
+            workload: WorkloadLabels::default(),
         }
     }
 

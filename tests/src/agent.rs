@@ -23,6 +23,9 @@ pub struct AgentOptions {
     pub args: Vec<String>,
     /// Run the agent inside the meshed cgroup itself (as in a DaemonSet whose pod is meshed).
     pub inside_cgroup: bool,
+    /// The directory of the CNI socket and the pod registry (default: a fresh temp dir); an
+    /// agent restarted with the same one re-adopts its pods.
+    pub cni_dir: Option<PathBuf>,
 }
 
 pub struct Agent {
@@ -31,6 +34,8 @@ pub struct Agent {
     pub admin: SocketAddr,
     pub pin_dir: PathBuf,
     pub log: PathBuf,
+    /// Where `sockmesh-cni` reaches this agent.
+    pub cni_socket: PathBuf,
 }
 
 impl Agent {
@@ -49,6 +54,11 @@ impl Agent {
             .into_owned();
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
         let log = temp_dir("agent").join("agent.log");
+        let cni_socket = options
+            .cni_dir
+            .clone()
+            .unwrap_or_else(|| temp_dir("cni"))
+            .join("cni.sock");
         let mut command = if options.inside_cgroup {
             cgroup.command(sockmesh_bin())
         } else {
@@ -64,6 +74,8 @@ impl Agent {
             .arg(admin.to_string())
             .arg("--pin-dir")
             .arg(&pin_dir)
+            .arg("--cni-socket")
+            .arg(&cni_socket)
             .args(&options.args)
             .env("RUST_LOG", "info,sockmesh=debug")
             .stdin(Stdio::null())
@@ -76,6 +88,7 @@ impl Agent {
             admin,
             pin_dir,
             log,
+            cni_socket,
         };
         agent.wait_ready();
         agent

@@ -11,7 +11,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{BoundedLabel, Direction};
+use super::{BoundedLabel, Direction, WorkloadLabels};
 
 /// Distinct authority label values before new ones become "other".
 pub const MAX_AUTHORITIES: usize = 100;
@@ -27,6 +27,9 @@ pub struct RequestLabels {
     pub direction: Direction,
     pub target_port: u16,
     pub authority: String,
+    /// Last: a flattened label set must be encoded last.
+    #[prometheus(flatten)]
+    pub workload: WorkloadLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,6 +41,9 @@ pub struct ResponseLabels {
     pub classification: &'static str,
     /// Empty for plain HTTP; the numeric gRPC status for gRPC.
     pub grpc_status: String,
+    /// Last: a flattened label set must be encoded last.
+    #[prometheus(flatten)]
+    pub workload: WorkloadLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,6 +52,9 @@ pub struct LatencyLabels {
     pub target_port: u16,
     pub authority: String,
     pub status_code: u16,
+    /// Last: a flattened label set must be encoded last.
+    #[prometheus(flatten)]
+    pub workload: WorkloadLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,6 +62,9 @@ pub struct HttpErrorLabels {
     pub direction: Direction,
     /// bad_request, upstream_unavailable, upstream_timeout
     pub reason: &'static str,
+    /// Last: a flattened label set must be encoded last.
+    #[prometheus(flatten)]
+    pub workload: WorkloadLabels,
 }
 
 pub struct HttpMetrics {

@@ -37,6 +37,40 @@ const DETECT_BUCKETS_S: [f64; 10] = [
     0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 10.0,
 ];
 
+/// A label value many series share without copying it (namespace and pod names).
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SharedLabel(Arc<str>);
+
+impl SharedLabel {
+    pub fn new(value: &str) -> Self {
+        Self(Arc::from(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl EncodeLabelValue for SharedLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(encoder, &self.0)
+    }
+}
+
+impl serde::Serialize for SharedLabel {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+/// The workload a connection belongs to: its pod's Kubernetes namespace and name, both empty
+/// in host mode. Bounded by the pods the agent serves (at most `MAX_SERVED_NETNS`).
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet, serde::Serialize)]
+pub struct WorkloadLabels {
+    pub namespace: SharedLabel,
+    pub pod: SharedLabel,
+}
+
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     Outbound,
@@ -55,6 +89,9 @@ impl Direction {
 pub struct TcpLabels {
     pub direction: Direction,
     pub target_port: u16,
+    /// Last: a flattened label set must be encoded last.
+    #[prometheus(flatten)]
+    pub workload: WorkloadLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -63,6 +100,9 @@ pub struct TcpCloseLabels {
     pub target_port: u16,
     /// Empty for a clean close, else the errno name (ECONNRESET, ...).
     pub errno: &'static str,
+    /// Last: a flattened label set must be encoded last.
+    #[prometheus(flatten)]
+    pub workload: WorkloadLabels,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -108,6 +148,9 @@ pub struct ConnectErrorLabels {
     pub direction: Direction,
     pub target_port: u16,
     pub errno: &'static str,
+    /// Last: a flattened label set must be encoded last.
+    #[prometheus(flatten)]
+    pub workload: WorkloadLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,6 +159,9 @@ pub struct DetectLabels {
     pub target_port: u16,
     /// http1, http2, tls, opaque, opaque_port, server_first, timeout, error
     pub result: &'static str,
+    /// Last: a flattened label set must be encoded last.
+    #[prometheus(flatten)]
+    pub workload: WorkloadLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -130,6 +176,9 @@ pub struct TlsLabels {
     pub target_port: u16,
     /// The ClientHello's server name (bounded, sanitized); empty when there was none.
     pub sni: String,
+    /// Last: a flattened label set must be encoded last.
+    #[prometheus(flatten)]
+    pub workload: WorkloadLabels,
 }
 
 /// Every metric family of the agent, plus the registry that renders them.
@@ -148,6 +197,8 @@ pub struct Metrics {
     pub detect_duration_seconds: Family<DetectLabels, Histogram>,
     pub tls_connections_total: Family<TlsLabels, Counter>,
     pub opaque_connections_total: Family<OpaqueModeLabels, Counter>,
+    /// Pods served in their own network namespaces (pod mode).
+    pub served_pods: Gauge,
     pub http: HttpMetrics,
     snis: BoundedLabel,
     /// Brings counters kept elsewhere (the kernel's) up to date before each render.
@@ -171,6 +222,7 @@ impl Metrics {
             }),
             tls_connections_total: Family::default(),
             opaque_connections_total: Family::default(),
+            served_pods: Gauge::default(),
             http: HttpMetrics::register(&mut registry),
             snis: BoundedLabel::new(MAX_SNIS),
             registry: Registry::default(),
@@ -231,6 +283,11 @@ impl Metrics {
             "Opaque connections by how their bytes were forwarded (sockmap, splice, userspace)",
             metrics.opaque_connections_total.clone(),
         );
+        registry.register(
+            "sockmesh_served_pods",
+            "Pods the agent serves in their own network namespaces (pod mode)",
+            metrics.served_pods.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector(kernel)));
         registry.register_collector(Box::new(process::ProcessCollector));
         Self {
@@ -288,6 +345,7 @@ impl Collector for KernelCollector {
             ("bypassed_port", counters.bypassed_port),
             ("bypassed_network", counters.bypassed_network),
             ("bypassed_self", counters.bypassed_self),
+            ("bypassed_unserved_netns", counters.bypassed_unserved_netns),
         ];
         let probe = ConstCounter::new(0u64);
         let mut family = encoder.encode_descriptor(

@@ -33,9 +33,10 @@ use super::ByteCounters;
 use crate::{
     connect::Dialer,
     metrics::{
-        Direction,
+        Direction, WorkloadLabels,
         http::{HttpErrorLabels, RequestLabels},
     },
+    netns::Origin,
     tap::Tap,
 };
 
@@ -91,12 +92,16 @@ impl HttpError {
 }
 
 /// The proxied connection an HTTP request belongs to.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnInfo {
     /// The tap's connection id.
     pub id: u64,
     /// The original destination.
     pub dst: SocketAddr,
+    /// The namespace the connection came from (host or pod): upstreams are dialled there.
+    pub origin: Arc<Origin>,
+    /// The pod's labels (empty in host mode).
+    pub workload: WorkloadLabels,
 }
 
 /// Proxies HTTP between `client` and `server`, the connection to the original destination.
@@ -123,7 +128,7 @@ async fn forward_h2(
     counters: ByteCounters,
     proxy: Arc<HttpProxy>,
 ) -> Result<(), HttpError> {
-    let upstream = Upstream::new(conn.dst, proxy.dialer, counters)
+    let upstream = Upstream::new(conn.dst, proxy.dialer, Arc::clone(&conn.origin), counters)
         .with_connection(server)
         .await?;
     Ok(serve_h2(client, conn, Some(Arc::new(upstream)), proxy).await?)
@@ -151,12 +156,14 @@ async fn serve_h2(
     let client_io: ClientIo = TokioIo::new(client);
     let service_proxy = Arc::clone(&proxy);
     let authorities = Arc::new(AuthorityLabels::default());
+    let service_conn = conn.clone();
     let service = service_fn(move |request| {
         let (upstream, proxy) = (upstream.clone(), Arc::clone(&service_proxy));
         let authorities = Arc::clone(&authorities);
+        let conn = service_conn.clone();
         async move {
             let response = proxy
-                .handle(request, conn, &authorities, upstream.as_deref())
+                .handle(request, &conn, &authorities, upstream.as_deref())
                 .await;
             Ok::<_, Infallible>(response)
         }
@@ -176,7 +183,7 @@ async fn serve_h2(
         && error.is_parse()
     {
         // hyper has already answered (or sent GOAWAY) and closed the connection.
-        proxy.count_error("bad_request");
+        proxy.count_error(&conn, "bad_request");
     }
     result
 }
@@ -186,13 +193,13 @@ impl HttpProxy {
     async fn handle(
         &self,
         mut request: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         authorities: &AuthorityLabels,
         upstream: Option<&Upstream>,
     ) -> Response<ProxyBody> {
         let raw_authority = authority_of(&request);
         let authority = authorities.label(raw_authority, &self.metrics.http);
-        let record = self.begin_record(conn, authority, is_grpc(request.headers()), || {
+        let record = self.begin_record(conn.clone(), authority, is_grpc(request.headers()), || {
             RequestSummary {
                 method: request.method().to_string(),
                 authority: raw_authority.to_string(),
@@ -200,7 +207,7 @@ impl HttpProxy {
             }
         });
         let Some(upstream) = upstream else {
-            self.count_error("upstream_unavailable");
+            self.count_error(conn, "upstream_unavailable");
             return record.local_response(StatusCode::BAD_GATEWAY);
         };
         let client_upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
@@ -210,11 +217,11 @@ impl HttpProxy {
                 Ok(Ok(response)) => response,
                 Ok(Err(error)) => {
                     tracing::debug!(%error, "upstream request failed");
-                    self.count_error("upstream_unavailable");
+                    self.count_error(conn, "upstream_unavailable");
                     return record.local_response(StatusCode::BAD_GATEWAY);
                 }
                 Err(_) => {
-                    self.count_error("upstream_timeout");
+                    self.count_error(conn, "upstream_timeout");
                     return record.local_response(StatusCode::GATEWAY_TIMEOUT);
                 }
             };
@@ -240,6 +247,7 @@ impl HttpProxy {
         let labels = RequestLabels {
             direction: Direction::Outbound,
             target_port: conn.dst.port(),
+            workload: conn.workload.clone(),
             authority,
         };
         self.metrics.http.request_total.get_or_create(&labels).inc();
@@ -256,9 +264,10 @@ impl HttpProxy {
         }
     }
 
-    fn count_error(&self, reason: &'static str) {
+    fn count_error(&self, conn: &ConnInfo, reason: &'static str) {
         let labels = HttpErrorLabels {
             direction: Direction::Outbound,
+            workload: conn.workload.clone(),
             reason,
         };
         self.metrics.http.errors_total.get_or_create(&labels).inc();

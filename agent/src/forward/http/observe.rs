@@ -98,6 +98,7 @@ impl ResponseRecord {
         let labels = LatencyLabels {
             direction: Direction::Outbound,
             target_port: self.conn.dst.port(),
+            workload: self.conn.workload.clone(),
             authority: self.authority.clone(),
             status_code: status,
         };
@@ -124,6 +125,7 @@ impl ResponseRecord {
         let labels = ResponseLabels {
             direction: Direction::Outbound,
             target_port: self.conn.dst.port(),
+            workload: self.conn.workload.clone(),
             authority: self.authority.clone(),
             status_code: outcome.status,
             classification: outcome.classification(self.grpc),
@@ -140,6 +142,7 @@ impl ResponseRecord {
         self.tap.publish(|| TapEvent::Http {
             ts_ms: now_ms(),
             id: self.conn.id,
+            workload: self.conn.workload.clone(),
             dst: self.conn.dst,
             method: request.method.clone(),
             authority: request.authority.clone(),

@@ -2,7 +2,7 @@
 //! destination, opened at accept and re-opened when the server closes it (GOAWAY), so a
 //! long-lived client connection keeps working.
 
-use std::{io, net::SocketAddr};
+use std::{io, net::SocketAddr, sync::Arc};
 
 use hyper::{Request, Response, body::Incoming, client::conn::http2 as client_h2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -10,6 +10,7 @@ use tokio::{net::TcpStream, sync::Mutex};
 
 use crate::{
     connect::Dialer,
+    netns::Origin,
     forward::{ByteCounters, io::Counted},
 };
 
@@ -26,16 +27,23 @@ pub enum UpstreamError {
 pub struct Upstream {
     dst: SocketAddr,
     dialer: Dialer,
+    origin: Arc<Origin>,
     counters: ByteCounters,
     /// The live sender; held only to (re)open the connection, never across a response.
     sender: Mutex<Option<Sender>>,
 }
 
 impl Upstream {
-    pub fn new(dst: SocketAddr, dialer: Dialer, counters: ByteCounters) -> Self {
+    pub fn new(
+        dst: SocketAddr,
+        dialer: Dialer,
+        origin: Arc<Origin>,
+        counters: ByteCounters,
+    ) -> Self {
         Self {
             dst,
             dialer,
+            origin,
             counters,
             sender: Mutex::new(None),
         }
@@ -72,7 +80,7 @@ impl Upstream {
 
 impl Upstream {
     async fn reconnect(&self) -> Result<Sender, UpstreamError> {
-        let server = self.dialer.connect(self.dst).await?;
+        let server = self.dialer.connect(self.dst, &self.origin).await?;
         Ok(handshake(server, &self.counters).await?)
     }
 }

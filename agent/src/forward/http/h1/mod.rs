@@ -18,7 +18,6 @@ mod head;
 
 use std::{
     io,
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -129,12 +128,12 @@ impl Session {
                 Ok(None) => return Ok(()),
                 Err(RequestError::Io(error)) => return Err(error),
                 Err(RequestError::Timeout) => {
-                    self.proxy.count_error("bad_request");
+                    self.proxy.count_error(&self.conn, "bad_request");
                     return self.write_local(408).await;
                 }
                 Err(RequestError::Head(error)) => {
                     tracing::debug!(%error, "malformed request");
-                    self.proxy.count_error("bad_request");
+                    self.proxy.count_error(&self.conn, "bad_request");
                     let status = if error == HeadError::TooLarge {
                         431
                     } else {
@@ -189,7 +188,7 @@ impl Session {
     async fn exchange(&mut self, request: &RequestHead) -> io::Result<Next> {
         let mut record = self.begin_record(request);
         let Some(upstream) = self.upstream.as_mut() else {
-            self.proxy.count_error("upstream_unavailable");
+            self.proxy.count_error(&self.conn, "upstream_unavailable");
             record.answered_locally(502);
             self.write_local(502).await?;
             return Ok(Next::Close);
@@ -206,7 +205,7 @@ impl Session {
                     &mut record,
                     &response_started,
                     &self.proxy,
-                    self.conn.dst,
+                    &self.conn,
                 )
                 .await;
             match result {
@@ -273,7 +272,7 @@ impl Session {
             Failure::Upstream(_) | Failure::BadResponse => (502, "upstream_unavailable"),
             Failure::Timeout => (504, "upstream_timeout"),
         };
-        self.proxy.count_error(reason);
+        self.proxy.count_error(&self.conn, reason);
         record.answered_locally(status);
         self.write_local(status).await?;
         Ok(Next::Close)
@@ -283,7 +282,7 @@ impl Session {
         let authority = self
             .authorities
             .label(&request.authority, &self.proxy.metrics.http);
-        self.proxy.begin_record(self.conn, authority, false, || {
+        self.proxy.begin_record(self.conn.clone(), authority, false, || {
             super::observe::RequestSummary {
                 method: request.method.clone(),
                 authority: request.authority.clone(),
@@ -366,9 +365,9 @@ impl Upstream {
         record: &mut ResponseRecord,
         response_started: &AtomicBool,
         proxy: &HttpProxy,
-        dst: SocketAddr,
+        conn: &ConnInfo,
     ) -> Result<ResponseHead, Failure> {
-        self.connect_if_closed(proxy, dst).await?;
+        self.connect_if_closed(proxy, conn).await?;
         let Self {
             stream: Some(server),
             buf: server_buf,
@@ -437,7 +436,7 @@ impl Upstream {
     async fn connect_if_closed(
         &mut self,
         proxy: &HttpProxy,
-        dst: SocketAddr,
+        conn: &ConnInfo,
     ) -> Result<(), Failure> {
         let reusable = self
             .stream
@@ -448,7 +447,7 @@ impl Upstream {
         self.used = true;
         if !reusable {
             self.buf.clear();
-            self.stream = Some(proxy.dialer.connect(dst).await.map_err(Failure::Upstream)?);
+            self.stream = Some(proxy.dialer.connect(conn.dst, &conn.origin).await.map_err(Failure::Upstream)?);
         }
         Ok(())
     }

@@ -1,0 +1,31 @@
+//! sockmesh: an eBPF-accelerated, node-level transparent proxy agent (the library behind the
+//! `sockmesh` and `sockmesh-cni` binaries).
+//!
+//! A connection's life, one module per stage: `intercept` (kernel programs on a cgroup) ->
+//! `accept` -> `connection` (`original_dst` -> `connect` -> `classify`/`detect` -> `forward`:
+//! http | opaque, then kernel once chatty) -> `metrics` and `tap`, served by `admin`. `run`
+//! wires them together; `config` and `cli` parse the flags once; `ops` holds the operator
+//! commands; `socket` holds the raw socket calls several stages share.
+
+pub mod accept;
+pub mod admin;
+pub mod cgroup;
+pub mod classify;
+pub mod cni;
+pub mod cli;
+pub mod config;
+pub mod connect;
+pub mod connection;
+pub mod detect;
+pub mod forward;
+pub mod intercept;
+pub mod metrics;
+pub mod netns;
+pub mod ops;
+pub mod pod;
+pub mod original_dst;
+pub mod run;
+pub mod socket;
+pub mod sys;
+pub mod tap;
+

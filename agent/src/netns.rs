@@ -1,0 +1,127 @@
+//! Network namespaces: the host's (the agent's own) and each served pod's. A socket belongs to
+//! the namespace its creating thread was in at socket(2) time and keeps it for life, so the
+//! agent enters a pod's namespace only for the moment it creates a socket there (a listener,
+//! an upstream connection), on the thread that will use it, and returns at once.
+
+use std::{
+    cell::RefCell,
+    fs::File,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
+    path::Path,
+    sync::Arc,
+};
+
+use socket2::{Domain, Socket, Type};
+
+use crate::{metrics::WorkloadLabels, socket::netns_cookie, sys};
+
+/// An open network namespace and its cookie (what the kernel programs key namespaces by).
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    cookie: u64,
+}
+
+thread_local! {
+    /// The namespace this thread started in, to return to after `Netns::run`.
+    static HOME: RefCell<Option<File>> = const { RefCell::new(None) };
+}
+
+impl Netns {
+    /// The calling thread's network namespace.
+    pub fn current() -> io::Result<Self> {
+        let file = File::open("/proc/thread-self/ns/net")?;
+        let probe = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        Ok(Self {
+            file,
+            cookie: netns_cookie(&probe)?,
+        })
+    }
+
+    /// Opens a network namespace file (`/var/run/netns/NAME`, `/proc/PID/ns/net`).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let mut netns = Self { file, cookie: 0 };
+        let probe = netns.run(|| Socket::new(Domain::IPV4, Type::STREAM, None))??;
+        netns.cookie = netns_cookie(&probe)?;
+        Ok(netns)
+    }
+
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    /// Runs `f` on this thread inside this namespace, then returns to the thread's own one.
+    /// Fails (without running `f`) when the file is not a network namespace.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        HOME.with(|home| -> io::Result<()> {
+            let mut home = home.borrow_mut();
+            if home.is_none() {
+                *home = Some(File::open("/proc/thread-self/ns/net")?);
+            }
+            Ok(())
+        })?;
+        sys::enter_network_namespace(self.file.as_fd())?;
+        let _return_home = ReturnHome;
+        Ok(f())
+    }
+
+    /// Whether `ip` is an address of an interface in this namespace (a bind to it succeeds).
+    pub fn holds_address(&self, ip: IpAddr) -> bool {
+        self.run(|| {
+            let socket = Socket::new(Domain::for_address(SocketAddr::new(ip, 0)), Type::STREAM, None)?;
+            socket.bind(&SocketAddr::new(ip, 0).into())
+        })
+        .is_ok_and(|bound| bound.is_ok())
+    }
+}
+
+/// Returns the thread to its own namespace when dropped, even if the closure panicked.
+struct ReturnHome;
+
+impl Drop for ReturnHome {
+    fn drop(&mut self) {
+        let returned = HOME.with(|home| match home.borrow().as_ref() {
+            Some(file) => sys::enter_network_namespace(file.as_fd()),
+            None => Err(io::Error::other("no home namespace recorded")),
+        });
+        if let Err(error) = returned {
+            // A proxy thread left in a pod's namespace would create the next host socket
+            // there: there is no safe way to continue.
+            tracing::error!(%error, "returning to the agent's network namespace failed");
+            std::process::abort();
+        }
+    }
+}
+
+/// Where a connection was accepted: the agent's own network namespace (host mode) or a pod's.
+/// Its upstream sockets are created in the same namespace, so the destination sees the pod's
+/// address and the pod's network policy applies.
+#[derive(Debug)]
+pub struct Origin {
+    /// None for the agent's own namespace: sockets are created without entering anything.
+    pub netns: Option<Netns>,
+    pub netns_cookie: u64,
+    /// Namespace and pod name labels (empty in host mode).
+    pub workload: WorkloadLabels,
+}
+
+impl Origin {
+    pub fn host(cookie: u64) -> Arc<Self> {
+        Arc::new(Self {
+            netns: None,
+            netns_cookie: cookie,
+            workload: WorkloadLabels::default(),
+        })
+    }
+
+    /// Creates a socket (or anything else namespace-bound) in this origin's namespace.
+    pub fn within<T>(&self, create: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        match &self.netns {
+            None => create(),
+            Some(netns) => netns.run(create)?,
+        }
+    }
+}

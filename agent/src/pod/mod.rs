@@ -1,0 +1,296 @@
+//! Pod mode: the pods the agent serves in their own network namespaces. For each pod a chained
+//! CNI plugin (`sockmesh-cni`) registers, the agent opens its outbound listeners *inside* the
+//! pod's namespace (one pair per proxy thread), dials upstreams from there, and only then adds
+//! the namespace to `SERVED_NETNS`, so the kernel never redirects a connect to a port where
+//! nothing listens. Removing a pod reverses that order. The registry is kept on disk
+//! (`store`) so a restarted agent re-adopts its pods; `server` speaks the CNI socket protocol
+//! (`api`).
+
+pub mod api;
+pub mod server;
+pub mod store;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use self::{api::PodInfo, store::Store};
+use crate::{
+    accept::{ProxyThreads, Scope},
+    connection::Proxy,
+    intercept::ServedNetnsMap,
+    metrics::{SharedLabel, WorkloadLabels},
+    netns::{Netns, Origin},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("invalid container id {0:?}")]
+    InvalidContainerId(String),
+    #[error("opening the network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the network namespace {path} is already served for pod {other}")]
+    NamespaceTaken { path: PathBuf, other: String },
+    #[error("the agent serves {0} pods already")]
+    Full(usize),
+    #[error("opening the pod's listeners: {0:#}")]
+    Listen(anyhow::Error),
+    #[error("registering the namespace with the kernel programs: {0:#}")]
+    Kernel(anyhow::Error),
+    #[error("writing the pod registry: {0}")]
+    Store(std::io::Error),
+}
+
+/// What became of an ADD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Added {
+    Meshed,
+    /// The same pod was added before (a runtime retrying ADD): nothing changed.
+    AlreadyMeshed,
+    /// The pod shares the agent's (host) network namespace: left alone.
+    HostNetwork,
+}
+
+/// Everything a pod's listeners are built from.
+pub struct PodsConfig {
+    pub threads: ProxyThreads,
+    pub proxy: Arc<Proxy>,
+    pub served: Arc<ServedNetnsMap>,
+    /// Every connection of the agent runs on this tracker.
+    pub connections: TaskTracker,
+    /// Cancelled at agent shutdown: every pod stops accepting.
+    pub stop_accepting: CancellationToken,
+    /// Cancelled once the agent's drain is over.
+    pub abort: CancellationToken,
+    /// The agent's own network namespace: a pod in it is a host-network pod.
+    pub host_netns_cookie: u64,
+    pub outbound_port: u16,
+    /// How long a removed pod's open connections may take to finish.
+    pub drain: Duration,
+    pub store: Store,
+}
+
+struct ServedPod {
+    info: PodInfo,
+    netns_cookie: u64,
+    stop_accepting: CancellationToken,
+    abort: CancellationToken,
+    connections: TaskTracker,
+}
+
+pub struct Pods {
+    config: PodsConfig,
+    served: Mutex<HashMap<String, ServedPod>>,
+}
+
+impl Pods {
+    pub fn new(config: PodsConfig) -> Self {
+        Self {
+            config,
+            served: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Serves a pod: listeners inside its namespace first, then the kernel redirects there,
+    /// then the registry on disk. Returns once connects in the pod are accepted.
+    pub fn add(&self, pod: PodInfo) -> Result<Added, PodError> {
+        if !api::valid_container_id(&pod.container_id) {
+            return Err(PodError::InvalidContainerId(pod.container_id));
+        }
+        let netns = Netns::open(&pod.netns).map_err(|source| PodError::Netns {
+            path: pod.netns.clone(),
+            source,
+        })?;
+        if netns.cookie() == self.config.host_netns_cookie {
+            return Ok(Added::HostNetwork);
+        }
+        let mut served = self.lock();
+        if let Some(existing) = served.get(&pod.container_id) {
+            if existing.netns_cookie == netns.cookie() {
+                return Ok(Added::AlreadyMeshed);
+            }
+        }
+        if let Some(other) = served
+            .values()
+            .find(|other| other.netns_cookie == netns.cookie())
+        {
+            return Err(PodError::NamespaceTaken {
+                path: pod.netns.clone(),
+                other: other.info.container_id.clone(),
+            });
+        }
+        if served.len() + 1 >= agent_common::MAX_SERVED_NETNS as usize {
+            return Err(PodError::Full(served.len()));
+        }
+        if let Some(previous) = served.remove(&pod.container_id) {
+            // Same id, another namespace: the runtime re-created the sandbox.
+            self.retire(previous);
+        }
+        let entry = self.start(pod, netns)?;
+        self.config.proxy.metrics.served_pods.inc();
+        served.insert(entry.info.container_id.clone(), entry);
+        Ok(Added::Meshed)
+    }
+
+    /// Stops serving a pod; Ok(false) when it was not served (DEL is idempotent).
+    pub fn remove(&self, container_id: &str) -> Result<bool, PodError> {
+        if !api::valid_container_id(container_id) {
+            return Err(PodError::InvalidContainerId(container_id.to_string()));
+        }
+        let removed = self.lock().remove(container_id);
+        self.config
+            .store
+            .remove(container_id)
+            .map_err(PodError::Store)?;
+        Ok(match removed {
+            Some(pod) => {
+                self.retire(pod);
+                true
+            }
+            None => false,
+        })
+    }
+
+    pub fn is_served(&self, container_id: &str) -> bool {
+        self.lock().contains_key(container_id)
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Re-adopts every pod in the registry whose namespace still exists and still holds the
+    /// pod's addresses; forgets the others. Returns (adopted, dropped).
+    pub fn adopt_registered(&self) -> (usize, usize) {
+        let (mut adopted, mut dropped) = (0, 0);
+        for entry in self.config.store.load_all() {
+            let pod = match entry {
+                Ok(pod) => pod,
+                Err((path, error)) => {
+                    tracing::warn!(path = %path.display(), %error, "dropping an unreadable pod registration");
+                    let _ = std::fs::remove_file(&path);
+                    dropped += 1;
+                    continue;
+                }
+            };
+            match self.readopt(&pod) {
+                Ok(()) => adopted += 1,
+                Err(reason) => {
+                    tracing::info!(container_id = %pod.container_id, pod = %pod.name, %reason, "dropping a vanished pod");
+                    let _ = self.config.store.remove(&pod.container_id);
+                    dropped += 1;
+                }
+            }
+        }
+        (adopted, dropped)
+    }
+
+    fn readopt(&self, pod: &PodInfo) -> Result<(), String> {
+        let netns = Netns::open(&pod.netns).map_err(|error| error.to_string())?;
+        if let Some(ip) = pod.ips.iter().find(|ip| !netns.holds_address(**ip)) {
+            return Err(format!("its namespace no longer holds {ip}"));
+        }
+        match self.add(pod.clone()) {
+            Ok(Added::Meshed | Added::AlreadyMeshed) => Ok(()),
+            Ok(Added::HostNetwork) => Err("it is in the host network namespace".into()),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// Opens the pod's listeners and registers its namespace with the kernel programs.
+    fn start(&self, pod: PodInfo, netns: Netns) -> Result<ServedPod, PodError> {
+        let config = &self.config;
+        let netns_cookie = netns.cookie();
+        let origin = Arc::new(Origin {
+            netns: Some(netns),
+            netns_cookie,
+            workload: WorkloadLabels {
+                namespace: SharedLabel::new(&pod.namespace),
+                pod: SharedLabel::new(&pod.name),
+            },
+        });
+        let entry = ServedPod {
+            info: pod,
+            netns_cookie,
+            stop_accepting: config.stop_accepting.child_token(),
+            abort: config.abort.child_token(),
+            connections: TaskTracker::new(),
+        };
+        let scope = Scope {
+            origin,
+            proxy: Arc::clone(&config.proxy),
+            connections: config.connections.clone(),
+            scope_connections: Some(entry.connections.clone()),
+            stop_accepting: entry.stop_accepting.clone(),
+            abort: entry.abort.clone(),
+        };
+        let started = config
+            .threads
+            .listen(&scope, config.outbound_port)
+            .map_err(PodError::Listen)
+            .and_then(|()| {
+                config
+                    .served
+                    .serve(netns_cookie, config.outbound_port)
+                    .map_err(PodError::Kernel)
+            })
+            .and_then(|()| config.store.save(&entry.info).map_err(PodError::Store));
+        if let Err(error) = started {
+            config.served.unserve(netns_cookie);
+            entry.stop_accepting.cancel();
+            entry.abort.cancel();
+            return Err(error);
+        }
+        tracing::info!(
+            container_id = %entry.info.container_id,
+            namespace = %entry.info.namespace,
+            pod = %entry.info.name,
+            netns = %entry.info.netns.display(),
+            "serving pod"
+        );
+        Ok(entry)
+    }
+
+    /// The kernel stops redirecting first, then the listeners close, then the pod's open
+    /// connections get the drain period before they are closed.
+    fn retire(&self, pod: ServedPod) {
+        let config = &self.config;
+        config.served.unserve(pod.netns_cookie);
+        pod.stop_accepting.cancel();
+        let stale = config.proxy.forget_netns(pod.netns_cookie);
+        config.proxy.metrics.served_pods.dec();
+        tracing::info!(
+            container_id = %pod.info.container_id,
+            pod = %pod.info.name,
+            stale_entries = stale,
+            "stopped serving pod"
+        );
+        pod.connections.close();
+        let drain = config.drain;
+        let (connections, abort) = (pod.connections, pod.abort);
+        config.threads.handles[0].spawn(async move {
+            if tokio::time::timeout(drain, connections.wait()).await.is_err() {
+                tracing::info!(
+                    open = connections.len(),
+                    "closing a removed pod's connections"
+                );
+            }
+            abort.cancel();
+        });
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, ServedPod>> {
+        // Every critical section leaves the map consistent: a panic mid-way loses nothing.
+        self.served
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}

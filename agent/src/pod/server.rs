@@ -1,0 +1,137 @@
+//! The agent's end of the CNI socket: accepts `sockmesh-cni` connections, reads one bounded
+//! request line each, applies it to the pod registry and answers with one line.
+
+use std::{
+    fs,
+    io::ErrorKind,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Added, Pods,
+    api::{MAX_REQUEST_BYTES, Request, Response},
+};
+
+/// How long a plugin may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The listening CNI socket; the file is removed when this is dropped.
+pub struct CniSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl CniSocket {
+    /// Binds the socket (root only: mode 0600), replacing a stale one a previous agent left.
+    pub fn bind(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        match fs::remove_file(path) {
+            Err(error) if error.kind() != ErrorKind::NotFound => {
+                return Err(error).with_context(|| format!("removing the stale {}", path.display()));
+            }
+            _ => {}
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("binding the CNI socket {}", path.display()))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", path.display()))?;
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Serves registrations until `shutdown` fires.
+    pub async fn serve(self, pods: Arc<Pods>, shutdown: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(answer(stream, Arc::clone(&pods)));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "CNI socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for CniSocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+async fn answer(stream: UnixStream, pods: Arc<Pods>) {
+    let (reader, mut writer) = stream.into_split();
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(reader)).await {
+        Err(_) => Response::failed("no request within 10 s"),
+        Ok(Err(message)) => Response::failed(message),
+        Ok(Ok(request)) => {
+            // Registry changes enter namespaces (setns) and bind sockets: off the async threads.
+            tokio::task::spawn_blocking(move || apply(&pods, request))
+                .await
+                .unwrap_or_else(|error| Response::failed(format!("request handler failed: {error}")))
+        }
+    };
+    let mut line = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    line.push(b'\n');
+    let _ = writer.write_all(&line).await;
+    let _ = writer.shutdown().await;
+}
+
+async fn read_request(reader: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+    let mut line = Vec::new();
+    let limited = reader.take(MAX_REQUEST_BYTES as u64 + 1);
+    BufReader::new(limited)
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|error| format!("reading the request: {error}"))?;
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+    }
+    serde_json::from_slice(&line).map_err(|error| format!("malformed request: {error}"))
+}
+
+fn apply(pods: &Pods, request: Request) -> Response {
+    match request {
+        Request::Add { pod } => {
+            let (id, name) = (pod.container_id.clone(), pod.name.clone());
+            match pods.add(pod) {
+                Ok(Added::Meshed | Added::AlreadyMeshed) => Response::served(true, ""),
+                Ok(Added::HostNetwork) => {
+                    Response::served(false, "host network namespace: not meshed")
+                }
+                Err(error) => {
+                    tracing::warn!(container_id = %id, pod = %name, %error, "CNI ADD failed");
+                    Response::failed(error.to_string())
+                }
+            }
+        }
+        Request::Del { container_id } => match pods.remove(&container_id) {
+            Ok(_) => Response::served(false, ""),
+            Err(error) => Response::failed(error.to_string()),
+        },
+        Request::Check { container_id } => {
+            let meshed = pods.is_served(&container_id);
+            Response::served(meshed, if meshed { "" } else { "not served" })
+        }
+    }
+}
