@@ -6,8 +6,8 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    Config, CopyMode, DEFAULT_CNI_SOCKET, DEFAULT_OPAQUE_PORTS, NetworkList, PortSet, parse_cgroup_dir, parse_duration,
-    parse_listen_port,
+    Config, CopyMode, DEFAULT_CNI_SOCKET, DEFAULT_OPAQUE_PORTS, NetworkList, PortSet,
+    parse_cgroup_dir, parse_duration, parse_listen_port,
 };
 
 #[derive(Debug, Parser)]

@@ -22,11 +22,11 @@ use crate::{
         pipe::PipePool,
     },
     intercept::OriginalDstMap,
-    netns::Origin,
     metrics::{
         ConnectErrorLabels, DetectLabels, Direction, LookupLabels, Metrics, OpaqueModeLabels,
         TcpCloseLabels, TcpLabels, TlsLabels, errno_name,
     },
+    netns::Origin,
     original_dst,
     tap::{Tap, TapEvent, now_ms},
 };

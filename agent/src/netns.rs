@@ -71,7 +71,11 @@ impl Netns {
     /// Whether `ip` is an address of an interface in this namespace (a bind to it succeeds).
     pub fn holds_address(&self, ip: IpAddr) -> bool {
         self.run(|| {
-            let socket = Socket::new(Domain::for_address(SocketAddr::new(ip, 0)), Type::STREAM, None)?;
+            let socket = Socket::new(
+                Domain::for_address(SocketAddr::new(ip, 0)),
+                Type::STREAM,
+                None,
+            )?;
             socket.bind(&SocketAddr::new(ip, 0).into())
         })
         .is_ok_and(|bound| bound.is_ok())

@@ -28,9 +28,17 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new(name: &str) -> Self {
+        Self::new_in(&cgroup2_mount().expect("cgroup2 mount"), name)
+    }
+
+    /// A cgroup inside `parent` (a pod's cgroup under the meshed one); drop it before the parent.
+    pub fn child_of(parent: &TestCgroup, name: &str) -> Self {
+        Self::new_in(parent.path(), name)
+    }
+
+    fn new_in(parent: &Path, name: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let mount = cgroup2_mount().expect("cgroup2 mount");
-        let path = mount.join(format!(
+        let path = parent.join(format!(
             "sockmesh-test-{name}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod metrics;
 pub mod pattern;
+pub mod pod;
 pub mod process;
 pub mod servers;
 

@@ -225,16 +225,26 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `command` and waits until it accepts on `addr`.
     pub fn command(mut command: Command, addr: SocketAddr) -> Self {
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+        Self::start_checked(command, addr, |addr| {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })
+    }
+
+    /// Starts `command` (its stdout and stderr as the caller set them) and waits until
+    /// `accepting(addr)` says it accepts (a server in a pod's network namespace is checked from
+    /// inside it).
+    pub fn start_checked(
+        mut command: Command,
+        addr: SocketAddr,
+        accepting: impl Fn(SocketAddr) -> bool,
+    ) -> Self {
         let child = command
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
         let server = Self { child, addr };
-        let up = eventually(Duration::from_secs(20), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        });
+        let up = eventually(Duration::from_secs(20), || accepting(addr));
         assert!(up, "{command:?} is not accepting on {addr}");
         server
     }
@@ -277,6 +287,11 @@ impl ServerProcess {
     /// nginx serving `root` over h2c (HTTP/2 prior knowledge) on 127.0.0.1.
     pub fn nginx_h2c(root: &Path) -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::command(Self::nginx_h2c_command(root, addr), addr)
+    }
+
+    /// The nginx command line (and its config beside `root`) serving `root` over h2c on `addr`.
+    pub fn nginx_h2c_command(root: &Path, addr: SocketAddr) -> Command {
         let dir = root.parent().expect("root has a parent");
         let temp = |name: &str| format!("{name} {}/{name};", dir.display());
         let config = format!(
@@ -296,27 +311,48 @@ impl ServerProcess {
         fs::write(&config_path, config).expect("writing nginx.conf");
         let mut command = Command::new("nginx");
         command.arg("-c").arg(&config_path).arg("-p").arg(dir);
-        Self::command(command, addr)
+        command
     }
 
     /// python3's http.server serving `dir` on 127.0.0.1.
     pub fn http(dir: &Path) -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::command(Self::http_command(dir, addr), addr)
+    }
+
+    /// The http.server command line serving `dir` on `addr` (it logs each client to stderr).
+    pub fn http_command(dir: &Path, addr: SocketAddr) -> Command {
         let mut command = Command::new("python3");
         command
-            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                &addr.ip().to_string(),
+                "--directory",
+            ])
             .arg(dir)
             .arg(addr.port().to_string());
-        Self::command(command, addr)
+        command
     }
 
     /// redis-server on 127.0.0.1, no persistence.
     pub fn redis() -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::command(Self::redis_command(addr), addr)
+    }
+
+    /// The redis-server command line on `addr`, no persistence.
+    pub fn redis_command(addr: SocketAddr) -> Command {
         let mut command = Command::new("redis-server");
-        command.args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()]);
+        command.args([
+            "--bind",
+            &addr.ip().to_string(),
+            "--port",
+            &addr.port().to_string(),
+        ]);
         command.args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
-        Self::command(command, addr)
+        command
     }
 }
 

@@ -68,7 +68,9 @@ fn add(env: &HashMap<String, String>, conf: &NetConf) -> Result<String, CniError
     let args = PodArgs::parse(env.get("CNI_ARGS").map(String::as_str).unwrap_or(""));
     let result = conf.result_json();
     if is_host_network(Path::new(netns)) {
-        log(&format!("{container_id}: host network namespace, not meshed"));
+        log(&format!(
+            "{container_id}: host network namespace, not meshed"
+        ));
         return Ok(result);
     }
     let pod = PodInfo {
@@ -109,9 +111,7 @@ fn del(env: &HashMap<String, String>, conf: &NetConf) -> Result<(), CniError> {
         container_id: container_id.to_string(),
     };
     match ask_agent(&conf.agent_socket, &request) {
-        Ok(response) if !response.ok => {
-            log(&format!("{container_id}: DEL: {}", response.message))
-        }
+        Ok(response) if !response.ok => log(&format!("{container_id}: DEL: {}", response.message)),
         Ok(_) => {}
         Err(error) => {
             log(&format!("{container_id}: DEL: agent unreachable ({error})"));
@@ -145,8 +145,12 @@ fn check(env: &HashMap<String, String>, conf: &NetConf) -> Result<(), CniError> 
 
 /// Whether `netns` is the namespace this plugin runs in (the host's).
 fn is_host_network(netns: &Path) -> bool {
-    let same = |a: std::fs::Metadata, b: std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
-    match (std::fs::metadata(netns), std::fs::metadata("/proc/self/ns/net")) {
+    let same =
+        |a: std::fs::Metadata, b: std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    match (
+        std::fs::metadata(netns),
+        std::fs::metadata("/proc/self/ns/net"),
+    ) {
         (Ok(pod), Ok(own)) => same(pod, own),
         _ => false,
     }
@@ -178,7 +182,10 @@ fn register_for_later(socket: &Path, pod: &PodInfo) {
         return;
     }
     if let Err(error) = store.save(pod) {
-        log(&format!("{}: could not register for later: {error}", pod.container_id));
+        log(&format!(
+            "{}: could not register for later: {error}",
+            pod.container_id
+        ));
     }
 }
 

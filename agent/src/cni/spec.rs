@@ -2,11 +2,7 @@
 //! configuration on stdin, CNI_ARGS, the previous result's addresses, and error results with
 //! the specification's codes.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    path::PathBuf,
-};
+use std::{collections::HashMap, net::IpAddr, path::PathBuf};
 
 use serde_json::{Value, json};
 
@@ -240,8 +236,14 @@ mod tests {
 
     #[test]
     fn commands_come_from_cni_command() {
-        assert_eq!(Command::from_env(&env(&[("CNI_COMMAND", "ADD")])), Ok(Command::Add));
-        assert_eq!(Command::from_env(&env(&[("CNI_COMMAND", "GC")])), Ok(Command::Gc));
+        assert_eq!(
+            Command::from_env(&env(&[("CNI_COMMAND", "ADD")])),
+            Ok(Command::Add)
+        );
+        assert_eq!(
+            Command::from_env(&env(&[("CNI_COMMAND", "GC")])),
+            Ok(Command::Gc)
+        );
         let unknown = Command::from_env(&env(&[("CNI_COMMAND", "FROB")])).unwrap_err();
         assert_eq!(unknown.code, ErrorCode::InvalidEnvironment);
         let missing = Command::from_env(&env(&[])).unwrap_err();
@@ -275,7 +277,10 @@ mod tests {
         assert_eq!(code(b"{not json"), ErrorCode::DecodeFailure);
         assert_eq!(code(b"[1,2]"), ErrorCode::DecodeFailure);
         assert_eq!(code(br#"{"name":"x"}"#), ErrorCode::InvalidConfig);
-        assert_eq!(code(br#"{"cniVersion":"9.9.9"}"#), ErrorCode::IncompatibleVersion);
+        assert_eq!(
+            code(br#"{"cniVersion":"9.9.9"}"#),
+            ErrorCode::IncompatibleVersion
+        );
         assert_eq!(
             code(br#"{"cniVersion":"1.0.0","agent_socket":7}"#),
             ErrorCode::InvalidConfig

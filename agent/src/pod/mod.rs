@@ -277,7 +277,10 @@ impl Pods {
         let drain = config.drain;
         let (connections, abort) = (pod.connections, pod.abort);
         config.threads.handles[0].spawn(async move {
-            if tokio::time::timeout(drain, connections.wait()).await.is_err() {
+            if tokio::time::timeout(drain, connections.wait())
+                .await
+                .is_err()
+            {
                 tracing::info!(
                     open = connections.len(),
                     "closing a removed pod's connections"

@@ -39,7 +39,8 @@ impl CniSocket {
         }
         match fs::remove_file(path) {
             Err(error) if error.kind() != ErrorKind::NotFound => {
-                return Err(error).with_context(|| format!("removing the stale {}", path.display()));
+                return Err(error)
+                    .with_context(|| format!("removing the stale {}", path.display()));
             }
             _ => {}
         }
@@ -88,7 +89,9 @@ async fn answer(stream: UnixStream, pods: Arc<Pods>) {
             // Registry changes enter namespaces (setns) and bind sockets: off the async threads.
             tokio::task::spawn_blocking(move || apply(&pods, request))
                 .await
-                .unwrap_or_else(|error| Response::failed(format!("request handler failed: {error}")))
+                .unwrap_or_else(|error| {
+                    Response::failed(format!("request handler failed: {error}"))
+                })
         }
     };
     let mut line = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());

@@ -10,8 +10,8 @@ use tokio::{net::TcpStream, sync::Mutex};
 
 use crate::{
     connect::Dialer,
-    netns::Origin,
     forward::{ByteCounters, io::Counted},
+    netns::Origin,
 };
 
 type Sender = client_h2::SendRequest<Incoming>;

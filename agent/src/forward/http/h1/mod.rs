@@ -282,13 +282,14 @@ impl Session {
         let authority = self
             .authorities
             .label(&request.authority, &self.proxy.metrics.http);
-        self.proxy.begin_record(self.conn.clone(), authority, false, || {
-            super::observe::RequestSummary {
-                method: request.method.clone(),
-                authority: request.authority.clone(),
-                path: request.path().to_string(),
-            }
-        })
+        self.proxy
+            .begin_record(self.conn.clone(), authority, false, || {
+                super::observe::RequestSummary {
+                    method: request.method.clone(),
+                    authority: request.authority.clone(),
+                    path: request.path().to_string(),
+                }
+            })
     }
 
     /// A response the proxy makes itself; the connection closes after it.
@@ -447,7 +448,13 @@ impl Upstream {
         self.used = true;
         if !reusable {
             self.buf.clear();
-            self.stream = Some(proxy.dialer.connect(conn.dst, &conn.origin).await.map_err(Failure::Upstream)?);
+            self.stream = Some(
+                proxy
+                    .dialer
+                    .connect(conn.dst, &conn.origin)
+                    .await
+                    .map_err(Failure::Upstream)?,
+            );
         }
         Ok(())
     }

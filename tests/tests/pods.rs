@@ -1,0 +1,526 @@
+//! Pod mode: pods in their own network namespaces, wired by the real CNI plugins (bridge,
+//! host-local, loopback) with `sockmesh-cni` chained after them, talk through the agent. Each
+//! test makes its own cgroup, bridge and namespaces and removes them afterwards; traffic stays
+//! on the test's bridge and loopback.
+
+use std::{
+    collections::HashMap, fs, net::SocketAddr, path::Path, process::Command, time::Duration,
+};
+
+use integration_tests::{
+    Agent, AgentOptions, TestCgroup,
+    pod::{PodNetwork, connects_from, invoke_plugin},
+    process::{eventually, run_ok},
+    require_privileged,
+    servers::{ServerProcess, write_file},
+    temp_dir,
+};
+
+const LIMIT: Duration = Duration::from_secs(60);
+const REDIS_PORT: u16 = 6380;
+
+fn agent_with_opaque_redis(cgroup: &TestCgroup, cni_dir: Option<&Path>) -> Agent {
+    Agent::start_with(
+        cgroup,
+        AgentOptions {
+            args: vec![format!("--opaque-ports={REDIS_PORT}")],
+            cni_dir: cni_dir.map(Path::to_path_buf),
+            ..AgentOptions::default()
+        },
+    )
+}
+
+fn pod_labels<'a>(pod: &'a str, port: &'a str) -> [(&'a str, &'a str); 3] {
+    [
+        ("namespace", "test-ns"),
+        ("pod", pod),
+        ("target_port", port),
+    ]
+}
+
+/// The `SERVED_NETNS` entries of an agent (the host's, plus one per served pod).
+fn served_namespaces(agent: &Agent) -> usize {
+    agent.map_entries("SERVED_NETNS")
+}
+
+#[test]
+fn pod_to_pod_http_h2c_and_opaque_are_proxied_from_the_pods_address() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("pods");
+    let agent = agent_with_opaque_redis(&cgroup, None);
+    let network = PodNetwork::new(&agent.cni_socket);
+    let a = network.add_pod("a", &cgroup);
+    let b = network.add_pod("b", &cgroup);
+    agent.assert_metric("sockmesh_served_pods", &[], 2);
+    assert_eq!(served_namespaces(&agent), 3);
+
+    let dir = temp_dir("pods");
+    let www = dir.join("www");
+    fs::create_dir_all(&www).unwrap();
+    write_file(&www.join("blob"), 400_000);
+    let http_addr = SocketAddr::new(b.ip, 8080);
+    let http_log = dir.join("http.log");
+    let _http = b.server(
+        ServerProcess::http_command(&www, http_addr),
+        http_addr,
+        Some(&http_log),
+    );
+    let h2_addr = SocketAddr::new(b.ip, 8081);
+    let _nginx = b.server(
+        ServerProcess::nginx_h2c_command(&www, h2_addr),
+        h2_addr,
+        None,
+    );
+    let redis_addr = SocketAddr::new(b.ip, REDIS_PORT);
+    let _redis = b.server(ServerProcess::redis_command(redis_addr), redis_addr, None);
+
+    // HTTP/1: byte-exact, and the server saw pod A's address.
+    let downloaded = dir.join("h1");
+    let status = run_ok(
+        a.command("curl")
+            .args(["-sS", "-w", "%{http_code}", "-o"])
+            .arg(&downloaded)
+            .arg(format!("http://{http_addr}/blob")),
+        LIMIT,
+    );
+    assert_eq!(status, "200");
+    assert_eq!(
+        fs::read(&downloaded).unwrap(),
+        fs::read(www.join("blob")).unwrap()
+    );
+    let seen = fs::read_to_string(&http_log).unwrap_or_default();
+    assert!(
+        seen.contains(&format!("{} - -", a.ip)),
+        "the server should see pod A ({}) as the client: {seen}",
+        a.ip
+    );
+
+    // HTTP/2 prior knowledge.
+    let downloaded = dir.join("h2");
+    let version = run_ok(
+        a.command("curl")
+            .args([
+                "-sS",
+                "--http2-prior-knowledge",
+                "-w",
+                "%{http_version}",
+                "-o",
+            ])
+            .arg(&downloaded)
+            .arg(format!("http://{h2_addr}/blob")),
+        LIMIT,
+    );
+    assert_eq!(version, "2");
+    assert_eq!(
+        fs::read(&downloaded).unwrap(),
+        fs::read(www.join("blob")).unwrap()
+    );
+
+    // Opaque (a configured opaque port): redis sees pod A as its client.
+    let redis_cli = |args: &[&str]| {
+        run_ok(
+            a.command("redis-cli")
+                .args(["-h", &b.ip.to_string(), "-p", &REDIS_PORT.to_string()])
+                .args(args),
+            LIMIT,
+        )
+    };
+    assert_eq!(redis_cli(&["SET", "mesh", "pods"]).trim(), "OK");
+    assert_eq!(redis_cli(&["GET", "mesh"]).trim(), "pods");
+    let clients = redis_cli(&["CLIENT", "LIST"]);
+    assert!(clients.contains(&format!("addr={}:", a.ip)), "{clients}");
+
+    agent.assert_metric("tcp_open_total", &pod_labels("a", "8080"), 1);
+    agent.assert_metric("request_total", &pod_labels("a", "8080"), 1);
+    agent.assert_metric("request_total", &pod_labels("a", "8081"), 1);
+    agent.assert_metric(
+        "tcp_detect_total",
+        &[("pod", "a"), ("result", "http2"), ("target_port", "8081")],
+        1,
+    );
+    agent.assert_metric(
+        "tcp_detect_total",
+        &[("pod", "a"), ("result", "opaque_port")],
+        3,
+    );
+    agent.assert_metric("tcp_close_total", &[("pod", "a"), ("errno", "")], 5);
+    let metrics = agent.metrics();
+    assert!(metrics.count("tcp_read_bytes_total", &pod_labels("a", "8080")) > 400_000);
+    assert_eq!(metrics.count("tcp_open_total", &[("pod", "b")]), 0);
+    assert_eq!(metrics.count("tcp_open_total", &[("pod", "")]), 0);
+}
+
+#[test]
+fn unregistered_namespaces_connect_directly() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("unserved");
+    let agent = Agent::start(&cgroup);
+    // The old failure shape: a process in the meshed cgroup and in a fresh network namespace,
+    // connecting to a server in that namespace. Nothing registered it, so nothing redirects.
+    let netns = format!("smtu{}", std::process::id());
+    run_ok(Command::new("ip").args(["netns", "add", &netns]), LIMIT);
+    let _cleanup = NetnsGuard(netns.clone());
+    run_ok(
+        Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]),
+        LIMIT,
+    );
+    let netns_path = Path::new("/run/netns").join(&netns);
+    let dir = temp_dir("unserved");
+    write_file(&dir.join("page"), 1000);
+    let addr: SocketAddr = "127.0.0.1:8090".parse().unwrap();
+    let server = ServerProcess::http_command(&dir, addr);
+    let mut wrapped = Command::new("nsenter");
+    wrapped
+        .arg(format!("--net={}", netns_path.display()))
+        .arg("--")
+        .arg(server.get_program())
+        .args(server.get_args())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let netns_for_probe = netns_path.clone();
+    let _server = ServerProcess::start_checked(wrapped, addr, move |addr| {
+        connects_from(&netns_for_probe, addr)
+    });
+
+    for _ in 0..3 {
+        let status = run_ok(
+            cgroup
+                .command("nsenter")
+                .arg(format!("--net={}", netns_path.display()))
+                .args(["--", "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://{addr}/page")),
+            LIMIT,
+        );
+        assert_eq!(
+            status, "200",
+            "a connect in an unserved namespace must go direct"
+        );
+    }
+    agent.assert_metric(
+        "sockmesh_kernel_connects_total",
+        &[("decision", "bypassed_unserved_netns")],
+        3,
+    );
+    agent.assert_metric(
+        "sockmesh_kernel_connects_total",
+        &[("decision", "redirected")],
+        0,
+    );
+    agent.assert_metric("tcp_open_total", &[], 0);
+}
+
+struct NetnsGuard(String);
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn del_closes_the_pods_listeners_and_forgets_it() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("podel");
+    let agent = agent_with_opaque_redis(&cgroup, None);
+    let network = PodNetwork::new(&agent.cni_socket);
+    let a = network.add_pod("a", &cgroup);
+    let b = network.add_pod("b", &cgroup);
+    let listener = SocketAddr::from(([127, 0, 0, 1], agent.outbound_port));
+    assert!(
+        eventually(Duration::from_secs(10), || connects_from(
+            &a.netns_path,
+            listener
+        )),
+        "A has the agent's listener"
+    );
+    let redis_addr = SocketAddr::new(b.ip, REDIS_PORT);
+    let _redis = b.server(ServerProcess::redis_command(redis_addr), redis_addr, None);
+    let ping = || {
+        run_ok(
+            a.command("redis-cli").args([
+                "-h",
+                &b.ip.to_string(),
+                "-p",
+                &REDIS_PORT.to_string(),
+                "PING",
+            ]),
+            LIMIT,
+        )
+    };
+    assert_eq!(ping().trim(), "PONG");
+    agent.assert_metric("tcp_open_total", &[("pod", "a")], 1);
+    let check = a.sockmesh_cni("CHECK");
+    assert!(check.status.success(), "CHECK of a served pod: {check:?}");
+
+    // DEL of sockmesh-cni only: the pod keeps its interface and now connects directly.
+    let deleted = a.sockmesh_cni("DEL");
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || !connects_from(
+            &a.netns_path,
+            listener
+        )),
+        "A's listener is still open after DEL"
+    );
+    agent.assert_metric("sockmesh_served_pods", &[], 1);
+    assert_eq!(served_namespaces(&agent), 2);
+    assert_eq!(ping().trim(), "PONG");
+    agent.assert_metric("tcp_open_total", &[("pod", "a")], 1);
+    agent.assert_metric(
+        "sockmesh_kernel_connects_total",
+        &[("decision", "bypassed_unserved_netns")],
+        1,
+    );
+    agent.assert_maps_empty(&["ORIG_BY_TUPLE"]);
+    assert!(
+        !agent
+            .cni_socket
+            .with_file_name("pods")
+            .join(format!("{}.json", a.container_id))
+            .exists()
+    );
+
+    // DEL again, and DEL of a pod nobody ever added: both succeed.
+    assert!(a.sockmesh_cni("DEL").status.success());
+    let unknown = invoke_plugin(
+        "sockmesh-cni",
+        &[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "never-added"),
+            ("CNI_NETNS", "/run/netns/does-not-exist"),
+            ("CNI_IFNAME", "eth0"),
+        ],
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","type":"sockmesh-cni","agent_socket":"{}"}}"#,
+            agent.cni_socket.display()
+        )
+        .as_bytes(),
+    );
+    assert!(unknown.status.success(), "{unknown:?}");
+    // CHECK now reports the pod as not served, with the plugin's own error code.
+    let check = a.sockmesh_cni("CHECK");
+    assert!(!check.status.success());
+    let error: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(error["code"], 100, "{error}");
+}
+
+#[test]
+fn host_network_pods_are_left_alone() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("hostnet");
+    let agent = Agent::start(&cgroup);
+    let prev = r#"{"cniVersion":"1.0.0","interfaces":[],"ips":[]}"#;
+    let output = invoke_plugin(
+        "sockmesh-cni",
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "hostnetpod"),
+            ("CNI_NETNS", "/proc/1/ns/net"),
+            ("CNI_IFNAME", "eth0"),
+        ],
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","type":"sockmesh-cni","agent_socket":"{}","prevResult":{prev}}}"#,
+            agent.cni_socket.display()
+        )
+        .as_bytes(),
+    );
+    assert!(output.status.success(), "{output:?}");
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        result,
+        serde_json::from_str::<serde_json::Value>(prev).unwrap()
+    );
+    agent.assert_metric("sockmesh_served_pods", &[], 0);
+    assert_eq!(served_namespaces(&agent), 1);
+}
+
+#[test]
+fn a_restarted_agent_readopts_its_pods_and_a_killed_one_fails_open() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("readopt");
+    let cni_dir = temp_dir("readopt");
+    let first = agent_with_opaque_redis(&cgroup, Some(&cni_dir));
+    let network = PodNetwork::new(&first.cni_socket);
+    let a = network.add_pod("a", &cgroup);
+    let b = network.add_pod("b", &cgroup);
+    let redis_addr = SocketAddr::new(b.ip, REDIS_PORT);
+    let _redis = b.server(ServerProcess::redis_command(redis_addr), redis_addr, None);
+    let ping = || {
+        run_ok(
+            a.command("redis-cli").args([
+                "-h",
+                &b.ip.to_string(),
+                "-p",
+                &REDIS_PORT.to_string(),
+                "PING",
+            ]),
+            LIMIT,
+        )
+    };
+    assert_eq!(ping().trim(), "PONG");
+    first.assert_metric("tcp_open_total", &[("pod", "a")], 1);
+    assert!(first.stop().success());
+
+    // A new agent, the same registry: no new ADD, and the pods are proxied again.
+    let second = agent_with_opaque_redis(&cgroup, Some(&cni_dir));
+    second.assert_metric("sockmesh_served_pods", &[], 2);
+    assert_eq!(ping().trim(), "PONG");
+    second.assert_metric(
+        "tcp_open_total",
+        &[("pod", "a"), ("namespace", "test-ns")],
+        1,
+    );
+
+    // SIGKILL: the links go with the process, and pods connect directly.
+    second.signal(libc::SIGKILL);
+    let mut second = second;
+    second.wait_exit();
+    for _ in 0..3 {
+        assert_eq!(ping().trim(), "PONG");
+    }
+}
+
+#[test]
+fn twenty_pods_come_and_go_without_leaks() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("churn");
+    let agent = Agent::start(&cgroup);
+    let network = PodNetwork::new(&agent.cni_socket);
+    // The first pod creates the bridge; the churn then runs against a settled agent.
+    drop(network.add_pod("warmup", &cgroup));
+    agent.assert_metric("sockmesh_served_pods", &[], 0);
+    let fds = agent.fd_count();
+    let threads = thread_count(agent.pid());
+
+    for round in 0..10 {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..20)
+                .map(|i| {
+                    let (network, cgroup) = (&network, &cgroup);
+                    scope.spawn(move || network.add_pod(&format!("r{round}p{i}"), cgroup))
+                })
+                .collect();
+            let mut pods: Vec<_> = handles
+                .into_iter()
+                .map(|handle| handle.join().expect("adding a pod"))
+                .collect();
+            assert_eq!(served_namespaces(&agent), 21, "round {round}");
+            let ips: HashMap<_, _> = pods.iter().map(|pod| (pod.ip, ())).collect();
+            assert_eq!(ips.len(), 20, "every pod has its own address");
+            std::thread::scope(|scope| {
+                for pod in &mut pods {
+                    scope.spawn(move || pod.delete());
+                }
+            });
+        });
+        assert_eq!(served_namespaces(&agent), 1, "round {round}");
+    }
+    agent.assert_metric("sockmesh_served_pods", &[], 0);
+    let settled = eventually(Duration::from_secs(10), || agent.fd_count() <= fds);
+    assert!(
+        settled,
+        "fds: {} after the churn, {fds} before",
+        agent.fd_count()
+    );
+    // Registry changes run on tokio's blocking pool, whose idle threads exit after 10 s.
+    let settled = eventually(Duration::from_secs(20), || {
+        thread_count(agent.pid()) <= threads
+    });
+    assert!(
+        settled,
+        "threads: {} after, {threads} before",
+        thread_count(agent.pid())
+    );
+    agent.assert_maps_empty(&["ORIG_BY_TUPLE", "ORIG_BY_COOKIE"]);
+    let registry = agent.cni_socket.with_file_name("pods");
+    let left = fs::read_dir(&registry).map(|dir| dir.count()).unwrap_or(0);
+    assert_eq!(left, 0, "registrations left in {}", registry.display());
+}
+
+fn thread_count(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn cni_errors_are_spec_json_and_an_absent_agent_fails_open() {
+    let dir = temp_dir("cnierr");
+    let socket = dir.join("cni.sock");
+    let config = |extra: &str| {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","type":"sockmesh-cni","agent_socket":"{}"{extra}}}"#,
+            socket.display()
+        )
+    };
+    let env_add = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "pod1"),
+        ("CNI_NETNS", "/run/netns/not-there"),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let error_code = |output: &std::process::Output| -> u64 {
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let error: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {output:?}"));
+        assert!(error["msg"].as_str().is_some_and(|msg| !msg.is_empty()));
+        error["code"].as_u64().expect("a code")
+    };
+
+    let bad_json = invoke_plugin("sockmesh-cni", &env_add, b"{\"cniVersion\": ");
+    assert_eq!(error_code(&bad_json), 6);
+    let unknown = invoke_plugin(
+        "sockmesh-cni",
+        &[("CNI_COMMAND", "FROBNICATE"), ("CNI_CONTAINERID", "pod1")],
+        config("").as_bytes(),
+    );
+    assert_eq!(error_code(&unknown), 4);
+    let no_netns = invoke_plugin(
+        "sockmesh-cni",
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "pod1"),
+            ("CNI_IFNAME", "eth0"),
+        ],
+        config("").as_bytes(),
+    );
+    assert_eq!(error_code(&no_netns), 4);
+    let old = invoke_plugin("sockmesh-cni", &env_add, br#"{"cniVersion":"9.0.0"}"#);
+    assert_eq!(error_code(&old), 1);
+
+    let version = invoke_plugin("sockmesh-cni", &[("CNI_COMMAND", "VERSION")], b"");
+    assert!(version.status.success());
+    let versions: serde_json::Value = serde_json::from_slice(&version.stdout).unwrap();
+    assert!(
+        versions["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "1.0.0")
+    );
+
+    // No agent listens on the socket: ADD succeeds, passes prevResult on unchanged, and leaves
+    // the pod registered for the agent to adopt when it starts.
+    let prev = r#"{"cniVersion":"1.0.0","ips":[{"address":"10.213.250.9/24"}],"dns":{}}"#;
+    let added = invoke_plugin(
+        "sockmesh-cni",
+        &env_add,
+        config(&format!(r#","prevResult":{prev}"#)).as_bytes(),
+    );
+    assert!(added.status.success(), "{added:?}");
+    let result: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
+    assert_eq!(
+        result,
+        serde_json::from_str::<serde_json::Value>(prev).unwrap()
+    );
+    assert!(String::from_utf8_lossy(&added.stderr).contains("unmeshed"));
+    assert!(dir.join("pods/pod1.json").exists());
+    let deleted = invoke_plugin(
+        "sockmesh-cni",
+        &[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "pod1")],
+        config("").as_bytes(),
+    );
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(!dir.join("pods/pod1.json").exists());
+    let _ = fs::remove_dir_all(&dir);
+}
