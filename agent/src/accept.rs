@@ -99,31 +99,50 @@ pub async fn serve(listener: std::net::TcpListener, scope: Scope) {
     };
     loop {
         let accepted = tokio::select! {
-            () = scope.stop_accepting.cancelled() => return,
+            () = scope.stop_accepting.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((client, peer)) => {
-                let held = scope.scope_connections.as_ref().map(TaskTracker::token);
-                let abort = scope.abort.clone();
-                let connection = connection::handle(
-                    client,
-                    peer,
-                    Arc::clone(&scope.origin),
-                    Arc::clone(&scope.proxy),
-                );
-                scope.connections.spawn(async move {
-                    let _held = held;
-                    tokio::select! {
-                        () = connection => {}
-                        () = abort.cancelled() => {}
-                    }
-                });
-            }
+            Ok((client, peer)) => spawn_connection(&scope, client, peer),
             Err(error) => {
                 tracing::warn!(%error, "accept failed");
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
         }
     }
+    drain_backlog(&listener, &scope);
+}
+
+/// Accepts what is already queued before the listener closes: closing a listener resets the
+/// connections in its accept queue, and those clients saw their connect succeed. The kernel
+/// stopped redirecting before `stop_accepting` fired, so nothing new arrives.
+fn drain_backlog(listener: &TcpListener, scope: &Scope) {
+    let waker = std::task::Waker::noop();
+    let mut context = std::task::Context::from_waker(waker);
+    let mut drained = 0usize;
+    while let std::task::Poll::Ready(Ok((client, peer))) = listener.poll_accept(&mut context) {
+        spawn_connection(scope, client, peer);
+        drained += 1;
+    }
+    if drained > 0 {
+        tracing::debug!(drained, "accepted the backlog before closing");
+    }
+}
+
+fn spawn_connection(scope: &Scope, client: tokio::net::TcpStream, peer: SocketAddr) {
+    let held = scope.scope_connections.as_ref().map(TaskTracker::token);
+    let abort = scope.abort.clone();
+    let connection = connection::handle(
+        client,
+        peer,
+        Arc::clone(&scope.origin),
+        Arc::clone(&scope.proxy),
+    );
+    scope.connections.spawn(async move {
+        let _held = held;
+        tokio::select! {
+            () = connection => {}
+            () = abort.cancelled() => {}
+        }
+    });
 }

@@ -190,7 +190,9 @@ impl Intercept {
     }
 
     /// Loads and attaches every program to `cgroup`. From here on, connects in the cgroup are
-    /// redirected, so the listeners must already be up.
+    /// redirected, so the listeners must already be up. connect4/6 come last: a connect they
+    /// redirect must find sockops (which publishes its original destination) and the
+    /// disguise hooks already in place.
     pub fn attach(&mut self, cgroup: &Path) -> Result<()> {
         let cgroup_dir = fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
@@ -198,26 +200,6 @@ impl Intercept {
         // bpf_link attachments are always "multi"; the kernel wants no attach flags with them.
         let mode = CgroupAttachMode::Single;
         let Self { ebpf, links, .. } = self;
-        for name in [
-            program_names::CONNECT4,
-            program_names::CONNECT6,
-            program_names::GETPEERNAME4,
-            program_names::GETPEERNAME6,
-        ] {
-            let program: &mut CgroupSockAddr = program_named(ebpf, name)?.try_into()?;
-            program.load().with_context(|| format!("loading {name}"))?;
-            let id = program
-                .attach(cgroup_fd, mode)
-                .with_context(|| format!("attaching {name}"))?;
-            links.push(Box::new(program.take_link(id)?));
-        }
-        let name = program_names::GETSOCKOPT;
-        let program: &mut CgroupSockopt = program_named(ebpf, name)?.try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
-        let id = program
-            .attach(cgroup_fd, mode)
-            .with_context(|| format!("attaching {name}"))?;
-        links.push(Box::new(program.take_link(id)?));
 
         let name = program_names::SOCKOPS;
         let program: &mut SockOps = program_named(ebpf, name)?.try_into()?;
@@ -226,22 +208,50 @@ impl Intercept {
             .attach(cgroup_fd, mode)
             .with_context(|| format!("attaching {name}"))?;
         links.push(Box::new(program.take_link(id)?));
+
+        let name = program_names::GETSOCKOPT;
+        let program: &mut CgroupSockopt = program_named(ebpf, name)?.try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        let id = program
+            .attach(cgroup_fd, mode)
+            .with_context(|| format!("attaching {name}"))?;
+        links.push(Box::new(program.take_link(id)?));
+
+        for name in [
+            program_names::GETPEERNAME4,
+            program_names::GETPEERNAME6,
+            program_names::CONNECT4,
+            program_names::CONNECT6,
+        ] {
+            let program: &mut CgroupSockAddr = program_named(ebpf, name)?.try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+            let id = program
+                .attach(cgroup_fd, mode)
+                .with_context(|| format!("attaching {name}"))?;
+            links.push(Box::new(program.take_link(id)?));
+        }
         tracing::info!(cgroup = %cgroup.display(), programs = links.len(), "attached");
         Ok(())
     }
 
-    /// Detaches every program: new connects in the cgroup go direct from now on. The maps stay,
-    /// so connections already redirected can still be resolved.
+    /// Detaches every program: new connects in the cgroup go direct from now on. In reverse
+    /// order of attaching, so connect4/6 go first and every connect they redirected still
+    /// gets its original destination published. The maps stay, so connections already
+    /// redirected can still be resolved.
     pub fn detach(&mut self) {
         let count = self.links.len();
-        self.links.clear();
-        tracing::info!(programs = count, "detached");
+        while let Some(link) = self.links.pop() {
+            drop(link);
+        }
+        if count > 0 {
+            tracing::info!(programs = count, "detached");
+        }
     }
 }
 
 impl Drop for Intercept {
     fn drop(&mut self) {
-        self.links.clear();
+        self.detach();
         self.forward_link = None;
         for name in map_names::ALL {
             let _ = fs::remove_file(self.pin_dir.join(name));

@@ -26,6 +26,8 @@ use crate::{
     tap::Tap,
 };
 
+/// How long after detaching the programs the listeners keep accepting before they close.
+const REDIRECT_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
 /// Period of each proxy thread's housekeeping timer (see `keep_a_timer_pending`).
 const TIMER_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -126,6 +128,9 @@ async fn serve(config: Config) -> Result<()> {
     tracing::info!(reason, "shutting down");
     admin_state.ready.store(false, Ordering::SeqCst);
     intercept.detach();
+    // A connect the programs redirected just before the detach may still be on its way into
+    // a listener's queue; the listeners accept their whole backlog before they close.
+    tokio::time::sleep(REDIRECT_SETTLE).await;
     proxy_shutdown.cancel();
     connections.close();
     if tokio::time::timeout(config.shutdown_grace, connections.wait())

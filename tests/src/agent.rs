@@ -77,7 +77,7 @@ impl Agent {
             .arg("--cni-socket")
             .arg(&cni_socket)
             .args(&options.args)
-            .env("RUST_LOG", "info,sockmesh=debug")
+            .env("RUST_LOG", "info,agent=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("agent log"));

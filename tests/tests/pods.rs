@@ -524,3 +524,55 @@ fn cni_errors_are_spec_json_and_an_absent_agent_fails_open() {
     assert!(!dir.join("pods/pod1.json").exists());
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_agent_replaced_in_place_refuses_no_connect() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("rollout");
+    let cni_dir = temp_dir("rollout");
+    let first = agent_with_opaque_redis(&cgroup, Some(&cni_dir));
+    let network = PodNetwork::new(&first.cni_socket);
+    let a = network.add_pod("a", &cgroup);
+    let b = network.add_pod("b", &cgroup);
+    let redis_addr = SocketAddr::new(b.ip, REDIS_PORT);
+    let _redis = b.server(ServerProcess::redis_command(redis_addr), redis_addr, None);
+
+    // A client in pod A connects over and over (bounded: 60 s at most) while the agent is
+    // replaced the way the DaemonSet's rolling update does it: SIGTERM, then a new agent.
+    let stop = cni_dir.join("stop");
+    let script = format!(
+        "end=$((SECONDS+60)); while [ ! -e {stop} ] && [ $SECONDS -lt $end ]; do \
+         redis-cli -h {ip} -p {REDIS_PORT} PING 2>&1 || echo FAILED; done",
+        stop = stop.display(),
+        ip = b.ip
+    );
+    let client = std::thread::spawn({
+        let mut command = a.command("bash");
+        command.args(["-c", &script]);
+        move || run_ok(&mut command, Duration::from_secs(90))
+    });
+    assert!(eventually(LIMIT, || first
+        .metrics()
+        .count("tcp_open_total", &[("pod", "a")])
+        >= 20));
+    assert!(first.stop().success());
+    let second = agent_with_opaque_redis(&cgroup, Some(&cni_dir));
+    assert!(eventually(LIMIT, || second
+        .metrics()
+        .count("tcp_open_total", &[("pod", "a")])
+        >= 20));
+    fs::write(&stop, b"").unwrap();
+    let output = client.join().expect("the client loop");
+    let pongs = output.lines().filter(|line| line.trim() == "PONG").count();
+    let failures: Vec<_> = output
+        .lines()
+        .filter(|line| line.trim() != "PONG")
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} connects failed: {failures:?}",
+        failures.len(),
+        pongs + failures.len()
+    );
+    assert!(pongs >= 40, "{pongs}");
+}
