@@ -33,6 +33,8 @@ const TEST_PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
     "iproute2",
+    // The real CNI plugins (bridge, host-local, loopback) the pod-mode tests wire pods with.
+    "containernetworking-plugins",
     "python3",
     "python3-grpcio",
     "python3-websockets",
