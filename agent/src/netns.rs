@@ -53,6 +53,16 @@ impl Netns {
         self.cookie
     }
 
+    /// Whether `path` still names this namespace. It does not once the runtime removed the
+    /// pod's namespace file (ours keeps the namespace itself alive).
+    pub fn still_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(path), self.file.metadata()) {
+            (Ok(named), Ok(ours)) => named.dev() == ours.dev() && named.ino() == ours.ino(),
+            _ => false,
+        }
+    }
+
     /// Runs `f` on this thread inside this namespace, then returns to the thread's own one.
     /// Fails (without running `f`) when the file is not a network namespace.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {

@@ -26,6 +26,8 @@ use crate::{
     tap::Tap,
 };
 
+/// How often the agent looks for pods whose namespace vanished without a DEL.
+const VANISHED_POD_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long after detaching the programs the listeners keep accepting before they close.
 const REDIRECT_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
 /// Period of each proxy thread's housekeeping timer (see `keep_a_timer_pending`).
@@ -114,6 +116,7 @@ async fn serve(config: Config) -> Result<()> {
                 .await
                 .context("re-adopting registered pods")?;
             tracing::info!(adopted, dropped, "pod registry loaded");
+            tokio::spawn(reap_vanished_pods(Arc::clone(&pods), shutdown.child_token()));
             let cni = CniSocket::bind(socket)?;
             tracing::info!(socket = %socket.display(), "serving CNI registrations");
             Some(tokio::spawn(cni.serve(pods, shutdown.child_token())))
@@ -221,6 +224,19 @@ async fn keep_a_timer_pending() {
     let mut tick = tokio::time::interval(TIMER_TICK);
     loop {
         tick.tick().await;
+    }
+}
+
+/// Every few seconds, drops the pods whose network namespace disappeared without a DEL.
+async fn reap_vanished_pods(pods: Arc<Pods>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(VANISHED_POD_CHECK);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let pods = Arc::clone(&pods);
+        let _ = tokio::task::spawn_blocking(move || pods.reap_vanished()).await;
     }
 }
 

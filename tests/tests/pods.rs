@@ -8,7 +8,7 @@ use std::{
 };
 
 use integration_tests::{
-    Agent, AgentOptions, TestCgroup,
+    Agent, AgentOptions, TestCgroup, meshprobe_bin,
     pod::{PodNetwork, connects_from, invoke_plugin},
     process::{eventually, run_ok},
     require_privileged,
@@ -129,6 +129,12 @@ fn pod_to_pod_http_h2c_and_opaque_are_proxied_from_the_pods_address() {
     assert_eq!(redis_cli(&["GET", "mesh"]).trim(), "pods");
     let clients = redis_cli(&["CLIENT", "LIST"]);
     assert!(clients.contains(&format!("addr={}:", a.ip)), "{clients}");
+    // The application in pod A sees its original peer, as in host mode.
+    let peer = run_ok(
+        a.command(meshprobe_bin()).args(["peer", &redis_addr.to_string()]),
+        LIMIT,
+    );
+    assert_eq!(peer.trim(), format!("peer={redis_addr}"));
 
     agent.assert_metric("tcp_open_total", &pod_labels("a", "8080"), 1);
     agent.assert_metric("request_total", &pod_labels("a", "8080"), 1);
@@ -141,9 +147,9 @@ fn pod_to_pod_http_h2c_and_opaque_are_proxied_from_the_pods_address() {
     agent.assert_metric(
         "tcp_detect_total",
         &[("pod", "a"), ("result", "opaque_port")],
-        3,
+        4,
     );
-    agent.assert_metric("tcp_close_total", &[("pod", "a"), ("errno", "")], 5);
+    agent.assert_metric("tcp_close_total", &[("pod", "a"), ("errno", "")], 6);
     let metrics = agent.metrics();
     assert!(metrics.count("tcp_read_bytes_total", &pod_labels("a", "8080")) > 400_000);
     assert_eq!(metrics.count("tcp_open_total", &[("pod", "b")]), 0);
@@ -575,4 +581,20 @@ fn an_agent_replaced_in_place_refuses_no_connect() {
         pongs + failures.len()
     );
     assert!(pongs >= 40, "{pongs}");
+}
+
+#[test]
+fn a_pod_whose_namespace_vanishes_without_del_is_dropped() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("vanish");
+    let agent = Agent::start(&cgroup);
+    let network = PodNetwork::new(&agent.cni_socket);
+    let a = network.add_pod("a", &cgroup);
+    agent.assert_metric("sockmesh_served_pods", &[], 1);
+    // The runtime removes the namespace itself (it crashed, or cleaned up) and never sends DEL.
+    run_ok(Command::new("ip").args(["netns", "del", &a.netns]), LIMIT);
+    agent.assert_metric("sockmesh_served_pods", &[], 0);
+    assert_eq!(served_namespaces(&agent), 1);
+    let registry = agent.cni_socket.with_file_name("pods");
+    assert!(!registry.join(format!("{}.json", a.container_id)).exists());
 }

@@ -80,6 +80,7 @@ pub struct PodsConfig {
 
 struct ServedPod {
     info: PodInfo,
+    origin: Arc<Origin>,
     netns_cookie: u64,
     stop_accepting: CancellationToken,
     abort: CancellationToken,
@@ -159,6 +160,30 @@ impl Pods {
         })
     }
 
+    /// Stops serving pods whose namespace file is gone without a DEL (a runtime that crashed
+    /// or cleaned up on its own): the agent's sockets would otherwise keep the namespace alive
+    /// for ever. Returns how many were removed.
+    pub fn reap_vanished(&self) -> usize {
+        let vanished: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|pod| {
+                pod.origin
+                    .netns
+                    .as_ref()
+                    .is_some_and(|netns| !netns.still_at(&pod.info.netns))
+            })
+            .map(|pod| pod.info.container_id.clone())
+            .collect();
+        for container_id in &vanished {
+            tracing::info!(%container_id, "the pod's network namespace is gone; removing it");
+            if let Err(error) = self.remove(container_id) {
+                tracing::warn!(%container_id, %error, "removing a vanished pod");
+            }
+        }
+        vanished.len()
+    }
+
     pub fn is_served(&self, container_id: &str) -> bool {
         self.lock().contains_key(container_id)
     }
@@ -219,13 +244,14 @@ impl Pods {
         });
         let entry = ServedPod {
             info: pod,
+            origin: Arc::clone(&origin),
             netns_cookie,
             stop_accepting: config.stop_accepting.child_token(),
             abort: config.abort.child_token(),
             connections: TaskTracker::new(),
         };
         let scope = Scope {
-            origin,
+            origin: Arc::clone(&origin),
             proxy: Arc::clone(&config.proxy),
             connections: config.connections.clone(),
             scope_connections: Some(entry.connections.clone()),

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
+    sync::oneshot,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +57,13 @@ impl CniSocket {
 
     /// Serves registrations until `shutdown` fires.
     pub async fn serve(self, pods: Arc<Pods>, shutdown: CancellationToken) {
+        let registry = match RegistryThread::start(pods) {
+            Ok(registry) => registry,
+            Err(error) => {
+                tracing::error!(%error, "starting the pod registry thread failed");
+                return;
+            }
+        };
         loop {
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -63,7 +71,7 @@ impl CniSocket {
             };
             match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(answer(stream, Arc::clone(&pods)));
+                    tokio::spawn(answer(stream, registry.clone()));
                 }
                 Err(error) => {
                     tracing::warn!(%error, "CNI socket accept failed");
@@ -80,19 +88,45 @@ impl Drop for CniSocket {
     }
 }
 
-async fn answer(stream: UnixStream, pods: Arc<Pods>) {
+/// Registry changes enter namespaces (setns) and bind sockets: they run off the async
+/// threads, one at a time, on one long-lived thread (so a burst of ADDs never grows a pool of
+/// threads, each holding its own descriptor of the agent's namespace).
+#[derive(Clone)]
+struct RegistryThread {
+    requests: std::sync::mpsc::Sender<(Request, oneshot::Sender<Response>)>,
+}
+
+impl RegistryThread {
+    fn start(pods: Arc<Pods>) -> std::io::Result<Self> {
+        let (requests, queue) = std::sync::mpsc::channel::<(Request, oneshot::Sender<Response>)>();
+        std::thread::Builder::new()
+            .name("pod-registry".into())
+            .spawn(move || {
+                // Ends when every sender is gone (the CNI socket stopped).
+                for (request, reply) in queue {
+                    let _ = reply.send(apply(&pods, request));
+                }
+            })?;
+        Ok(Self { requests })
+    }
+
+    async fn apply(&self, request: Request) -> Response {
+        let (reply, answer) = oneshot::channel();
+        if self.requests.send((request, reply)).is_err() {
+            return Response::failed("the pod registry has stopped");
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Response::failed("the pod registry dropped the request"))
+    }
+}
+
+async fn answer(stream: UnixStream, registry: RegistryThread) {
     let (reader, mut writer) = stream.into_split();
     let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(reader)).await {
         Err(_) => Response::failed("no request within 10 s"),
         Ok(Err(message)) => Response::failed(message),
-        Ok(Ok(request)) => {
-            // Registry changes enter namespaces (setns) and bind sockets: off the async threads.
-            tokio::task::spawn_blocking(move || apply(&pods, request))
-                .await
-                .unwrap_or_else(|error| {
-                    Response::failed(format!("request handler failed: {error}"))
-                })
-        }
+        Ok(Ok(request)) => registry.apply(request).await,
     };
     let mut line = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     line.push(b'\n');
