@@ -33,6 +33,42 @@ pub enum Command {
     Tap(TapArgs),
     /// Check that this node can run the agent (kernel, cgroup v2, bpffs, BTF, privileges).
     Check(CheckArgs),
+    /// Install sockmesh-cni on the node and chain it into the node's CNI network config; keep
+    /// it chained, and undo both on SIGTERM/SIGINT (the DaemonSet's install-cni container).
+    InstallCni(InstallCniArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InstallCniArgs {
+    /// Directory the container runtime runs CNI plugins from (the host's /opt/cni/bin).
+    #[arg(
+        long,
+        env = "SOCKMESH_CNI_BIN_DIR",
+        default_value = "/host/opt/cni/bin"
+    )]
+    pub cni_bin_dir: PathBuf,
+    /// Directory holding the node's CNI network configs (the host's /etc/cni/net.d).
+    #[arg(
+        long,
+        env = "SOCKMESH_CNI_CONF_DIR",
+        default_value = "/host/etc/cni/net.d"
+    )]
+    pub cni_conf_dir: PathBuf,
+    /// The agent's CNI socket, as seen from the host; written into the plugin's config entry.
+    #[arg(long, env = "SOCKMESH_AGENT_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
+    pub agent_socket: PathBuf,
+    /// The sockmesh-cni binary to install [default: `sockmesh-cni` beside this executable]
+    #[arg(long, env = "SOCKMESH_CNI_PLUGIN")]
+    pub plugin: Option<PathBuf>,
+    /// Install and chain once, then exit (leaving both in place).
+    #[arg(long, env = "SOCKMESH_CNI_INSTALL_ONCE")]
+    pub once: bool,
+    /// How often to re-check that the plugin is still installed and chained.
+    #[arg(long, env = "SOCKMESH_CNI_INTERVAL", default_value = "5s",
+          value_parser = parse_duration)]
+    pub interval: Duration,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Debug, Args)]

@@ -211,7 +211,8 @@ pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
 pub const DEFAULT_CNI_SOCKET: &str = "/var/run/sockmesh/cni.sock";
 
 /// How opaque connections move their bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CopyMode {
     /// In the kernel (sockmap stream verdict): the agent is not woken per message. Falls
     /// back to splice for a connection the socket maps cannot take.
@@ -222,24 +223,32 @@ pub enum CopyMode {
     Userspace,
 }
 
-/// The effective configuration of `sockmesh run`, built once from the flags.
-#[derive(Clone, Debug)]
+/// The effective configuration of `sockmesh run`, built once from the flags. Serialised as
+/// is for /config.json (durations in milliseconds, port and network lists as their flag text).
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct Config {
     /// The cgroup whose processes are meshed.
     pub cgroup: PathBuf,
     /// Proxy listener port on 127.0.0.1 and ::1.
     pub outbound_port: u16,
     /// Ports connect4/6 never redirect: the user's plus the agent's own (admin).
+    #[serde(serialize_with = "as_text")]
     pub skip_outbound_ports: PortSet,
+    #[serde(serialize_with = "as_text")]
     pub skip_outbound_networks: NetworkList,
     pub admin_addr: SocketAddr,
     /// Destination ports forwarded as opaque TCP without detection.
+    #[serde(serialize_with = "as_text")]
     pub opaque_ports: PortSet,
     /// How long to wait for a client's first bytes before forwarding opaquely.
+    #[serde(rename = "detect_timeout_ms", serialize_with = "as_millis")]
     pub detect_timeout: Duration,
     /// How long an HTTP request may wait for the upstream's response headers (then 504).
+    #[serde(rename = "upstream_timeout_ms", serialize_with = "as_millis")]
     pub upstream_timeout: Duration,
+    #[serde(rename = "shutdown_grace_ms", serialize_with = "as_millis")]
     pub shutdown_grace: Duration,
+    #[serde(rename = "connect_timeout_ms", serialize_with = "as_millis")]
     pub connect_timeout: Duration,
     /// Whether POST /shutdown (from loopback) stops the agent.
     pub enable_shutdown_endpoint: bool,
@@ -255,33 +264,27 @@ pub struct Config {
 }
 
 impl Config {
-    /// The effective configuration as served on /config.json, defaults included.
+    /// The effective configuration as served on /config.json, defaults included: this very
+    /// struct, serialised, so the dump cannot drift from the flags.
     pub fn to_json(&self) -> String {
-        let json = serde_json::json!({
-            "cgroup": self.cgroup.display().to_string(),
-            "outbound_port": self.outbound_port,
-            "skip_outbound_ports": self.skip_outbound_ports.to_string(),
-            "skip_outbound_networks": self.skip_outbound_networks.to_string(),
-            "opaque_ports": self.opaque_ports.to_string(),
-            "admin_addr": self.admin_addr.to_string(),
-            "detect_timeout_ms": self.detect_timeout.as_millis() as u64,
-            "upstream_timeout_ms": self.upstream_timeout.as_millis() as u64,
-            "shutdown_grace_ms": self.shutdown_grace.as_millis() as u64,
-            "connect_timeout_ms": self.connect_timeout.as_millis() as u64,
-            "pin_dir": self.pin_dir.display().to_string(),
-            "bypass_mark": self.bypass_mark,
-            "enable_shutdown_endpoint": self.enable_shutdown_endpoint,
-            "copy_mode": format!("{:?}", self.copy_mode).to_ascii_lowercase(),
-            "serve_host_netns": self.serve_host_netns,
-            "cni_socket": self.cni_socket.as_ref().map(|path| path.display().to_string()),
-        });
-        serde_json::to_string_pretty(&json).unwrap_or_default()
+        serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
     /// Ports the agent itself serves on: always skipped, whatever the user passes.
     pub fn builtin_skip_ports(admin_addr: SocketAddr) -> PortSet {
         PortSet(vec![PortRange::single(admin_addr.port())])
     }
+}
+
+fn as_text<S: serde::Serializer>(
+    value: &impl fmt::Display,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+fn as_millis<S: serde::Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(u64::try_from(value.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

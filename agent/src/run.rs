@@ -116,7 +116,10 @@ async fn serve(config: Config) -> Result<()> {
                 .await
                 .context("re-adopting registered pods")?;
             tracing::info!(adopted, dropped, "pod registry loaded");
-            tokio::spawn(reap_vanished_pods(Arc::clone(&pods), shutdown.child_token()));
+            tokio::spawn(reap_vanished_pods(
+                Arc::clone(&pods),
+                shutdown.child_token(),
+            ));
             let cni = CniSocket::bind(socket)?;
             tracing::info!(socket = %socket.display(), "serving CNI registrations");
             Some(tokio::spawn(cni.serve(pods, shutdown.child_token())))

@@ -61,6 +61,7 @@ fn readme_bpftool_commands(cgroup: &TestCgroup, agent: &Agent) -> Vec<Vec<String
 }
 
 #[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
 fn readme_bpftool_commands_show_our_programs_and_maps() {
     require_privileged!();
     let server = PatternServer::start("127.0.0.1:0", 10);
@@ -85,7 +86,9 @@ fn readme_bpftool_commands_show_our_programs_and_maps() {
             ["cgroup", ..] => &PROGRAMS,
             ["prog", "show", "name", name] => &[name],
             [.., path] if path.ends_with("/COUNTERS") => &["\"redirected\": 1", "bypassed_port"],
-            [.., path] if path.ends_with("/CONFIG") => &["proxy_port", "bypass_mark"],
+            [.., path] if path.ends_with("/CONFIG") => &["proxy_ip4", "bypass_mark"],
+            // The host's namespace, with the listener port there.
+            [.., path] if path.ends_with("/SERVED_NETNS") => &["\"key\"", "proxy_port"],
             [.., path] if path.ends_with("/SKIP_PORTS") => &["\"key\""],
             [.., path] if path.ends_with("/FWD_ACTIVE") => &["sockhash", "FWD_ACTIVE"],
             _ => &[],
@@ -101,6 +104,7 @@ fn readme_bpftool_commands_show_our_programs_and_maps() {
 }
 
 #[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
 fn killed_agent_fails_open() {
     require_privileged!();
     let server = PatternServer::start("127.0.0.1:0", 1000);
@@ -134,6 +138,7 @@ fn killed_agent_fails_open() {
 }
 
 #[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
 fn sigterm_lets_an_open_transfer_finish() {
     require_privileged!();
     const TOTAL: u64 = 20 * 1024 * 1024;
@@ -214,6 +219,7 @@ fn sigterm_lets_an_open_transfer_finish() {
 /// An idle HTTP keep-alive connection must not hold shutdown for the whole grace period: on
 /// SIGTERM the proxy closes it once no request is in flight.
 #[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
 fn sigterm_closes_idle_keep_alive_connections() {
     require_privileged!();
     let http = integration_tests::servers::ServerProcess::peer("http_peer.py", &[]);

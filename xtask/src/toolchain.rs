@@ -36,6 +36,7 @@ const TEST_PACKAGES: &[&str] = &[
     // The real CNI plugins (bridge, host-local, loopback) the pod-mode tests wire pods with.
     "containernetworking-plugins",
     "python3",
+    "python3-venv",
     "python3-grpcio",
     "python3-websockets",
     "python3-aiosmtpd",
@@ -139,13 +140,51 @@ fn install_debian_route() -> Result<()> {
     Ok(())
 }
 
-/// Installs whichever test packages are missing.
-pub fn ensure_test_tools() -> Result<()> {
-    ensure_packages(TEST_PACKAGES)
+/// Installs whichever test packages are missing, and kubernetes-validate (the manifest tests)
+/// into a venv under target/. Returns the kubernetes-validate executable.
+pub fn ensure_test_tools(root: &Path) -> Result<PathBuf> {
+    ensure_packages(TEST_PACKAGES)?;
+    ensure_kubernetes_validate(root)
+}
+
+/// PyPI's kubernetes-validate (Kubernetes' JSON schemas, checked offline), pinned.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// Where its venv lives, relative to the workspace root.
+pub const VENV: &str = "target/venv";
+
+/// Creates target/venv with Debian's python3 (not a pyenv one on PATH) and installs
+/// kubernetes-validate into it, once: an existing install is reused.
+fn ensure_kubernetes_validate(root: &Path) -> Result<PathBuf> {
+    let venv = root.join(VENV);
+    let executable = venv.join("bin/kubernetes-validate");
+    if executable.is_file() {
+        return Ok(executable);
+    }
+    if !venv.join("bin/pip").is_file() {
+        run_checked(
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
+            "creating the Python venv for kubernetes-validate",
+        )?;
+    }
+    run_checked(
+        Command::new(venv.join("bin/pip")).args(["install", "--quiet", KUBERNETES_VALIDATE]),
+        "installing kubernetes-validate",
+    )?;
+    if !executable.is_file() {
+        bail!("{} is missing after pip install", executable.display());
+    }
+    Ok(executable)
 }
 
 /// Installs whichever of `packages` are missing.
 pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    ensure_packages_for("the tests and benchmarks", packages)
+}
+
+/// Installs whichever of `packages` are missing; `purpose` says what for when we cannot.
+pub fn ensure_packages_for(purpose: &str, packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -154,7 +193,7 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    require_apt("the tests and benchmarks", &missing)?;
+    require_apt(purpose, &missing)?;
     apt_install(&missing)
 }
 

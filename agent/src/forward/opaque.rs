@@ -74,6 +74,12 @@ const CHATTY_AFTER: u32 = 8;
 /// calls the hand-off off.
 const MAX_EMPTYING_SPLICES: usize = 32;
 
+impl Default for ChattyGate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ChattyGate {
     pub fn new() -> Self {
         Self {

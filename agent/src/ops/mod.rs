@@ -1,7 +1,8 @@
 //! Operator commands that talk to a running agent's admin server (`status`, `tap`) or look at
-//! the node itself (`check`).
+//! the node itself (`check`, `install-cni`).
 
 pub mod check;
+pub mod install_cni;
 pub mod status;
 pub mod tap;
 

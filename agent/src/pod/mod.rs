@@ -114,10 +114,10 @@ impl Pods {
             return Ok(Added::HostNetwork);
         }
         let mut served = self.lock();
-        if let Some(existing) = served.get(&pod.container_id) {
-            if existing.netns_cookie == netns.cookie() {
-                return Ok(Added::AlreadyMeshed);
-            }
+        if let Some(existing) = served.get(&pod.container_id)
+            && existing.netns_cookie == netns.cookie()
+        {
+            return Ok(Added::AlreadyMeshed);
         }
         if let Some(other) = served
             .values()
