@@ -208,7 +208,7 @@ pub fn parse_cgroup_dir(text: &str) -> Result<PathBuf, String> {
 pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
 
 /// Where `sockmesh-cni` finds the agent (its `agent_socket` default is the same).
-pub const DEFAULT_CNI_SOCKET: &str = "/var/run/sockmesh/cni.sock";
+pub const DEFAULT_CNI_SOCKET: &str = sockmesh_cni::DEFAULT_AGENT_SOCKET;
 
 /// How opaque connections move their bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

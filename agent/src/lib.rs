@@ -1,5 +1,5 @@
 //! sockmesh: an eBPF-accelerated, node-level transparent proxy agent (the library behind the
-//! `sockmesh` and `sockmesh-cni` binaries).
+//! `sockmesh` binary).
 //!
 //! A connection's life, one module per stage: `intercept` (kernel programs on a cgroup) ->
 //! `accept` -> `connection` (`original_dst` -> `connect` -> `classify`/`detect` -> `forward`:
@@ -12,7 +12,6 @@ pub mod admin;
 pub mod cgroup;
 pub mod classify;
 pub mod cli;
-pub mod cni;
 pub mod config;
 pub mod connect;
 pub mod connection;

@@ -567,3 +567,20 @@ fn install_cni_keeps_the_plugin_chained_until_sigterm() {
         .collect();
     assert_eq!(names, [CONFLIST_NAME], "left behind in the conf dir");
 }
+
+/// The runtime runs sockmesh-cni on the node itself, whatever its C library: a plugin that
+/// cannot start would fail every pod's ADD before its own fail-open logic runs.
+#[test]
+fn the_cni_plugin_is_statically_linked() {
+    let plugin = sockmesh_bin().with_file_name("sockmesh-cni");
+    let output = std::process::Command::new("ldd")
+        .arg(&plugin)
+        .output()
+        .expect("running ldd");
+    let text = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("statically linked") || text.contains("not a dynamic executable"),
+        "{} links shared libraries:\n{text}",
+        plugin.display()
+    );
+}

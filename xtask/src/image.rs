@@ -2,7 +2,7 @@
 //!
 //! The image is `FROM scratch` plus a root filesystem staged here under target/image/rootfs:
 //! the release `sockmesh` and `sockmesh-cni` at /usr/local/bin, and every shared library
-//! `ldd` lists for them (the dynamic loader included) at the path the loader looks for it,
+//! `ldd` lists for `sockmesh` (the plugin is static; the dynamic loader included) at the path the loader looks for it,
 //! with the host's symlinks (/lib -> usr/lib, /lib64/ld-linux-x86-64.so.2 -> ...) recreated.
 //! The built image is then checked the way this machine can run it: mount its root filesystem
 //! (`buildah from` + `buildah mount`) and run both binaries' `--version` there with chroot.
@@ -78,6 +78,10 @@ fn stage_rootfs(release_dir: &Path, rootfs: &Path) -> Result<()> {
         }
         fs::copy(&binary, bin.join(name))
             .with_context(|| format!("copying {} into the image", binary.display()))?;
+        if is_static(&binary)? {
+            eprintln!("xtask: image: {name} is statically linked");
+            continue;
+        }
         for library in ldd(&binary)? {
             if !libraries.contains(&library) {
                 libraries.push(library);
@@ -93,6 +97,16 @@ fn stage_rootfs(release_dir: &Path, rootfs: &Path) -> Result<()> {
             .with_context(|| format!("copying {} into the image", library.display()))?;
     }
     Ok(())
+}
+
+/// Whether `binary` has no program interpreter (`ldd` refuses such binaries).
+fn is_static(binary: &Path) -> Result<bool> {
+    let output = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("running ldd")?;
+    let text = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    Ok(text.contains("not a dynamic executable") || text.contains("statically linked"))
 }
 
 /// The absolute paths `ldd` prints for `binary` (the loader included, the vDSO not).

@@ -135,8 +135,8 @@ fn workspace_root() -> Result<PathBuf> {
         .to_path_buf())
 }
 
-/// Builds the eBPF object, then the agent (`sockmesh` and `sockmesh-cni`) with it embedded.
-/// Returns the `sockmesh` binary's path; `sockmesh-cni` is beside it.
+/// Builds the eBPF object, then the agent with it embedded, then the static `sockmesh-cni`,
+/// copied beside the agent. Returns the `sockmesh` binary's path.
 fn build(root: &Path, release: bool) -> Result<PathBuf> {
     let toolchain = EbpfToolchain::ensure()?;
     let object = toolchain.build(&root.join("agent-ebpf"))?;
@@ -150,7 +150,48 @@ fn build(root: &Path, release: bool) -> Result<PathBuf> {
     cargo.env("SOCKMESH_EBPF_OBJECT", &object);
     run_checked(&mut cargo, "building the agent")?;
     let profile = if release { "release" } else { "debug" };
-    Ok(root.join("target").join(profile).join("sockmesh"))
+    let agent = root.join("target").join(profile).join("sockmesh");
+    let plugin = build_static_plugin(root, release)?;
+    let beside = agent.with_file_name("sockmesh-cni");
+    // Never write through a hard link cargo may have left there (it would change its artifact).
+    let _ = std::fs::remove_file(&beside);
+    std::fs::copy(&plugin, &beside)
+        .with_context(|| format!("copying {} to {}", plugin.display(), beside.display()))?;
+    Ok(agent)
+}
+
+/// The container runtime runs `sockmesh-cni` on the node itself, whose C library may be older
+/// than this machine's: it is linked statically (glibc's crt-static; the plugin uses no name
+/// service), so it runs on any node. An explicit --target keeps the flag off build scripts.
+fn build_static_plugin(root: &Path, release: bool) -> Result<PathBuf> {
+    let host = host_triple()?;
+    let mut cargo = Command::new(cargo());
+    cargo
+        .current_dir(root)
+        .args(["build", "--package", "sockmesh-cni", "--target", &host])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    if release {
+        cargo.arg("--release");
+    }
+    run_checked(&mut cargo, "building the static sockmesh-cni")?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(root
+        .join("target")
+        .join(host)
+        .join(profile)
+        .join("sockmesh-cni"))
+}
+
+fn host_triple() -> Result<String> {
+    let output = Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("host: "))
+        .map(str::to_string)
+        .context("rustc -vV names no host")
 }
 
 fn run_agent(agent: &Path, args: &[String]) -> Result<()> {

@@ -6,9 +6,10 @@
 //! (`store`) so a restarted agent re-adopts its pods; `server` speaks the CNI socket protocol
 //! (`api`).
 
-pub mod api;
 pub mod server;
-pub mod store;
+
+/// The CNI socket protocol and the on-disk registry, shared with the plugin.
+pub use sockmesh_cni::{api, store};
 
 use std::{
     collections::HashMap,

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::api::{PodInfo, valid_container_id};
+use crate::api::{PodInfo, valid_container_id};
 
 #[derive(Clone, Debug)]
 pub struct Store {

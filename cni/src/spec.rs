@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::IpAddr, path::PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::config::DEFAULT_CNI_SOCKET;
+use crate::DEFAULT_AGENT_SOCKET;
 
 /// Versions this plugin speaks (its results are the previous plugin's, in the same version).
 pub const SUPPORTED_VERSIONS: [&str; 6] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "0.2.0"];
@@ -143,7 +143,7 @@ impl NetConf {
             ));
         }
         let agent_socket = match object.get("agent_socket") {
-            None => PathBuf::from(DEFAULT_CNI_SOCKET),
+            None => PathBuf::from(DEFAULT_AGENT_SOCKET),
             Some(Value::String(path)) if !path.is_empty() => PathBuf::from(path),
             Some(_) => {
                 return Err(CniError::new(

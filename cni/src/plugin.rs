@@ -1,12 +1,4 @@
-//! `sockmesh-cni`: a chained CNI plugin (CNI specification 1.0.0, plus STATUS and GC of 1.1.0)
-//! that hands each pod to the node's agent. It runs after the plugins that create the pod's
-//! interfaces, passes their result (`prevResult`) on unchanged, and never makes a pod fail
-//! because of the agent: when the agent is unreachable the pod starts unmeshed (and is
-//! registered on disk for the agent to adopt when it is back).
-//!
-//! `spec` holds the pure parts (configuration, CNI_ARGS, errors); this file does the I/O.
-
-pub mod spec;
+//! One plugin invocation: the CNI command applied, talking to the agent over its socket.
 
 use std::{
     collections::HashMap,
@@ -16,9 +8,9 @@ use std::{
     time::Duration,
 };
 
-use self::spec::{CniError, Command, ErrorCode, NetConf, PodArgs};
-use crate::pod::{
+use crate::{
     api::{PodInfo, Request, Response},
+    spec::{self, CniError, Command, ErrorCode, NetConf, PodArgs},
     store::Store,
 };
 
