@@ -5,7 +5,6 @@
 
 use std::{
     io,
-    os::fd::AsRawFd,
     time::{Duration, Instant},
 };
 
@@ -13,7 +12,7 @@ use tokio::{io::Interest, net::TcpStream};
 
 use crate::{
     detect::{self, Detection},
-    socket::{self, set_rcvlowat},
+    sys::{self, set_rcvlowat},
 };
 
 /// Most client bytes peeked at while detecting. Large enough for a whole TLS ClientHello (post-
@@ -201,7 +200,7 @@ impl Peeked {
                     return Ok(PeekOutcome::More);
                 }
                 let closed = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
-                if socket::poll_now(client, libc::POLLRDHUP) & closed != 0 {
+                if sys::poll_now(client, libc::POLLRDHUP) & closed != 0 {
                     return Ok(PeekOutcome::Eof);
                 }
                 let low_water = libc::c_int::try_from(self.len + 1).unwrap_or(libc::c_int::MAX);
@@ -222,14 +221,5 @@ impl Peeked {
 
 /// One non-blocking recv(MSG_PEEK).
 fn peek(client: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for writes of its length; the descriptor is open.
-    let n = unsafe {
-        libc::recv(
-            client.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    sys::peek(client, buf)
 }

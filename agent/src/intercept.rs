@@ -370,33 +370,12 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is NUL-terminated and stat is a valid out-pointer.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+    crate::sys::file_system_type(path).is_ok_and(|kind| kind == BPF_FS_MAGIC)
 }
 
 fn mount_bpffs(path: &Path) -> Result<()> {
     tracing::info!(path = %path.display(), "mounting bpffs");
-    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: all strings are NUL-terminated; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("mounting bpffs at {}", path.display()));
-    }
-    Ok(())
+    crate::sys::mount_bpffs(path).with_context(|| format!("mounting bpffs at {}", path.display()))
 }
 
 #[cfg(test)]

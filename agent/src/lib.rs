@@ -5,7 +5,9 @@
 //! `accept` -> `connection` (`original_dst` -> `connect` -> `classify`/`detect` -> `forward`:
 //! http | opaque, then kernel once chatty) -> `metrics` and `tap`, served by `admin`. `run`
 //! wires them together; `config` and `cli` parse the flags once; `ops` holds the operator
-//! commands; `socket` holds the raw socket calls several stages share.
+//! commands; `sys` holds every raw system call (the only module allowed `unsafe`).
+
+#![deny(unsafe_code)]
 
 pub mod accept;
 pub mod admin;
@@ -24,6 +26,5 @@ pub mod ops;
 pub mod original_dst;
 pub mod pod;
 pub mod run;
-pub mod socket;
 pub mod sys;
 pub mod tap;

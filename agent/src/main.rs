@@ -1,4 +1,5 @@
 //! The `sockmesh` binary: parses the command line and hands each subcommand to the library.
+#![forbid(unsafe_code)]
 
 use std::{os::unix::process::CommandExt, process::ExitCode};
 

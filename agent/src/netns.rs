@@ -15,7 +15,10 @@ use std::{
 
 use socket2::{Domain, Socket, Type};
 
-use crate::{metrics::WorkloadLabels, socket::netns_cookie, sys};
+use crate::{
+    metrics::WorkloadLabels,
+    sys::{self, netns_cookie},
+};
 
 /// An open network namespace and its cookie (what the kernel programs key namespaces by).
 #[derive(Debug)]

@@ -4,12 +4,14 @@
 //! Either way the map entry is removed once read: the proxy is its only consumer.
 
 use std::{
-    io, mem,
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::AsRawFd,
+    os::fd::AsFd,
 };
 
-use agent_common::{AF_INET, AF_INET6, ConnTuple, OriginalDst, SO_ORIGINAL_DST};
+use socket2::SockRef;
+
+use agent_common::{AF_INET, AF_INET6, ConnTuple, OriginalDst};
 
 use crate::{intercept::OriginalDstMap, metrics::LookupResult};
 
@@ -23,7 +25,7 @@ pub struct Accepted {
 
 /// Resolves the original destination of an accepted connection.
 pub fn lookup(
-    socket: &impl AsRawFd,
+    socket: &impl AsFd,
     accepted: &Accepted,
     map: &OriginalDstMap,
 ) -> (Option<SocketAddr>, LookupResult) {
@@ -38,63 +40,17 @@ pub fn lookup(
     }
 }
 
-/// getsockopt(SOL_IP|SOL_IPV6, SO_ORIGINAL_DST).
-fn so_original_dst(socket: &impl AsRawFd, ipv4: bool) -> io::Result<SocketAddr> {
-    // SAFETY: sockaddr_storage is plain data; zero is a valid value.
-    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
-    let (level, mut len) = if ipv4 {
-        (
-            libc::SOL_IP,
-            mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
+/// getsockopt(SOL_IP|SOL_IPV6, SO_ORIGINAL_DST), through socket2.
+fn so_original_dst(socket: &impl AsFd, ipv4: bool) -> io::Result<SocketAddr> {
+    let socket = SockRef::from(socket);
+    let addr = if ipv4 {
+        socket.original_dst_v4()?
     } else {
-        (
-            libc::SOL_IPV6,
-            mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        )
+        socket.original_dst_v6()?
     };
-    // SAFETY: storage is large enough for len bytes; the kernel writes at most len.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            level,
-            SO_ORIGINAL_DST,
-            (&raw mut storage).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    sockaddr_to_socket_addr(&storage)
-}
-
-fn sockaddr_to_socket_addr(storage: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
-    match i32::from(storage.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says this is a sockaddr_in, which fits in sockaddr_storage.
-            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
-            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            Ok(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(sin.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says this is a sockaddr_in6, which fits in sockaddr_storage.
-            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
-            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            Ok(canonical(SocketAddr::V6(SocketAddrV6::new(
-                ip,
-                u16::from_be(sin6.sin6_port),
-                0,
-                0,
-            ))))
-        }
-        family => Err(io::Error::other(format!(
-            "SO_ORIGINAL_DST returned family {family}"
-        ))),
-    }
+    addr.as_socket()
+        .map(canonical)
+        .ok_or_else(|| io::Error::other("SO_ORIGINAL_DST returned a non-IP address"))
 }
 
 /// The map key: the client's address -> the proxy listener in their namespace, as sockops

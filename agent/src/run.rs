@@ -257,16 +257,7 @@ async fn wait_for_stop(admin: &AdminState) -> Result<&'static str> {
 /// Each proxied connection costs two sockets and, while bytes move, a pipe: use the whole
 /// hard limit of open files rather than the usual soft 1024.
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: limit is a valid out-pointer for getrlimit and a valid in-pointer for setrlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+    if let Err(error) = crate::sys::raise_open_file_limit() {
+        tracing::warn!(%error, "raising the open-file limit failed");
     }
 }

@@ -1,16 +1,290 @@
-//! Raw system calls that no safe crate in the dependency tree wraps. Each wrapper is small and
-//! says why its `unsafe` block is sound.
+//! Every raw system call of the agent, and the only module allowed `unsafe` (the crate denies
+//! it everywhere else). Each wrapper is small, takes and returns safe types, and says why its
+//! `unsafe` block is sound. What std, tokio or socket2 already offer is used from there
+//! instead (socket cookie, SO_ORIGINAL_DST, SO_MARK).
+#![allow(unsafe_code)]
 
 use std::{
-    io,
-    os::fd::{AsRawFd, BorrowedFd},
+    ffi::CString,
+    io, mem,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    path::Path,
+    ptr,
 };
+
+// === Namespaces ===
 
 /// setns(2) into the network namespace `netns` refers to, for the calling thread only. Fails
 /// with EINVAL when `netns` is not a network namespace file.
 pub fn enter_network_namespace(netns: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: setns only reads the descriptor, which the BorrowedFd keeps open for the call.
     let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+// === Socket options ===
+
+/// getsockopt for a plain-old-data option value.
+///
+/// # Safety
+/// `T` must be the option's kernel type: plain integers, valid for any bit pattern.
+unsafe fn get_option<T: Copy>(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<T> {
+    // SAFETY: upheld by the caller: all zeroes is a valid T.
+    let mut value: T = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: value and len are valid out-pointers of the given size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+fn set_option<T: Copy>(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: T,
+) -> io::Result<()> {
+    // SAFETY: value is valid for reads of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// SO_RCVLOWAT: how many bytes must be queued before the socket counts as readable. Setting
+/// it also makes TCP signal "data ready" when that many bytes are already queued.
+pub fn set_rcvlowat(socket: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    set_option(socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+/// TCP_INFO: one consistent snapshot of the connection's counters and state.
+pub fn tcp_info(socket: &impl AsRawFd) -> io::Result<libc::tcp_info> {
+    // SAFETY: tcp_info is plain integers.
+    unsafe { get_option(socket, libc::IPPROTO_TCP, libc::TCP_INFO) }
+}
+
+/// SO_NETNS_COOKIE: the cookie of the network namespace the socket lives in.
+pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    // SAFETY: the cookie is a u64.
+    unsafe { get_option(socket, libc::SOL_SOCKET, libc::SO_NETNS_COOKIE) }
+}
+
+// === Socket I/O ===
+
+/// The socket's poll state right now (a zero-timeout poll asking for `events`; POLLERR and
+/// POLLHUP are always reported).
+pub fn poll_now(socket: &impl AsRawFd, events: libc::c_short) -> libc::c_short {
+    let mut poll = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    if ready > 0 { poll.revents } else { 0 }
+}
+
+/// One non-blocking recv(MSG_PEEK): copies queued bytes without consuming them.
+pub fn peek(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of its length.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// One non-blocking splice(2) of up to `len` bytes between a socket and a pipe. A descriptor
+/// that is not open makes the call fail (EBADF); nothing is read from or written to memory.
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: no memory is passed; null offsets are what sockets and pipes require.
+    let moved = unsafe {
+        libc::splice(
+            from,
+            ptr::null_mut(),
+            to,
+            ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    usize::try_from(moved).map_err(|_| io::Error::last_os_error())
+}
+
+// === Pipes ===
+
+/// A non-blocking, close-on-exec pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds is a valid array of two descriptors for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Asks for a pipe capacity of `bytes` (F_SETPIPE_SZ) and returns the capacity it has now.
+pub fn resize_pipe(pipe: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<usize> {
+    // SAFETY: F_SETPIPE_SZ takes the requested size in bytes; a refusal leaves the pipe as it was.
+    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) };
+    // SAFETY: F_GETPIPE_SZ takes no argument and returns the capacity in bytes.
+    let capacity = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    usize::try_from(capacity).map_err(|_| io::Error::last_os_error())
+}
+
+// === epoll ===
+
+pub type EpollEvent = libc::epoll_event;
+
+/// A new epoll instance, registered with the calling tokio runtime for readiness.
+pub fn epoll_create() -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: epoll_create1 returned a new descriptor owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the AsyncFd owns the descriptor, so it stays open for as long as it is
+    // registered (I/O safety is what `register` asks of its caller).
+    unsafe { tokio::io::unix::AsyncFd::register(owned) }.map_err(io::Error::from)
+}
+
+/// Collects the events ready now (zero timeout) into `events`; returns how many.
+pub fn epoll_wait_now(epoll: BorrowedFd<'_>, events: &mut [EpollEvent]) -> usize {
+    let capacity = libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: events has `capacity` writable slots; a zero timeout never blocks.
+    let count = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), capacity, 0) };
+    usize::try_from(count).unwrap_or(0)
+}
+
+/// Registers `fd` for `events`, reported with `token`.
+pub fn epoll_add(epoll: BorrowedFd<'_>, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut event = libc::epoll_event { events, u64: token };
+    // SAFETY: event is a valid pointer for the call; an fd that is not open fails with EBADF.
+    let rc = unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn epoll_remove(epoll: BorrowedFd<'_>, fd: RawFd) {
+    // SAFETY: no event pointer is needed for EPOLL_CTL_DEL.
+    unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, ptr::null_mut()) };
+}
+
+// === Process ===
+
+/// The open-file limit (soft, hard).
+pub fn open_file_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: limit is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((limit.rlim_cur, limit.rlim_max))
+}
+
+/// Raises the soft open-file limit to the hard one.
+pub fn raise_open_file_limit() -> io::Result<()> {
+    let (soft, hard) = open_file_limit()?;
+    if soft >= hard {
+        return Ok(());
+    }
+    let limit = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: limit is a valid in-pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Clock ticks per second and the page size, for /proc/self/stat.
+pub fn clock_ticks_and_page_size() -> (i64, i64) {
+    // SAFETY: sysconf has no preconditions.
+    unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    }
+}
+
+/// Bytes handed out by malloc and not freed yet: small blocks plus mmapped ones.
+#[cfg(target_env = "gnu")]
+pub fn heap_in_use_bytes() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    info.uordblks + info.hblkhd
+}
+
+// === File systems ===
+
+/// The file system type (statfs f_type) of `path`.
+pub fn file_system_type(path: &Path) -> io::Result<i64> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    // SAFETY: statfs is plain data; zero is a valid value.
+    let mut stat: libc::statfs = unsafe { mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated and stat is a valid out-pointer.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_type as i64)
+}
+
+/// mount -t bpf bpf PATH
+pub fn mount_bpffs(path: &Path) -> io::Result<()> {
+    let target = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    // SAFETY: all strings are NUL-terminated; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            ptr::null(),
+        )
+    };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

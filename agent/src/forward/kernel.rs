@@ -22,7 +22,7 @@ use std::{
     collections::HashMap,
     io,
     net::{self, Shutdown},
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     sync::{
         Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -37,7 +37,7 @@ use super::{
     ByteCounters,
     opaque::{Failure, Outcome},
 };
-use crate::socket::{poll_now, set_rcvlowat, socket_cookie, tcp_info};
+use crate::sys::{self, poll_now, set_rcvlowat, tcp_info};
 
 /// Locks `mutex`, also after a panic elsewhere poisoned it: every value kept under these locks
 /// (socket maps, byte counts, waiter tables) stays consistent between statements.
@@ -133,7 +133,8 @@ impl KernelForwarder {
             reported: Mutex::new([counters.total_to_server(), counters.total_from_server()]),
             fin_seen: [AtomicBool::new(false), AtomicBool::new(false)],
         };
-        let cookies = match (socket_cookie(&pair.client), socket_cookie(&pair.server)) {
+        let cookie = |socket: &net::TcpStream| socket2::SockRef::from(socket).cookie();
+        let cookies = match (cookie(&pair.client), cookie(&pair.server)) {
             (Ok(client), Ok(server)) => [client, server],
             (Err(error), _) | (_, Err(error)) => {
                 tracing::debug!(%error, "no socket cookie; not forwarding in the kernel");
@@ -517,14 +518,8 @@ struct Watcher {
 
 impl Watcher {
     fn new() -> io::Result<Self> {
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: epoll_create1 returned a new descriptor owned by nobody else, and the
-        // AsyncFd owns it from here on, so it stays open for as long as it is registered.
-        let epoll = unsafe { AsyncFd::register(OwnedFd::from_raw_fd(fd))? };
+        // The AsyncFd owns the descriptor, so it stays open for as long as it is registered.
+        let epoll = sys::epoll_create()?;
         Ok(Self {
             epoll,
             waiters: Mutex::new(HashMap::new()),
@@ -534,23 +529,14 @@ impl Watcher {
 
     /// Wakes the connection behind each event, for as long as the agent runs.
     async fn dispatch(self: Arc<Self>) {
-        let mut events: Vec<libc::epoll_event> =
-            vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAKE];
+        let mut events: Vec<sys::EpollEvent> =
+            vec![sys::EpollEvent { events: 0, u64: 0 }; EVENTS_PER_WAKE];
         loop {
             let Ok(mut guard) = self.epoll.readable().await else {
                 tracing::error!("the kernel-forwarding watcher failed; half-closes stall");
                 return;
             };
-            // SAFETY: events has EVENTS_PER_WAKE slots; a zero timeout never blocks.
-            let count = unsafe {
-                libc::epoll_wait(
-                    self.epoll.get_ref().as_raw_fd(),
-                    events.as_mut_ptr(),
-                    EVENTS_PER_WAKE as libc::c_int,
-                    0,
-                )
-            };
-            let count = usize::try_from(count).unwrap_or(0);
+            let count = sys::epoll_wait_now(self.epoll.get_ref().as_fd(), &mut events);
             if count < EVENTS_PER_WAKE {
                 guard.clear_ready();
             }
@@ -575,23 +561,9 @@ impl Watcher {
             registered: 0,
             notify,
         };
+        let events = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
         for fd in watch.fds {
-            let mut event = libc::epoll_event {
-                events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-                u64: token,
-            };
-            // SAFETY: both descriptors are open; event is a valid pointer.
-            let rc = unsafe {
-                libc::epoll_ctl(
-                    self.epoll.get_ref().as_raw_fd(),
-                    libc::EPOLL_CTL_ADD,
-                    fd,
-                    &mut event,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            sys::epoll_add(self.epoll.get_ref().as_fd(), fd, events, token)?;
             watch.registered += 1;
         }
         Ok(watch)
@@ -618,10 +590,10 @@ impl Watch<'_> {
 
 impl Drop for Watch<'_> {
     fn drop(&mut self) {
-        let epoll = self.watcher.epoll.get_ref().as_fd().as_raw_fd();
+        let epoll = self.watcher.epoll.get_ref().as_fd();
+        // The descriptors are still open here: the pair outlives its watch.
         for fd in &self.fds[..self.registered] {
-            // SAFETY: the descriptors are still open (the pair outlives its watch).
-            unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_DEL, *fd, std::ptr::null_mut()) };
+            sys::epoll_remove(epoll, *fd);
         }
         locked(&self.watcher.waiters).remove(&self.token);
     }

@@ -7,7 +7,6 @@ use std::{
     io,
     net::Shutdown,
     os::fd::{AsRawFd, RawFd},
-    ptr,
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
@@ -451,22 +450,7 @@ async fn drain(
 
 /// One non-blocking splice(2) of up to `len` bytes.
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: both descriptors are open for the duration of the call; null offsets are
-    // required for sockets and pipes.
-    let moved = unsafe {
-        libc::splice(
-            from,
-            ptr::null_mut(),
-            to,
-            ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if moved < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(moved as usize)
+    crate::sys::splice(from, to, len)
 }
 
 #[cfg(test)]

@@ -4,9 +4,11 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     sync::Mutex,
 };
+
+use crate::sys;
 
 /// Capacity asked for each pipe.
 const PIPE_CAPACITY: libc::c_int = 256 * 1024;
@@ -20,23 +22,15 @@ pub struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Self> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: fds is a valid array of two descriptors for pipe2 to fill.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read, write) = sys::pipe()?;
         // Larger than the default 64 KiB: each splice moves up to a pipe's capacity, and on this
         // project's machines 256 KiB gave bulk streams about a fifth more throughput (fewer
         // syscalls and wake-ups per byte). An empty pipe holds no pages, so pooled ones cost
         // little. If the kernel refuses (pipe-max-size, or the user's pipe page budget for a
         // process without CAP_SYS_RESOURCE), the default stays.
-        // SAFETY: F_SETPIPE_SZ takes the requested size in bytes.
-        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAPACITY) };
-        // SAFETY: F_GETPIPE_SZ takes no argument and returns the capacity in bytes.
-        let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        let capacity = usize::try_from(capacity).unwrap_or(65_536).max(4096);
+        let capacity = sys::resize_pipe(write.as_fd(), PIPE_CAPACITY)
+            .unwrap_or(65_536)
+            .max(4096);
         Ok(Self {
             read,
             write,

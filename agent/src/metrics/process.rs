@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use crate::sys;
+
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -24,13 +26,7 @@ struct Stat {
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        // SAFETY: sysconf has no preconditions.
-        let (ticks, page) = unsafe {
-            (
-                libc::sysconf(libc::_SC_CLK_TCK),
-                libc::sysconf(libc::_SC_PAGESIZE),
-            )
-        };
+        let (ticks, page) = sys::clock_ticks_and_page_size();
         let boot_time = std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|s| boot_time(&s))
@@ -78,31 +74,18 @@ impl Collector for ProcessCollector {
             "sockmesh_heap_in_use_bytes",
             "Heap bytes allocated and not freed (glibc mallinfo2); unlike resident memory, \
              it falls when connections close",
-            heap_in_use_bytes() as f64,
+            sys::heap_in_use_bytes() as f64,
         )?;
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: limit is a valid out-pointer.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        if let Ok((soft, _)) = sys::open_file_limit() {
             gauge(
                 &mut encoder,
                 "process_max_fds",
                 "File descriptor limit",
-                limit.rlim_cur as f64,
+                soft as f64,
             )?;
         }
         Ok(())
     }
-}
-
-/// Bytes handed out by malloc and not freed yet: small blocks plus mmapped ones.
-#[cfg(target_env = "gnu")]
-fn heap_in_use_bytes() -> usize {
-    // SAFETY: mallinfo2 only reads the allocator's statistics.
-    let info = unsafe { libc::mallinfo2() };
-    info.uordblks + info.hblkhd
 }
 
 fn counter(

@@ -156,19 +156,13 @@ fn yes_no(present: bool) -> &'static str {
 }
 
 fn fd_limit() -> Check {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: limit is a valid out-pointer.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    let (_, hard) = crate::sys::open_file_limit().unwrap_or((0, 0));
     Check {
         name: "open files",
-        passed: limit.rlim_max >= MIN_FD_LIMIT,
+        passed: hard >= MIN_FD_LIMIT,
         detail: format!(
-            "hard limit {} (the agent raises its soft limit to it; ~{} proxied connections)",
-            limit.rlim_max,
-            limit.rlim_max / 4
+            "hard limit {hard} (the agent raises its soft limit to it; ~{} proxied connections)",
+            hard / 4
         ),
         fix: "raise the hard RLIMIT_NOFILE (ulimit -Hn, LimitNOFILE=, or the container runtime)",
     }
