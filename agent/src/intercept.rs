@@ -7,7 +7,6 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
     path::{Path, PathBuf},
-    sync::Mutex,
 };
 
 use agent_common::{
@@ -21,6 +20,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkSkb, SockOps},
 };
 use ipnetwork::IpNetwork;
+use parking_lot::Mutex;
 
 use crate::config::Config;
 
@@ -43,8 +43,20 @@ pub struct Intercept {
 }
 
 /// The original-destination map, shared with every connection task, which reads its entry and
-/// removes it (the kernel publishes, the proxy consumes).
-pub struct OriginalDstMap(Mutex<HashMap<MapData, ConnTuple, OriginalDst>>);
+/// removes it (the kernel publishes, the proxy consumes). Each thread opens its own handle on
+/// the pinned map the first time it needs one, so accepts on different proxy threads never
+/// wait for each other.
+pub struct OriginalDstMap {
+    pin: PathBuf,
+}
+
+type TupleMap = HashMap<MapData, ConnTuple, OriginalDst>;
+
+thread_local! {
+    /// This thread's handle on an ORIG_BY_TUPLE map, with the pin it was opened from.
+    static TUPLE_MAP: std::cell::RefCell<Option<(PathBuf, TupleMap)>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 /// The namespaces connect4/6 redirect in (SERVED_NETNS): an entry is added only once the
 /// agent listens in that namespace, and removed before its listeners close.
@@ -158,8 +170,10 @@ impl Intercept {
     }
 
     pub fn original_dst_map(&mut self) -> Result<OriginalDstMap> {
-        self.typed_map(map_names::ORIG_BY_TUPLE)
-            .map(|map| OriginalDstMap(Mutex::new(map)))
+        let pin = self.pin_dir.join(map_names::ORIG_BY_TUPLE);
+        // Opened once here, so a broken pin fails at start-up, not on the first accept.
+        let _: TupleMap = self.typed_map(map_names::ORIG_BY_TUPLE)?;
+        Ok(OriginalDstMap { pin })
     }
 
     pub fn served_netns_map(&mut self) -> Result<ServedNetnsMap> {
@@ -261,37 +275,60 @@ impl Drop for Intercept {
 }
 
 impl OriginalDstMap {
+    /// Runs `f` on this thread's handle of the map (opened on first use); None when the pin
+    /// cannot be opened.
+    fn with<R>(&self, f: impl FnOnce(&mut TupleMap) -> R) -> Option<R> {
+        TUPLE_MAP.with_borrow_mut(|slot| {
+            if slot.as_ref().is_none_or(|(pin, _)| *pin != self.pin) {
+                *slot = open_tuple_map(&self.pin).map(|map| (self.pin.clone(), map));
+            }
+            slot.as_mut().map(|(_, map)| f(map))
+        })
+    }
+
     /// Reads and removes the entry of a connection.
     pub fn take(&self, tuple: &ConnTuple) -> Option<OriginalDst> {
-        let mut map = self.0.lock().ok()?;
-        let dst = map.get(tuple, 0).ok()?;
-        let _ = map.remove(tuple);
-        Some(dst)
+        self.with(|map| {
+            let dst = map.get(tuple, 0).ok()?;
+            let _ = map.remove(tuple);
+            Some(dst)
+        })
+        .flatten()
     }
 
     /// Removes the entry of a connection whose destination came another way (SO_ORIGINAL_DST).
     pub fn forget(&self, tuple: &ConnTuple) {
-        if let Ok(mut map) = self.0.lock() {
+        self.with(|map| {
             let _ = map.remove(tuple);
-        }
+        });
     }
 
     /// Removes every entry of a namespace the agent stopped serving (connections that were
     /// redirected but never accepted). Returns how many there were.
     pub fn forget_netns(&self, netns_cookie: u64) -> usize {
-        let Ok(mut map) = self.0.lock() else {
-            return 0;
-        };
-        let stale: Vec<ConnTuple> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|tuple| tuple.netns == netns_cookie)
-            .collect();
-        for tuple in &stale {
-            let _ = map.remove(tuple);
-        }
-        stale.len()
+        self.with(|map| forget_netns_in(map, netns_cookie))
+            .unwrap_or(0)
     }
+}
+
+fn open_tuple_map(pin: &Path) -> Option<TupleMap> {
+    let data = MapData::from_pin(pin)
+        .inspect_err(|error| tracing::warn!(%error, pin = %pin.display(), "opening ORIG_BY_TUPLE"))
+        .ok()?;
+    let map = aya::maps::Map::from_map_data(data).ok()?;
+    TupleMap::try_from(map).ok()
+}
+
+fn forget_netns_in(map: &mut TupleMap, netns_cookie: u64) -> usize {
+    let stale: Vec<ConnTuple> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|tuple| tuple.netns == netns_cookie)
+        .collect();
+    for tuple in &stale {
+        let _ = map.remove(tuple);
+    }
+    stale.len()
 }
 
 impl ServedNetnsMap {
@@ -302,19 +339,15 @@ impl ServedNetnsMap {
             flags: 0,
             policy: 0,
         };
-        let mut map = self
-            .0
+        self.0
             .lock()
-            .map_err(|_| anyhow::anyhow!("SERVED_NETNS lock poisoned"))?;
-        map.insert(netns_cookie, served, 0)
+            .insert(netns_cookie, served, 0)
             .context("adding a namespace to SERVED_NETNS")
     }
 
     /// Connects in this namespace go direct again.
     pub fn unserve(&self, netns_cookie: u64) {
-        if let Ok(mut map) = self.0.lock() {
-            let _ = map.remove(&netns_cookie);
-        }
+        let _ = self.0.lock().remove(&netns_cookie);
     }
 }
 

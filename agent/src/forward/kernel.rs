@@ -24,13 +24,14 @@ use std::{
     net::{self, Shutdown},
     os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     sync::{
-        Arc, Mutex, MutexGuard, Weak,
+        Arc, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use aya::maps::{MapData, SockHash};
+use parking_lot::{Mutex, MutexGuard};
 use tokio::{io::unix::AsyncFd, net::TcpStream, sync::Notify};
 
 use super::{
@@ -38,14 +39,6 @@ use super::{
     opaque::{Failure, Outcome},
 };
 use crate::sys::{self, poll_now, set_rcvlowat, tcp_info};
-
-/// Locks `mutex`, also after a panic elsewhere poisoned it: every value kept under these locks
-/// (socket maps, byte counts, waiter tables) stays consistent between statements.
-fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// TCP states (include/net/tcp_states.h) as TCP_INFO reports them.
 const TCP_ESTABLISHED: u32 = 1;
@@ -193,7 +186,7 @@ impl KernelForwarder {
         pair: &Pair,
         [client, server]: [u64; 2],
     ) -> Result<(), aya::maps::MapError> {
-        let mut peers = locked(&self.peers);
+        let mut peers = self.peers.lock();
         // Under each socket's cookie, the socket its bytes go out of.
         peers.insert(client, pair.server.as_raw_fd(), 0)?;
         peers.insert(server, pair.client.as_raw_fd(), 0)
@@ -210,7 +203,7 @@ impl KernelForwarder {
                 Err(error) => return Activation::NoneActive(error),
             }
         }
-        let mut active = locked(&self.active);
+        let mut active = self.active.lock();
         if let Err(error) = active.insert(client, pair.client.as_raw_fd(), 0) {
             return Activation::NoneActive(io::Error::other(error));
         }
@@ -232,7 +225,7 @@ impl KernelForwarder {
     /// Takes the sockets out of both maps (entries that are not there are ignored).
     fn leave(&self, cookies: [u64; 2]) {
         for map in [&self.active, &self.peers] {
-            let mut map = locked(map);
+            let mut map = map.lock();
             for cookie in &cookies {
                 let _ = map.remove(cookie);
             }
@@ -283,7 +276,7 @@ impl Pair {
             self.data_received(&self.client, CLIENT, when),
             self.data_received(&self.server, SERVER, when),
         ];
-        let mut reported = locked(&self.reported);
+        let mut reported = self.reported.lock();
         if let Some(total) = received[CLIENT] {
             let new = total.saturating_sub(reported[CLIENT]);
             self.counters.client_to_server(new);
@@ -490,7 +483,7 @@ impl LiveConnections {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<usize, Weak<Pair>>> {
-        locked(&self.pairs)
+        self.pairs.lock()
     }
 }
 
@@ -540,7 +533,7 @@ impl Watcher {
             if count < EVENTS_PER_WAKE {
                 guard.clear_ready();
             }
-            let waiters = locked(&self.waiters);
+            let waiters = self.waiters.lock();
             for event in &events[..count] {
                 let token = event.u64;
                 if let Some(waiter) = waiters.get(&token) {
@@ -553,7 +546,7 @@ impl Watcher {
     fn watch(&self, fds: [RawFd; 2]) -> io::Result<Watch<'_>> {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let notify = Arc::new(Notify::new());
-        locked(&self.waiters).insert(token, Arc::clone(&notify));
+        self.waiters.lock().insert(token, Arc::clone(&notify));
         let mut watch = Watch {
             watcher: self,
             token,
@@ -595,6 +588,6 @@ impl Drop for Watch<'_> {
         for fd in &self.fds[..self.registered] {
             sys::epoll_remove(epoll, *fd);
         }
-        locked(&self.watcher.waiters).remove(&self.token);
+        self.watcher.waiters.lock().remove(&self.token);
     }
 }

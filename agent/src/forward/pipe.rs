@@ -1,11 +1,11 @@
-//! Pipes for splice(2), pooled. A connection borrows a pipe only while bytes are in flight and
-//! returns it empty, so idle connections hold no pipe (the open-file limit here is 20000 and a
-//! pipe costs two descriptors).
+//! Pipes for splice(2), pooled per proxy thread. A connection borrows a pipe only while bytes
+//! are in flight and returns it empty, so idle connections hold no pipe (the open-file limit
+//! here is 20000 and a pipe costs two descriptors).
 
 use std::{
+    cell::RefCell,
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
-    sync::Mutex,
 };
 
 use crate::sys;
@@ -52,24 +52,26 @@ impl Pipe {
     }
 }
 
-/// A bounded stack of idle, empty pipes.
+/// Bounded stacks of idle, empty pipes, one per thread.
 pub struct PipePool {
-    idle: Mutex<Vec<Pipe>>,
     max_idle: usize,
 }
 
+thread_local! {
+    /// This thread's idle pipes: a connection lives on one proxy thread, so its pumps take and
+    /// return pipes without a lock.
+    static IDLE: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
 impl PipePool {
+    /// A pool keeping at most `max_idle` idle pipes per thread.
     pub fn new(max_idle: usize) -> Self {
-        Self {
-            idle: Mutex::new(Vec::new()),
-            max_idle,
-        }
+        Self { max_idle }
     }
 
     /// An empty pipe: a pooled one, or a new one.
     pub fn take(&self) -> io::Result<Pipe> {
-        let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        match pooled {
+        match IDLE.with_borrow_mut(Vec::pop) {
             Some(pipe) => Ok(pipe),
             None => Pipe::new(),
         }
@@ -78,16 +80,16 @@ impl PipePool {
     /// Returns an empty pipe to the pool. A pipe that may still hold bytes must be dropped
     /// instead, never returned.
     pub fn put(&self, pipe: Pipe) {
-        if let Ok(mut idle) = self.idle.lock()
-            && idle.len() < self.max_idle
-        {
-            idle.push(pipe);
-        }
+        IDLE.with_borrow_mut(|idle| {
+            if idle.len() < self.max_idle {
+                idle.push(pipe);
+            }
+        });
     }
 
     #[cfg(test)]
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
+        IDLE.with_borrow(Vec::len)
     }
 }
 

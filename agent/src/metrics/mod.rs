@@ -9,9 +9,10 @@ mod process;
 use std::{
     collections::HashSet,
     fmt,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, OnceLock},
 };
 
+use parking_lot::Mutex;
 use prometheus_client::{
     collector::Collector,
     encoding::{
@@ -387,9 +388,7 @@ impl BoundedLabel {
 
     pub fn label(&self, value: &str) -> String {
         let clean = sanitize_host(value);
-        let Ok(mut seen) = self.seen.lock() else {
-            return "other".to_string();
-        };
+        let mut seen = self.seen.lock();
         if seen.contains(&clean) {
             return clean;
         }

@@ -11,13 +11,9 @@ pub mod server;
 /// The CNI socket protocol and the on-disk registry, shared with the plugin.
 pub use sockmesh_cni::{api, store};
 
-use std::{
-    collections::HashMap,
-    path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
-};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
+use parking_lot::{Mutex, MutexGuard};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use self::{api::PodInfo, store::Store};
@@ -318,9 +314,6 @@ impl Pods {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, ServedPod>> {
-        // Every critical section leaves the map consistent: a panic mid-way loses nothing.
-        self.served
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.served.lock()
     }
 }
