@@ -12,14 +12,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     classify::{Classified, OpaqueReason, Protocol, classify},
-    config::{Config, CopyMode, PortSet},
+    close::CloseReason,
+    config::{Config, PortSet},
     connect::Dialer,
     forward::{
-        ByteCounters,
+        ByteCounters, OpaqueForwarding,
         http::{self, ConnInfo, HttpProxy, Version},
-        kernel::{Handoff, KernelForwarder},
-        opaque::{self, ChattyGate, Outcome, Spliced},
-        pipe::PipePool,
+        kernel::KernelForwarder,
+        opaque,
     },
     intercept::OriginalDstMap,
     metrics::{
@@ -31,8 +31,6 @@ use crate::{
     tap::{Tap, TapEvent, now_ms},
 };
 
-/// Idle pipes kept for reuse; more are created on demand and closed when returned.
-const MAX_IDLE_PIPES: usize = 256;
 /// With no upstream, detection only decides between a 502 and a reset: an HTTP client sends its
 /// request at once, so a silent client is reset after this long, not the full detect timeout.
 const UNREACHABLE_DETECT_LIMIT: Duration = Duration::from_secs(1);
@@ -42,14 +40,12 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub tap: Arc<Tap>,
     original_dsts: OriginalDstMap,
-    pipes: PipePool,
-    /// In-kernel forwarding of opaque connections (`--copy-mode sockmap`, when available).
-    kernel: Option<Arc<KernelForwarder>>,
+    /// How opaque connections move their bytes.
+    opaque: OpaqueForwarding,
     http: Arc<HttpProxy>,
     opaque_ports: PortSet,
     detect_timeout: Duration,
     dialer: Dialer,
-    copy_mode: CopyMode,
 }
 
 impl Proxy {
@@ -77,65 +73,42 @@ impl Proxy {
             metrics,
             tap,
             original_dsts,
-            pipes: PipePool::new(MAX_IDLE_PIPES),
-            kernel,
+            opaque: OpaqueForwarding::new(config.copy_mode, kernel),
             http: Arc::new(http),
             opaque_ports: config.opaque_ports.clone(),
             detect_timeout: config.detect_timeout,
             dialer,
-            copy_mode: config.copy_mode,
         }
     }
-}
-
-/// How a connection ended, for its close metric and tap event.
-struct Ended {
-    protocol: &'static str,
-    /// Empty for a clean close.
-    errno: &'static str,
 }
 
 /// One redirected connection, start to finish. `origin` is the namespace (host or pod) whose
 /// listener accepted it.
 pub async fn handle(client: TcpStream, peer: SocketAddr, origin: Arc<Origin>, proxy: Arc<Proxy>) {
-    let Ok(local) = client.local_addr() else {
-        return;
-    };
-    let accepted = original_dst::Accepted {
-        peer,
-        local,
-        netns_cookie: origin.netns_cookie,
-    };
-    let (dst, lookup) = original_dst::lookup(&client, &accepted, &proxy.original_dsts);
-    proxy
-        .metrics
-        .original_dst_lookups_total
-        .get_or_create(&LookupLabels { result: lookup })
-        .inc();
-    let Some(dst) = dst else {
+    let Some(dst) = proxy.original_dst(&client, peer, &origin) else {
         tracing::debug!(%peer, "no original destination; not a redirected connection");
         opaque::reset(&client);
         return;
     };
     let started = Instant::now();
-    let workload = origin.workload.clone();
     let conn = ConnInfo {
         id: proxy.tap.connection_id(),
         dst,
         origin: Arc::clone(&origin),
-        workload: workload.clone(),
+        workload: origin.workload.clone(),
     };
+    let id = conn.id;
     proxy.tap.publish(|| TapEvent::TcpOpen {
         ts_ms: now_ms(),
-        id: conn.id,
+        id,
         client: peer,
         dst,
-        workload: workload.clone(),
+        workload: conn.workload.clone(),
     });
     let labels = TcpLabels {
         direction: Direction::Outbound,
         target_port: dst.port(),
-        workload,
+        workload: conn.workload.clone(),
     };
     let metrics = &proxy.metrics;
     metrics.tcp_open_total.get_or_create(&labels).inc();
@@ -144,54 +117,40 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, origin: Arc<Origin>, pr
     let counters = ByteCounters::new(metrics, &labels);
 
     // Connect before detecting: a server that speaks first must be heard at once.
-    let ended = match proxy.dialer.connect(dst, &origin).await {
-        Ok(server) => {
-            let tap_id = conn.id;
-            let ended = forward(client, server, conn, &labels, counters.clone(), &proxy).await;
-            (tap_id, ended)
-        }
+    let (protocol, reason) = match proxy.dialer.connect(dst, &origin).await {
+        Ok(server) => forward(client, server, conn, &labels, counters.clone(), &proxy).await,
         Err(error) => {
-            tracing::debug!(%peer, %dst, %error, "upstream connect failed");
-            let errno = errno_name(&error);
-            let connect_error = ConnectErrorLabels {
-                direction: labels.direction,
-                target_port: labels.target_port,
-                workload: labels.workload.clone(),
-                errno,
-            };
-            metrics
-                .tcp_connect_errors_total
-                .get_or_create(&connect_error)
-                .inc();
-            let tap_id = conn.id;
+            proxy.count_connect_error(&labels, &error);
             let protocol = answer_unreachable(client, conn, &labels, &proxy).await;
-            (tap_id, Ended { protocol, errno })
+            (protocol, CloseReason::ConnectFailed(error))
         }
     };
-    let (tap_id, ended) = ended;
     open.dec();
+    reason.log(id, peer, dst);
+    let errno = reason.errno();
     let close = TcpCloseLabels {
         direction: labels.direction,
         target_port: labels.target_port,
+        errno,
         workload: labels.workload.clone(),
-        errno: ended.errno,
     };
     metrics.tcp_close_total.get_or_create(&close).inc();
     proxy.tap.publish(|| TapEvent::TcpClose {
         ts_ms: now_ms(),
-        id: tap_id,
+        id,
         workload: labels.workload.clone(),
         client: peer,
         dst,
-        protocol: ended.protocol,
+        protocol,
         bytes_to_server: counters.total_to_server(),
         bytes_from_server: counters.total_from_server(),
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        errno: ended.errno,
+        errno,
     });
 }
 
-/// Detects the protocol and forwards accordingly.
+/// Detects the protocol and forwards accordingly. Returns the detection result and how the
+/// connection ended.
 async fn forward(
     client: TcpStream,
     server: TcpStream,
@@ -199,7 +158,7 @@ async fn forward(
     labels: &TcpLabels,
     counters: ByteCounters,
     proxy: &Proxy,
-) -> Ended {
+) -> (&'static str, CloseReason) {
     let classified = if proxy.opaque_ports.contains(labels.target_port) {
         Classified {
             protocol: Protocol::Opaque(OpaqueReason::OpaquePort),
@@ -210,20 +169,20 @@ async fn forward(
     };
     proxy.record_detection(&classified, labels);
     let protocol = classified.protocol.result_label();
-    let Some(version) = http_version(&classified.protocol) else {
-        let errno = forward_opaque(client, server, &counters, proxy).await;
-        return Ended { protocol, errno };
-    };
     let _ = client.set_nodelay(true);
-    let http = Arc::clone(&proxy.http);
-    let errno = match http::forward(client, server, conn, counters, version, http).await {
-        Ok(()) => "",
-        Err(error) => {
-            tracing::debug!(%error, "http connection ended with an error");
-            error.errno()
-        }
+    let Some(version) = http_version(&classified.protocol) else {
+        // Raw bytes both ways, from the first (detection only peeked).
+        let outcome = proxy
+            .opaque
+            .forward(client, server, &counters, |mode| {
+                proxy.count_opaque_mode(mode)
+            })
+            .await;
+        return (protocol, outcome.into());
     };
-    Ended { protocol, errno }
+    let http = Arc::clone(&proxy.http);
+    let result = http::forward(client, server, conn, counters, version, http).await;
+    (protocol, result.into())
 }
 
 /// The HTTP version to proxy at request level, or None for opaque forwarding.
@@ -232,66 +191,6 @@ fn http_version(protocol: &Protocol) -> Option<Version> {
         Protocol::Http1 => Some(Version::Http1),
         Protocol::Http2 => Some(Version::Http2),
         _ => None,
-    }
-}
-
-/// Forwards raw bytes both ways, from the first (detection only peeked).
-async fn forward_opaque(
-    client: TcpStream,
-    server: TcpStream,
-    counters: &ByteCounters,
-    proxy: &Proxy,
-) -> &'static str {
-    let _ = client.set_nodelay(true);
-    let outcome = forward_bytes(client, server, counters, proxy).await;
-    match outcome {
-        Outcome::Closed => "",
-        Outcome::Reset(failure) => {
-            tracing::debug!(step = failure.step, error = %failure.error, "connection reset");
-            errno_name(&failure.error)
-        }
-    }
-}
-
-/// Moves the bytes of an opaque connection. With `--copy-mode sockmap` it starts spliced and
-/// is handed to the kernel once it turns out chatty (if the kernel takes it); bulk streams and
-/// short connections stay spliced.
-async fn forward_bytes(
-    client: TcpStream,
-    server: TcpStream,
-    counters: &ByteCounters,
-    proxy: &Proxy,
-) -> Outcome {
-    if proxy.copy_mode == CopyMode::Userspace {
-        proxy.count_opaque_mode("userspace");
-        return opaque::copy_bidirectional(client, server, counters).await;
-    }
-    let Some(kernel) = &proxy.kernel else {
-        proxy.count_opaque_mode("splice");
-        return opaque::splice_to_end(client, server, &proxy.pipes, counters).await;
-    };
-    let gate = ChattyGate::new();
-    let (client, server) =
-        match opaque::splice_bidirectional(client, server, &proxy.pipes, counters, Some(&gate))
-            .await
-        {
-            Spliced::Done(outcome) => {
-                proxy.count_opaque_mode("splice");
-                return outcome;
-            }
-            Spliced::Chatty(client, server) => (client, server),
-        };
-    match kernel
-        .forward(client, server, counters, || {
-            proxy.count_opaque_mode("sockmap")
-        })
-        .await
-    {
-        Handoff::Forwarded(outcome) => outcome,
-        Handoff::Declined(client, server) => {
-            proxy.count_opaque_mode("splice");
-            opaque::splice_to_end(client, server, &proxy.pipes, counters).await
-        }
     }
 }
 
@@ -324,6 +223,40 @@ async fn answer_unreachable(
 }
 
 impl Proxy {
+    /// Where an accepted connection was going (and counts how that was found out).
+    fn original_dst(
+        &self,
+        client: &TcpStream,
+        peer: SocketAddr,
+        origin: &Origin,
+    ) -> Option<SocketAddr> {
+        let local = client.local_addr().ok()?;
+        let accepted = original_dst::Accepted {
+            peer,
+            local,
+            netns_cookie: origin.netns_cookie,
+        };
+        let (dst, lookup) = original_dst::lookup(client, &accepted, &self.original_dsts);
+        self.metrics
+            .original_dst_lookups_total
+            .get_or_create(&LookupLabels { result: lookup })
+            .inc();
+        dst
+    }
+
+    fn count_connect_error(&self, labels: &TcpLabels, error: &std::io::Error) {
+        let connect_error = ConnectErrorLabels {
+            direction: labels.direction,
+            target_port: labels.target_port,
+            errno: errno_name(error),
+            workload: labels.workload.clone(),
+        };
+        self.metrics
+            .tcp_connect_errors_total
+            .get_or_create(&connect_error)
+            .inc();
+    }
+
     /// Forgets the original destinations recorded in a namespace the agent stopped serving.
     pub fn forget_netns(&self, netns_cookie: u64) -> usize {
         self.original_dsts.forget_netns(netns_cookie)

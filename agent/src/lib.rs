@@ -14,6 +14,7 @@ pub mod admin;
 pub mod cgroup;
 pub mod classify;
 pub mod cli;
+pub mod close;
 pub mod config;
 pub mod connect;
 pub mod connection;

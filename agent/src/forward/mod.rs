@@ -1,6 +1,8 @@
-//! Forwarding: moving bytes between the client and its original destination.
-//! `kernel` hands opaque connections to the kernel (sockmap); `opaque` splices raw TCP through
-//! pooled pipes (and copies, for comparison); `http` proxies requests with hyper.
+//! Forwarding: moving bytes between the client and its original destination. `http` proxies
+//! requests (HTTP/1 forwarded as bytes, h2c through hyper). Opaque connections have one entry
+//! point, `OpaqueForwarding::forward`, which owns their path: `opaque` splices raw TCP through
+//! `pipe`'s pooled pipes (or copies, for comparison), and a connection that turns out chatty is
+//! handed to `kernel` (sockmap), or spliced to the end if the kernel declines it.
 
 pub mod http;
 pub mod io;
@@ -15,7 +17,81 @@ use std::sync::{
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::metrics::{Metrics, TcpLabels};
+use tokio::net::TcpStream;
+
+use self::{
+    kernel::{Handoff, KernelForwarder},
+    opaque::{ChattyGate, Outcome, Spliced},
+    pipe::PipePool,
+};
+use crate::{
+    config::CopyMode,
+    metrics::{Metrics, TcpLabels},
+};
+
+/// Idle pipes each proxy thread keeps for reuse; more are created on demand and closed when
+/// returned.
+const MAX_IDLE_PIPES: usize = 256;
+
+/// How opaque connections move their bytes (`--copy-mode`), and what that takes.
+pub struct OpaqueForwarding {
+    copy_mode: CopyMode,
+    /// In-kernel forwarding (`--copy-mode sockmap`, when this kernel can do it).
+    kernel: Option<Arc<KernelForwarder>>,
+    pipes: PipePool,
+}
+
+impl OpaqueForwarding {
+    pub fn new(copy_mode: CopyMode, kernel: Option<Arc<KernelForwarder>>) -> Self {
+        Self {
+            copy_mode,
+            kernel,
+            pipes: PipePool::new(MAX_IDLE_PIPES),
+        }
+    }
+
+    /// Moves an opaque connection's bytes both ways, from the first, until both directions
+    /// end or one fails. With `--copy-mode sockmap` it starts spliced and is handed to the
+    /// kernel once it turns out chatty (if the kernel takes it); bulk streams and short
+    /// connections stay spliced. `count_mode` hears how the bytes moved (sockmap, splice or
+    /// userspace), once.
+    pub async fn forward(
+        &self,
+        client: TcpStream,
+        server: TcpStream,
+        counters: &ByteCounters,
+        count_mode: impl Fn(&'static str),
+    ) -> Outcome {
+        if self.copy_mode == CopyMode::Userspace {
+            count_mode("userspace");
+            return opaque::copy_bidirectional(client, server, counters).await;
+        }
+        let Some(kernel) = &self.kernel else {
+            count_mode("splice");
+            return opaque::splice_to_end(client, server, &self.pipes, counters).await;
+        };
+        let gate = ChattyGate::new();
+        let spliced =
+            opaque::splice_bidirectional(client, server, &self.pipes, counters, Some(&gate)).await;
+        let (client, server) = match spliced {
+            Spliced::Done(outcome) => {
+                count_mode("splice");
+                return outcome;
+            }
+            Spliced::Chatty(client, server) => (client, server),
+        };
+        match kernel
+            .forward(client, server, counters, || count_mode("sockmap"))
+            .await
+        {
+            Handoff::Forwarded(outcome) => outcome,
+            Handoff::Declined(client, server) => {
+                count_mode("splice");
+                opaque::splice_to_end(client, server, &self.pipes, counters).await
+            }
+        }
+    }
+}
 
 /// One connection's byte counting: the shared per-destination counters (/metrics) and the
 /// connection's own totals (its tap close event). Each chunk costs two relaxed atomic adds.
