@@ -239,7 +239,9 @@ impl Proxy {
         let (dst, lookup) = original_dst::lookup(client, &accepted, &self.original_dsts);
         self.metrics
             .original_dst_lookups_total
-            .get_or_create(&LookupLabels { result: lookup })
+            .get_or_create(&LookupLabels {
+                result: lookup.as_str(),
+            })
             .inc();
         dst
     }

@@ -13,7 +13,29 @@ use socket2::SockRef;
 
 use agent_common::{AF_INET, AF_INET6, ConnTuple, OriginalDst};
 
-use crate::{intercept::OriginalDstMap, metrics::LookupResult};
+use crate::intercept::OriginalDstMap;
+
+/// How an accepted connection's original destination was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Answered by SO_ORIGINAL_DST (the agent runs inside the meshed cgroup).
+    Getsockopt,
+    /// Answered from the pinned ORIG_BY_TUPLE map.
+    Map,
+    /// Not a redirected connection; it is reset.
+    NotFound,
+}
+
+impl Lookup {
+    /// The `result` label of `sockmesh_original_dst_lookups_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Getsockopt => "getsockopt",
+            Self::Map => "map",
+            Self::NotFound => "not_found",
+        }
+    }
+}
 
 /// An accepted connection as the map knows it: its addresses and its network namespace.
 #[derive(Clone, Copy, Debug)]
@@ -28,15 +50,15 @@ pub fn lookup(
     socket: &impl AsFd,
     accepted: &Accepted,
     map: &OriginalDstMap,
-) -> (Option<SocketAddr>, LookupResult) {
+) -> (Option<SocketAddr>, Lookup) {
     let tuple = conn_tuple(accepted);
     if let Ok(addr) = so_original_dst(socket, accepted.local.is_ipv4()) {
         map.forget(&tuple);
-        return (Some(addr), LookupResult::Getsockopt);
+        return (Some(addr), Lookup::Getsockopt);
     }
     match map.take(&tuple) {
-        Some(dst) => (Some(to_socket_addr(&dst)), LookupResult::Map),
-        None => (None, LookupResult::NotFound),
+        Some(dst) => (Some(to_socket_addr(&dst)), Lookup::Map),
+        None => (None, Lookup::NotFound),
     }
 }
 

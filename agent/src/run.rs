@@ -51,7 +51,8 @@ pub fn run(mut args: RunArgs) -> Result<()> {
 
 async fn serve(config: Config) -> Result<()> {
     let mut intercept = Intercept::load(&config)?;
-    let metrics = Arc::new(Metrics::new(Arc::new(intercept.kernel_counter_map()?)));
+    let kernel_counters = intercept.kernel_counter_map()?;
+    let metrics = Arc::new(Metrics::new(Box::new(move || kernel_counters.read())));
     let served = Arc::new(intercept.served_netns_map()?);
     let tap = Arc::new(Tap::default());
     let kernel = kernel_forwarder(&config, &mut intercept, &metrics);

@@ -28,7 +28,10 @@ use prometheus_client::{
 };
 
 use self::http::HttpMetrics;
-use crate::intercept::KernelCounterMap;
+use agent_common::KernelCounters;
+
+/// Reads the kernel's counters (summed over CPUs) at scrape time.
+pub type KernelCounterSource = Box<dyn Fn() -> anyhow::Result<KernelCounters> + Send + Sync>;
 
 /// Distinct TLS server names before new ones are reported as "other".
 pub const MAX_SNIS: usize = 100;
@@ -106,26 +109,6 @@ pub struct TcpCloseLabels {
     pub workload: WorkloadLabels,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum LookupResult {
-    /// Answered by SO_ORIGINAL_DST (the agent runs inside the meshed cgroup).
-    Getsockopt,
-    /// Answered from the pinned ORIG_BY_TUPLE map.
-    Map,
-    /// Not a redirected connection; it was reset.
-    NotFound,
-}
-
-impl LookupResult {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Getsockopt => "getsockopt",
-            Self::Map => "map",
-            Self::NotFound => "not_found",
-        }
-    }
-}
-
 /// Enum label values render as their lowercase names.
 macro_rules! label_value_as_str {
     ($($name:ty),+) => {$(
@@ -137,11 +120,12 @@ macro_rules! label_value_as_str {
     )+};
 }
 
-label_value_as_str!(Direction, LookupResult);
+label_value_as_str!(Direction);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LookupLabels {
-    pub result: LookupResult,
+    /// getsockopt, map or not_found (`original_dst::Lookup`)
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -207,7 +191,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(kernel: Arc<KernelCounterMap>) -> Self {
+    pub fn new(kernel: KernelCounterSource) -> Self {
         let mut registry = Registry::default();
         let metrics = Self {
             tcp_open_total: Family::default(),
@@ -319,7 +303,7 @@ impl Metrics {
 }
 
 /// Reads the kernel's per-CPU counters at scrape time.
-struct KernelCollector(Arc<KernelCounterMap>);
+struct KernelCollector(KernelCounterSource);
 
 impl fmt::Debug for KernelCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -334,7 +318,7 @@ struct DecisionLabels {
 
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let counters = match self.0.read() {
+        let counters = match (self.0)() {
             Ok(counters) => counters,
             Err(error) => {
                 tracing::warn!(error = format!("{error:#}"), "reading kernel counters");
