@@ -214,35 +214,28 @@ impl Intercept {
         // bpf_link attachments are always "multi"; the kernel wants no attach flags with them.
         let mode = CgroupAttachMode::Single;
         let Self { ebpf, links, .. } = self;
-
-        let name = program_names::SOCKOPS;
-        let program: &mut SockOps = program_named(ebpf, name)?.try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
-        let id = program
-            .attach(cgroup_fd, mode)
-            .with_context(|| format!("attaching {name}"))?;
-        links.push(Box::new(program.take_link(id)?));
-
-        let name = program_names::GETSOCKOPT;
-        let program: &mut CgroupSockopt = program_named(ebpf, name)?.try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
-        let id = program
-            .attach(cgroup_fd, mode)
-            .with_context(|| format!("attaching {name}"))?;
-        links.push(Box::new(program.take_link(id)?));
-
+        // The same four steps for every program type; a macro because each type has its own
+        // `attach` and link type.
+        macro_rules! attach {
+            ($program:ty, $name:expr) => {{
+                let name = $name;
+                let program: &mut $program = program_named(ebpf, name)?.try_into()?;
+                program.load().with_context(|| format!("loading {name}"))?;
+                let id = program
+                    .attach(cgroup_fd, mode)
+                    .with_context(|| format!("attaching {name}"))?;
+                links.push(Box::new(program.take_link(id)?));
+            }};
+        }
+        attach!(SockOps, program_names::SOCKOPS);
+        attach!(CgroupSockopt, program_names::GETSOCKOPT);
         for name in [
             program_names::GETPEERNAME4,
             program_names::GETPEERNAME6,
             program_names::CONNECT4,
             program_names::CONNECT6,
         ] {
-            let program: &mut CgroupSockAddr = program_named(ebpf, name)?.try_into()?;
-            program.load().with_context(|| format!("loading {name}"))?;
-            let id = program
-                .attach(cgroup_fd, mode)
-                .with_context(|| format!("attaching {name}"))?;
-            links.push(Box::new(program.take_link(id)?));
+            attach!(CgroupSockAddr, name);
         }
         tracing::info!(cgroup = %cgroup.display(), programs = links.len(), "attached");
         Ok(())
