@@ -26,11 +26,18 @@ pub mod map_names {
     /// Network namespaces the agent serves (netns cookie -> settings): connect4/6 redirect
     /// only connects made in one of them.
     pub const SERVED_NETNS: &str = "SERVED_NETNS";
+    /// The agent's heartbeat and connection budget: connect4/6 redirect only while it is fresh
+    /// and the budget has room.
+    pub const LIVENESS: &str = "LIVENESS";
+    /// Redirected client sockets still open (kept by the kernel programs).
+    pub const OPEN_REDIRECTS: &str = "OPEN_REDIRECTS";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         CONFIG,
         SERVED_NETNS,
+        LIVENESS,
+        OPEN_REDIRECTS,
         SKIP_PORTS,
         SKIP_NETS_V4,
         SKIP_NETS_V6,
@@ -120,6 +127,21 @@ pub struct ServedNetns {
     pub policy: u32,
 }
 
+/// Whether the agent can take a connection now. The agent rewrites it every 100 ms; connect4/6
+/// read it on every connect and send the connect direct when the heartbeat is stale (a stopped,
+/// hung or dead agent) or the budget is used up (an agent out of file descriptors).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentLiveness {
+    /// CLOCK_MONOTONIC nanoseconds (what bpf_ktime_get_ns reads) of the agent's heartbeat: the
+    /// oldest of its proxy threads' latest ticks. 0: never written.
+    pub heartbeat_ns: u64,
+    /// A heartbeat older than this means the agent cannot serve.
+    pub timeout_ns: u64,
+    /// Redirected connections the agent takes at most at once (`OPEN_REDIRECTS` counts them).
+    pub max_connections: u64,
+}
+
 /// The destination an application asked for before connect4/6 rewrote it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -166,6 +188,10 @@ pub struct KernelCounters {
     pub errors: u64,
     /// TCP connects left alone because their network namespace is not one the agent serves.
     pub bypassed_unserved_netns: u64,
+    /// TCP connects sent direct because the agent's heartbeat was stale.
+    pub bypassed_agent_unresponsive: u64,
+    /// TCP connects sent direct because the agent was at its connection budget.
+    pub bypassed_over_capacity: u64,
 }
 
 /// Word index and bit mask of `port` in the skip-port bitmap.
@@ -182,6 +208,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnTuple {}
     unsafe impl aya::Pod for super::KernelCounters {}
     unsafe impl aya::Pod for super::ServedNetns {}
+    unsafe impl aya::Pod for super::AgentLiveness {}
 }
 
 #[cfg(test)]
@@ -201,7 +228,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<ProxyConfig>(), 4 + 16 + 2 + 2 + 4);
         assert_eq!(core::mem::size_of::<OriginalDst>(), 16 + 2 + 2);
         assert_eq!(core::mem::size_of::<ConnTuple>(), 32 + 8 + 8);
-        assert_eq!(core::mem::size_of::<KernelCounters>(), 6 * 8);
+        assert_eq!(core::mem::size_of::<KernelCounters>(), 8 * 8);
+        assert_eq!(core::mem::size_of::<AgentLiveness>(), 3 * 8);
         assert_eq!(core::mem::size_of::<ServedNetns>(), 8);
     }
 

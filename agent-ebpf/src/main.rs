@@ -6,6 +6,8 @@
 //! Every hook on application sockets returns "allow": sockmesh never makes a socket call fail.
 #![no_std]
 #![no_main]
+// Inline BPF assembly (the atomic add in maps.rs), as aya-ebpf itself uses.
+#![feature(asm_experimental_arch)]
 
 mod access;
 mod disguise;

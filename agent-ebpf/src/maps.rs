@@ -2,7 +2,7 @@
 //! `bpftool map dump` prints named fields. Names, sizes and types come from agent-common.
 
 use agent_common::{
-    ConnTuple, FWD_MAP_ENTRIES, KernelCounters, MAX_SERVED_NETNS, MAX_SKIP_NETWORKS,
+    AgentLiveness, ConnTuple, FWD_MAP_ENTRIES, KernelCounters, MAX_SERVED_NETNS, MAX_SKIP_NETWORKS,
     MAX_TRACKED_CONNECTIONS, OriginalDst, ProxyConfig, SKIP_PORT_WORDS, ServedNetns,
 };
 use aya_ebpf::{
@@ -58,6 +58,39 @@ pub static FWD_ACTIVE: SockHash<u64, FORWARDED_SOCKETS> = SockHash::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<KernelCounters, 1> = PerCpuArray::new();
+
+/// Slot 0: the agent's heartbeat and budget, rewritten by the agent every 100 ms.
+#[btf_map]
+pub static LIVENESS: Array<AgentLiveness, 1> = Array::new();
+
+/// Slot 0: redirected client sockets still open. connect4/6 add one for every redirect,
+/// sockops takes it off again when that socket closes.
+#[btf_map]
+pub static OPEN_REDIRECTS: Array<u64, 1> = Array::new();
+
+/// Adds `delta` (wrapping: -1 is u64::MAX) to the open-redirect count, atomically: connects
+/// and closes run on every CPU at once.
+#[inline(always)]
+pub fn count_open_redirects(delta: u64) {
+    if let Some(open) = OPEN_REDIRECTS.get_ptr_mut(0) {
+        // SAFETY: `open` points at the map's u64 value, valid for as long as the map. BPF's
+        // atomic add (the instruction behind __sync_fetch_and_add with an unused result);
+        // core's AtomicU64 has no fetch_add on this target.
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({ptr} + 0) += {delta}",
+                ptr = in(reg) open,
+                delta = in(reg) delta,
+            );
+        }
+    }
+}
+
+/// The open-redirect count now.
+#[inline(always)]
+pub fn open_redirects() -> u64 {
+    OPEN_REDIRECTS.get(0).copied().unwrap_or(0)
+}
 
 /// Adds one to a kernel counter on this CPU.
 #[inline(always)]

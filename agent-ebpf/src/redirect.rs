@@ -7,14 +7,14 @@ use agent_common::{
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, bpf_sock_addr},
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 
 use crate::access::read_words;
 use crate::maps::{
-    ORIG_BY_COOKIE, SERVED_NETNS, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS, count, proxy_config,
+    LIVENESS, ORIG_BY_COOKIE, SERVED_NETNS, count_open_redirects, open_redirects, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS, count, proxy_config,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -23,6 +23,8 @@ const IPPROTO_TCP: u32 = 6;
 enum Decision {
     Redirect,
     BypassUnservedNetns,
+    BypassAgentUnresponsive,
+    BypassOverCapacity,
     BypassSelf,
     BypassPort,
     BypassNetwork,
@@ -83,6 +85,25 @@ pub fn set_user_ip6(sa: &mut bpf_sock_addr, words: &[u32; 4]) {
     }
 }
 
+/// Whether the agent can take this connection: its heartbeat is fresh (not stopped, hung or
+/// dead) and its budget has room (not out of descriptors). Otherwise the connect goes direct.
+#[inline(always)]
+fn agent_can_serve() -> Decision {
+    let Some(liveness) = LIVENESS.get(0) else {
+        return Decision::BypassAgentUnresponsive;
+    };
+    // SAFETY: bpf_ktime_get_ns has no arguments; it reads CLOCK_MONOTONIC.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if liveness.heartbeat_ns == 0 || now.saturating_sub(liveness.heartbeat_ns) > liveness.timeout_ns
+    {
+        return Decision::BypassAgentUnresponsive;
+    }
+    if open_redirects() >= liveness.max_connections {
+        return Decision::BypassOverCapacity;
+    }
+    Decision::Redirect
+}
+
 /// The settings of the caller's network namespace, if the agent serves it.
 #[inline(always)]
 fn served_netns(ctx: &SockAddrContext) -> Option<ServedNetns> {
@@ -119,7 +140,7 @@ fn decide(
     if skip_network() {
         return Decision::BypassNetwork;
     }
-    Decision::Redirect
+    agent_can_serve()
 }
 
 /// Counts the decision; on Redirect, records the original destination. Returns whether the
@@ -129,6 +150,12 @@ fn record(ctx: &SockAddrContext, decision: Decision, dst: &OriginalDst) -> bool 
     match decision {
         Decision::BypassUnservedNetns => {
             count(|c: &mut KernelCounters| &mut c.bypassed_unserved_netns)
+        }
+        Decision::BypassAgentUnresponsive => {
+            count(|c: &mut KernelCounters| &mut c.bypassed_agent_unresponsive)
+        }
+        Decision::BypassOverCapacity => {
+            count(|c: &mut KernelCounters| &mut c.bypassed_over_capacity)
         }
         Decision::BypassSelf => count(|c: &mut KernelCounters| &mut c.bypassed_self),
         Decision::BypassPort => count(|c: &mut KernelCounters| &mut c.bypassed_port),
@@ -144,6 +171,7 @@ fn record(ctx: &SockAddrContext, decision: Decision, dst: &OriginalDst) -> bool 
                 return false;
             }
             count(|c: &mut KernelCounters| &mut c.redirected);
+            count_open_redirects(1);
             return true;
         }
     }

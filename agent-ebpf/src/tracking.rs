@@ -16,7 +16,7 @@ use aya_ebpf::{
 
 use crate::{
     access::{read_field, read_words},
-    maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE, count},
+    maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE, count, count_open_redirects},
 };
 
 #[inline(always)]
@@ -68,7 +68,10 @@ fn on_established(ctx: &SockOpsContext) {
 /// destination. Entries the proxy never reads age out of the LRU map.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
-    let _ = ORIG_BY_COOKIE.remove(cookie(ctx));
+    if ORIG_BY_COOKIE.remove(cookie(ctx)).is_ok() {
+        // This socket was counted when connect4/6 redirected it.
+        count_open_redirects(u64::MAX);
+    }
 }
 
 /// The client socket's view: local address -> proxy listener, in its network namespace.

@@ -15,13 +15,19 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     connection::{self, Proxy},
+    liveness::Heartbeats,
+    metrics::{AcceptErrorLabels, errno_name},
     netns::Origin,
 };
 
 /// Listen backlog: the kernel caps it at net.core.somaxconn (4096 here).
 const LISTEN_BACKLOG: u32 = 4096;
-/// Pause after an accept error such as EMFILE, so a full fd table does not spin the loop.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// Pauses after failed accepts (EMFILE, ENFILE, ENOBUFS, ENOMEM: the agent is out of something
+/// and retrying at once would spin a core): from the first, doubling up to the last, back to
+/// the first after an accept succeeds. The kernel's budget (`liveness`) keeps most connects
+/// away from a full agent; this is what is left for the ones already queued.
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Binds the outbound listeners (IPv4 and IPv6 loopback) on `port` in `origin`'s network
 /// namespace, not yet registered with a runtime. With SO_REUSEPORT each proxy thread binds its
@@ -69,6 +75,8 @@ pub struct Scope {
 #[derive(Clone)]
 pub struct ProxyThreads {
     pub handles: Vec<tokio::runtime::Handle>,
+    /// Each thread's heartbeat, ticked by its own runtime.
+    pub heartbeats: Heartbeats,
 }
 
 impl ProxyThreads {
@@ -97,16 +105,33 @@ pub async fn serve(listener: std::net::TcpListener, scope: Scope) {
             return;
         }
     };
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
     loop {
         let accepted = tokio::select! {
             () = scope.stop_accepting.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((client, peer)) => spawn_connection(&scope, client, peer),
+            Ok((client, peer)) => {
+                backoff = ACCEPT_BACKOFF_FIRST;
+                spawn_connection(&scope, client, peer);
+            }
             Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                let errno = errno_name(&error);
+                let labels = AcceptErrorLabels { errno };
+                scope
+                    .proxy
+                    .metrics
+                    .accept_errors_total
+                    .get_or_create(&labels)
+                    .inc();
+                // Logged once per backoff step, not once per failed accept.
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::select! {
+                    () = scope.stop_accepting.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
     }

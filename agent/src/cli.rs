@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
     Config, CopyMode, DEFAULT_CNI_SOCKET, DEFAULT_OPAQUE_PORTS, NetworkList, PortSet,
-    parse_cgroup_dir, parse_duration, parse_listen_port,
+    parse_cgroup_dir, parse_duration, parse_listen_port, parse_liveness_timeout,
 };
 
 #[derive(Debug, Parser)]
@@ -213,6 +213,15 @@ pub struct RunArgs {
     #[arg(long, env = "SOCKMESH_SERVE_HOST_NETNS", default_value_t = true,
           action = clap::ArgAction::Set)]
     pub serve_host_netns: bool,
+    /// How old the agent's heartbeat may get before the kernel sends connects direct (the
+    /// agent is stopped, hung or too busy to run its threads).
+    #[arg(long, env = "SOCKMESH_LIVENESS_TIMEOUT", default_value = "1s",
+          value_parser = parse_liveness_timeout)]
+    pub liveness_timeout: Duration,
+    /// Redirected connections the agent takes at once; beyond, connects go direct
+    /// [default: (open-file limit - 256) / 4, printed at start].
+    #[arg(long, env = "SOCKMESH_MAX_CONNECTIONS")]
+    pub max_connections: Option<u64>,
     /// Unix socket where `sockmesh-cni` registers pods (pod mode); the pod registry is kept
     /// beside it, in `pods/`. An empty value turns pod mode off.
     #[arg(long, env = "SOCKMESH_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
@@ -258,6 +267,8 @@ impl RunArgs {
             pin_dir: self.pin_dir,
             bypass_mark: self.bypass_mark,
             serve_host_netns: self.serve_host_netns,
+            liveness_timeout: self.liveness_timeout,
+            max_connections: self.max_connections,
             cni_socket: (!self.cni_socket.as_os_str().is_empty()).then_some(self.cni_socket),
         }
     }

@@ -179,6 +179,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// The liveness timeout: longer than a few heartbeats (100 ms each), or a busy moment would
+/// send connects direct.
+pub fn parse_liveness_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    if timeout < Duration::from_millis(300) {
+        return Err(format!(
+            "'{text}' is too short: the agent's heartbeat ticks every 100 ms (use 300ms or more)"
+        ));
+    }
+    Ok(timeout)
+}
+
 /// A TCP port for a listener: 1-65535.
 pub fn parse_listen_port(text: &str) -> Result<u16, String> {
     match parse_port(text) {
@@ -259,6 +271,11 @@ pub struct Config {
     pub bypass_mark: u32,
     /// Whether connects in the agent's own network namespace (the host's) are proxied.
     pub serve_host_netns: bool,
+    /// A heartbeat older than this sends connects direct (a stopped or hung agent).
+    #[serde(rename = "liveness_timeout_ms", serialize_with = "as_millis")]
+    pub liveness_timeout: Duration,
+    /// The connection budget; None: derived from the open-file limit.
+    pub max_connections: Option<u64>,
     /// The unix socket `sockmesh-cni` registers pods on (pod mode); None: no pod mode.
     pub cni_socket: Option<PathBuf>,
 }

@@ -10,8 +10,8 @@ use std::{
 };
 
 use agent_common::{
-    ConnTuple, KernelCounters, OriginalDst, ProxyConfig, SKIP_PORT_WORDS, ServedNetns, map_names,
-    program_names, skip_port_slot,
+    AgentLiveness, ConnTuple, KernelCounters, OriginalDst, ProxyConfig, SKIP_PORT_WORDS,
+    ServedNetns, map_names, program_names, skip_port_slot,
 };
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -179,6 +179,15 @@ impl Intercept {
     pub fn served_netns_map(&mut self) -> Result<ServedNetnsMap> {
         self.typed_map(map_names::SERVED_NETNS)
             .map(|map| ServedNetnsMap(Mutex::new(map)))
+    }
+
+    pub fn liveness_map(&mut self) -> Result<Array<MapData, AgentLiveness>> {
+        self.typed_map(map_names::LIVENESS)
+    }
+
+    /// Reads the kernel's count of redirected client sockets still open.
+    pub fn open_redirects_map(&mut self) -> Result<Array<MapData, u64>> {
+        self.typed_map(map_names::OPEN_REDIRECTS)
     }
 
     pub fn kernel_counter_map(&mut self) -> Result<KernelCounterMap> {
@@ -357,6 +366,8 @@ impl KernelCounterMap {
                 sum.bypassed_self += cpu.bypassed_self;
                 sum.errors += cpu.errors;
                 sum.bypassed_unserved_netns += cpu.bypassed_unserved_netns;
+                sum.bypassed_agent_unresponsive += cpu.bypassed_agent_unresponsive;
+                sum.bypassed_over_capacity += cpu.bypassed_over_capacity;
                 sum
             }))
     }

@@ -20,6 +20,7 @@ use crate::{
     connection::Proxy,
     forward::kernel::KernelForwarder,
     intercept::Intercept,
+    liveness::{HEARTBEAT_PERIOD, Heartbeats, Publisher},
     metrics::Metrics,
     netns::{Netns, Origin},
     pod::{Pods, PodsConfig, server::CniSocket, store::Store},
@@ -30,8 +31,6 @@ use crate::{
 const VANISHED_POD_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long after detaching the programs the listeners keep accepting before they close.
 const REDIRECT_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
-/// Period of each proxy thread's housekeeping timer (see `keep_a_timer_pending`).
-const TIMER_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub fn run(mut args: RunArgs) -> Result<()> {
     raise_fd_limit();
@@ -58,6 +57,8 @@ async fn serve(config: Config) -> Result<()> {
     let kernel = kernel_forwarder(&config, &mut intercept, &metrics);
     // Cancelled at shutdown: listeners stop accepting, HTTP keep-alive connections wind down.
     let proxy_shutdown = CancellationToken::new();
+    // Every connection task, and what each starts beside itself; shutdown drains them.
+    let connections = TaskTracker::new();
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&metrics),
         Arc::clone(&tap),
@@ -65,6 +66,7 @@ async fn serve(config: Config) -> Result<()> {
         kernel,
         &config,
         proxy_shutdown.clone(),
+        connections.clone(),
     ));
     let admin_state = Arc::new(AdminState {
         metrics,
@@ -75,7 +77,6 @@ async fn serve(config: Config) -> Result<()> {
         shutdown_requested: Notify::new(),
     });
     let shutdown = CancellationToken::new();
-    let connections = TaskTracker::new();
 
     // Listeners first: once the programs are attached, connects arrive at once.
     let admin_listener = admin::bind(config.admin_addr).await?;
@@ -98,7 +99,7 @@ async fn serve(config: Config) -> Result<()> {
         threads.listen(&host_scope, config.outbound_port)?;
         served.serve(host.cookie(), config.outbound_port)?;
     }
-    let cni = match &config.cni_socket {
+    let (cni, pods) = match &config.cni_socket {
         Some(socket) => {
             let pods = Arc::new(Pods::new(PodsConfig {
                 threads: threads.clone(),
@@ -123,10 +124,16 @@ async fn serve(config: Config) -> Result<()> {
             ));
             let cni = CniSocket::bind(socket)?;
             tracing::info!(socket = %socket.display(), "serving CNI registrations");
-            Some(tokio::spawn(cni.serve(pods, shutdown.child_token())))
+            let served_pods = Some(Arc::clone(&pods));
+            (
+                Some(tokio::spawn(cni.serve(pods, shutdown.child_token()))),
+                served_pods,
+            )
         }
-        None => None,
+        None => (None, None),
     };
+    let publisher = liveness_publisher(&config, &mut intercept, &threads, pods, &admin_state)?;
+    start_heartbeat(publisher, &threads.heartbeats, &shutdown).await?;
     intercept.attach(&config.cgroup)?;
     admin_state.ready.store(true, Ordering::SeqCst);
     tracing::info!("ready");
@@ -156,6 +163,62 @@ async fn serve(config: Config) -> Result<()> {
     }
     drop(intercept);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// The liveness gate's publisher: the budget leaves room for every served pod's listeners.
+fn liveness_publisher(
+    config: &Config,
+    intercept: &mut Intercept,
+    threads: &ProxyThreads,
+    pods: Option<Arc<Pods>>,
+    admin: &Arc<AdminState>,
+) -> Result<Publisher> {
+    let listeners_per_pod = 2 * threads.handles.len() as u64;
+    let metrics = Arc::clone(&admin.metrics);
+    Ok(Publisher {
+        map: intercept.liveness_map()?,
+        heartbeats: threads.heartbeats.clone(),
+        timeout: config.liveness_timeout,
+        max_connections: config.max_connections,
+        other_reserved: Box::new(move || {
+            pods.as_ref()
+                .map_or(0, |pods| pods.count() as u64 * listeners_per_pod)
+        }),
+        open_redirects: intercept.open_redirects_map()?,
+        report: Box::new(move |budget, open| {
+            metrics
+                .connection_budget
+                .set(i64::try_from(budget).unwrap_or(i64::MAX));
+            metrics
+                .open_redirects
+                .set(i64::try_from(open).unwrap_or(i64::MAX));
+        }),
+    })
+}
+
+/// Waits (at most 5 s) until every proxy thread has ticked, publishes the first heartbeat,
+/// then keeps publishing. Before the programs are attached: the first redirected connect must
+/// find a fresh heartbeat.
+async fn start_heartbeat(
+    mut publisher: Publisher,
+    heartbeats: &Heartbeats,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let started = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while heartbeats.oldest() == 0 {
+            tokio::time::sleep(HEARTBEAT_PERIOD / 4).await;
+        }
+    })
+    .await;
+    started.context("the proxy threads did not start ticking within 5 s")?;
+    publisher.publish()?;
+    tracing::info!(
+        max_connections = publisher.budget(),
+        liveness_timeout_ms = publisher.timeout.as_millis() as u64,
+        "connects go direct when the agent is at its budget or its heartbeat is older than the timeout"
+    );
+    tokio::spawn(publisher.run(shutdown.child_token()));
     Ok(())
 }
 
@@ -198,6 +261,7 @@ fn kernel_forwarder(
 /// another thread. Listeners (the host's, each pod's) are added to every thread later.
 fn start_proxy_threads(shutdown: &CancellationToken) -> Result<ProxyThreads> {
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let heartbeats = Heartbeats::new(threads);
     let mut handles = Vec::with_capacity(threads);
     for index in 0..threads {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -205,29 +269,34 @@ fn start_proxy_threads(shutdown: &CancellationToken) -> Result<ProxyThreads> {
             .build()
             .context("starting a proxy thread's runtime")?;
         handles.push(runtime.handle().clone());
-        let shutdown = shutdown.clone();
+        let (shutdown, heartbeats) = (shutdown.clone(), heartbeats.clone());
         // Detached: each thread ends when `shutdown` fires (or with the process).
         std::thread::Builder::new()
             .name(format!("proxy-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    tokio::spawn(keep_a_timer_pending());
+                    tokio::spawn(keep_a_timer_pending(heartbeats, index));
                     // Connection tasks live here: keep the runtime until the agent stops.
                     shutdown.cancelled().await;
                 });
             })
             .context("starting a proxy thread")?;
     }
-    Ok(ProxyThreads { handles })
+    Ok(ProxyThreads {
+        handles,
+        heartbeats,
+    })
 }
 
-/// A timer that is always pending on this thread's runtime. tokio wakes its driver (an eventfd
+/// The thread's heartbeat (the kernel redirects only while every proxy thread ticks), which is
+/// also a timer always pending on this thread's runtime: tokio wakes its driver (an eventfd
 /// write and one more epoll_wait) whenever a new timer is due before every pending one; with
-/// this one second tick pending, the per-request upstream timeouts (30 s) never are.
-async fn keep_a_timer_pending() {
-    let mut tick = tokio::time::interval(TIMER_TICK);
+/// this tick pending, the per-request upstream timeouts (30 s) never are.
+async fn keep_a_timer_pending(heartbeats: Heartbeats, index: usize) {
+    let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
     loop {
         tick.tick().await;
+        heartbeats.tick(index);
     }
 }
 

@@ -150,6 +150,11 @@ pub struct DetectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptErrorLabels {
+    pub errno: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpaqueModeLabels {
     /// sockmap, splice or userspace
     pub mode: &'static str,
@@ -184,6 +189,10 @@ pub struct Metrics {
     pub opaque_connections_total: Family<OpaqueModeLabels, Counter>,
     /// Pods served in their own network namespaces (pod mode).
     pub served_pods: Gauge,
+    /// The connection budget the kernel enforces, and the redirected connections open now.
+    pub connection_budget: Gauge,
+    pub open_redirects: Gauge,
+    pub accept_errors_total: Family<AcceptErrorLabels, Counter>,
     pub http: HttpMetrics,
     snis: BoundedLabel,
     /// Brings counters kept elsewhere (the kernel's) up to date before each render.
@@ -208,6 +217,9 @@ impl Metrics {
             tls_connections_total: Family::default(),
             opaque_connections_total: Family::default(),
             served_pods: Gauge::default(),
+            connection_budget: Gauge::default(),
+            open_redirects: Gauge::default(),
+            accept_errors_total: Family::default(),
             http: HttpMetrics::register(&mut registry),
             snis: BoundedLabel::new(MAX_SNIS),
             registry: Registry::default(),
@@ -273,6 +285,21 @@ impl Metrics {
             "Pods the agent serves in their own network namespaces (pod mode)",
             metrics.served_pods.clone(),
         );
+        registry.register(
+            "sockmesh_connection_budget",
+            "Redirected connections the agent takes at once; beyond it the kernel sends connects direct",
+            metrics.connection_budget.clone(),
+        );
+        registry.register(
+            "sockmesh_open_redirects",
+            "Redirected client connections open now, as the kernel counts them",
+            metrics.open_redirects.clone(),
+        );
+        registry.register(
+            "sockmesh_accept_errors",
+            "Failed accepts on the proxy listeners, by errno (retried with a capped backoff)",
+            metrics.accept_errors_total.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector(kernel)));
         registry.register_collector(Box::new(process::ProcessCollector));
         Self {
@@ -331,6 +358,11 @@ impl Collector for KernelCollector {
             ("bypassed_network", counters.bypassed_network),
             ("bypassed_self", counters.bypassed_self),
             ("bypassed_unserved_netns", counters.bypassed_unserved_netns),
+            (
+                "bypassed_agent_unresponsive",
+                counters.bypassed_agent_unresponsive,
+            ),
+            ("bypassed_over_capacity", counters.bypassed_over_capacity),
         ];
         let probe = ConstCounter::new(0u64);
         let mut family = encoder.encode_descriptor(
@@ -407,6 +439,8 @@ pub fn errno_name(error: &std::io::Error) -> &'static str {
         Some(libc::ENETUNREACH) => "ENETUNREACH",
         Some(libc::EADDRNOTAVAIL) => "EADDRNOTAVAIL",
         Some(libc::EMFILE) => "EMFILE",
+        Some(libc::ENFILE) => "ENFILE",
+        Some(libc::ENOBUFS) => "ENOBUFS",
         Some(libc::ENOMEM) => "ENOMEM",
         _ if error.kind() == std::io::ErrorKind::TimedOut => "ETIMEDOUT",
         _ => "EOTHER",

@@ -1,0 +1,147 @@
+//! Liveness and capacity, as the kernel sees them. Every proxy thread ticks its own heartbeat
+//! every 100 ms; a publisher writes the oldest of them, with the connection budget, into the
+//! `LIVENESS` map. connect4/6 redirect only while that heartbeat is fresh (a stopped, hung or
+//! dead agent stops ticking) and while `OPEN_REDIRECTS` (kept by the kernel itself, so a burst
+//! of connects cannot overrun it between two publications) is under the budget. Otherwise the
+//! connect goes straight to its destination: the agent is never why a connection fails.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use agent_common::AgentLiveness;
+use anyhow::{Context, Result};
+use aya::maps::{Array, MapData};
+use tokio_util::sync::CancellationToken;
+
+use crate::sys;
+
+/// How often proxy threads tick and the publisher writes the map.
+pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(100);
+/// File descriptors kept for the agent's own files (maps, listeners, epoll, admin, logs) when
+/// the connection budget is derived from the open-file limit.
+pub const RESERVED_FDS: u64 = 256;
+/// Descriptors one proxied connection may hold: its two sockets, plus a pipe pair while bytes
+/// are being spliced.
+pub const FDS_PER_CONNECTION: u64 = 4;
+
+/// The connection budget a limit of `open_files` descriptors allows.
+pub fn budget_for(open_files: u64, other_reserved: u64) -> u64 {
+    open_files.saturating_sub(RESERVED_FDS + other_reserved) / FDS_PER_CONNECTION
+}
+
+/// One heartbeat per proxy thread: CLOCK_MONOTONIC nanoseconds of its latest tick.
+#[derive(Clone, Default)]
+pub struct Heartbeats(Arc<Vec<AtomicU64>>);
+
+impl Heartbeats {
+    pub fn new(threads: usize) -> Self {
+        Self(Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect()))
+    }
+
+    /// Proxy thread `index` is alive: called from its own runtime, so a runtime that stops
+    /// polling stops ticking.
+    pub fn tick(&self, index: usize) {
+        if let Some(beat) = self.0.get(index) {
+            beat.store(sys::monotonic_ns(), Ordering::Relaxed);
+        }
+    }
+
+    /// The oldest thread's latest tick (0 until every thread has ticked once).
+    pub fn oldest(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|beat| beat.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+/// What the publisher needs: the map, the timeout, how the budget is derived.
+pub struct Publisher {
+    pub map: Array<MapData, AgentLiveness>,
+    pub heartbeats: Heartbeats,
+    pub timeout: Duration,
+    /// The budget given with --max-connections; None: derived from the open-file limit.
+    pub max_connections: Option<u64>,
+    /// Descriptors held besides connections and the fixed reserve (each served pod's
+    /// listeners), read at every publication.
+    pub other_reserved: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// The kernel's count of redirected connections still open, read for /metrics.
+    pub open_redirects: Array<MapData, u64>,
+    /// Told the budget and the open count at every publication (for /metrics).
+    pub report: Box<dyn Fn(u64, u64) + Send + Sync>,
+}
+
+impl Publisher {
+    /// The budget now.
+    pub fn budget(&self) -> u64 {
+        if let Some(max) = self.max_connections {
+            return max;
+        }
+        let limit = sys::open_file_limit().map_or(0, |(soft, _)| soft);
+        budget_for(limit, (self.other_reserved)())
+    }
+
+    /// Writes the map once; before the programs are attached, so the first connect already
+    /// finds a fresh heartbeat.
+    pub fn publish(&mut self) -> Result<()> {
+        let budget = self.budget();
+        let open = self.open_redirects.get(&0, 0).unwrap_or(0);
+        (self.report)(budget, open);
+        let liveness = AgentLiveness {
+            heartbeat_ns: self.heartbeats.oldest(),
+            timeout_ns: u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX),
+            max_connections: budget,
+        };
+        self.map.set(0, liveness, 0).context("writing LIVENESS")
+    }
+
+    /// Publishes every heartbeat period until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(HEARTBEAT_PERIOD);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(error) = self.publish() {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "publishing the heartbeat failed"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_leaves_a_reserve_and_counts_four_descriptors_per_connection() {
+        assert_eq!(budget_for(20_000, 0), (20_000 - 256) / 4);
+        assert_eq!(budget_for(300, 0), 11);
+        assert_eq!(budget_for(300, 8), 9);
+        assert_eq!(budget_for(100, 0), 0);
+    }
+
+    #[test]
+    fn the_oldest_thread_decides() {
+        let beats = Heartbeats::new(2);
+        assert_eq!(
+            beats.oldest(),
+            0,
+            "a thread that never ticked holds everything back"
+        );
+        beats.tick(0);
+        assert_eq!(beats.oldest(), 0);
+        beats.tick(1);
+        assert!(beats.oldest() > 0);
+    }
+}

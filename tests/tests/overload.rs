@@ -1,0 +1,124 @@
+//! The agent is never why a connection fails: a stopped agent and an agent at its connection
+//! budget send new connects direct, decided in the kernel per connect; both recover by
+//! themselves.
+
+use std::{process::Command, thread, time::Duration};
+
+use integration_tests::{
+    Agent, AgentOptions, TestCgroup, meshprobe_bin,
+    process::{eventually, run_ok},
+    require_privileged,
+    servers::{EchoServer, PatternServer},
+};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn decision(agent: &Agent, decision: &str) -> u64 {
+    agent
+        .metrics()
+        .count("sockmesh_kernel_connects_total", &[("decision", decision)])
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn a_stopped_agent_sends_connects_direct_and_takes_them_back_when_it_resumes() {
+    require_privileged!();
+    let server = PatternServer::start("127.0.0.1:0", 1000);
+    let cgroup = TestCgroup::new("sigstop");
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            args: vec!["--liveness-timeout=500ms".into()],
+            ..AgentOptions::default()
+        },
+    );
+    let bulk = || {
+        run_ok(
+            cgroup.command(meshprobe_bin()).args([
+                "bulk",
+                &server.addr().to_string(),
+                "5000",
+                "1000",
+            ]),
+            LIMIT,
+        )
+    };
+    assert!(bulk().starts_with("ok"));
+    agent.assert_metric(
+        "sockmesh_kernel_connects_total",
+        &[("decision", "redirected")],
+        1,
+    );
+
+    agent.signal(libc::SIGSTOP);
+    // Past the liveness timeout (500 ms) the heartbeat is stale: connects go direct, and
+    // complete although nothing in the agent runs.
+    thread::sleep(Duration::from_millis(1000));
+    for _ in 0..3 {
+        assert!(bulk().starts_with("ok"));
+    }
+    agent.signal(libc::SIGCONT);
+
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            decision(&agent, "bypassed_agent_unresponsive") == 3
+        }),
+        "{} connects counted as unresponsive",
+        decision(&agent, "bypassed_agent_unresponsive")
+    );
+    // Resumed: the heartbeat is fresh again and connects are redirected again.
+    assert!(eventually(Duration::from_secs(10), || {
+        bulk().starts_with("ok") && decision(&agent, "redirected") >= 2
+    }));
+    assert_eq!(server.received(6).len(), 6);
+    assert!(
+        server
+            .received(6)
+            .iter()
+            .all(|r| r.bytes == 5000 && r.error.is_none())
+    );
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn an_agent_at_its_budget_sends_the_rest_direct_and_every_connection_succeeds() {
+    require_privileged!();
+    let echo = EchoServer::start("127.0.0.1:0");
+    let cgroup = TestCgroup::new("budget");
+    let agent = Agent::start(&cgroup);
+    // 300 open files leave room for (300 - 256) / 4 = 11 connections.
+    run_ok(
+        Command::new("prlimit")
+            .arg(format!("--pid={}", agent.pid()))
+            .arg("--nofile=300:300"),
+        LIMIT,
+    );
+    agent.assert_metric("sockmesh_connection_budget", &[], 11);
+
+    // 2000 connections open at once, each echoing 10 KB: byte-exact, none refused.
+    let report = run_ok(
+        cgroup
+            .command(meshprobe_bin())
+            .args(["echo", &echo.addr().to_string(), "2000", "10000"]),
+        LIMIT,
+    );
+    assert!(report.starts_with("ok connections=2000"), "{report}");
+    let redirected = decision(&agent, "redirected");
+    let over = decision(&agent, "bypassed_over_capacity");
+    // The kernel's check and its count are two steps: a connect on each CPU may pass the
+    // budget at once, so up to one over it per CPU.
+    let cpus = thread::available_parallelism().map_or(1, usize::from) as u64;
+    assert!(
+        (1..=11 + cpus).contains(&redirected),
+        "redirected {redirected}"
+    );
+    assert_eq!(
+        redirected + over,
+        2000,
+        "redirected {redirected}, over capacity {over}"
+    );
+    let metrics = agent.metrics();
+    assert_eq!(metrics.count("sockmesh_accept_errors_total", &[]), 0);
+    // When they are closed, the budget is free again.
+    agent.assert_metric("sockmesh_open_redirects", &[], 0);
+}
