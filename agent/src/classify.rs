@@ -223,3 +223,85 @@ impl Peeked {
 fn peek(client: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     sys::peek(client, buf)
 }
+
+/// The detection timeout on paused time: tokio's clock jumps to the next timer whenever the
+/// runtime is idle (real loopback I/O included), so the timeout costs no real time and the
+/// elapsed time is exact.
+#[cfg(test)]
+mod paused_time_tests {
+    use std::time::Duration;
+
+    use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
+
+    use super::{OpaqueReason, Protocol, classify};
+    use crate::forward::http::test_support::loopback_pair;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The proxy's two sockets and their peers: (application client, proxy's client side,
+    /// proxy's server side, original destination).
+    async fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+        let (app_client, proxy_client) = loopback_pair().await;
+        let (proxy_server, app_server) = loopback_pair().await;
+        (app_client, proxy_client, proxy_server, app_server)
+    }
+
+    /// Classifies, returning the result and how much of tokio's clock passed.
+    async fn timed(client: &TcpStream, server: &TcpStream) -> (Protocol, Duration) {
+        let started = Instant::now();
+        let classified = classify(client, Some(server), TIMEOUT).await;
+        (classified.protocol, started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_client_and_server_time_out_after_exactly_the_timeout() {
+        let (_app_client, client, server, _app_server) = sockets().await;
+        let (protocol, elapsed) = timed(&client, &server).await;
+        assert_eq!(protocol, Protocol::Opaque(OpaqueReason::Timeout));
+        assert_eq!(elapsed, TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_undecided_client_times_out_too() {
+        let (mut app_client, client, server, _app_server) = sockets().await;
+        // The start of a request line, never finished.
+        app_client.write_all(b"GE").await.unwrap();
+        let (protocol, elapsed) = timed(&client, &server).await;
+        assert_eq!(protocol, Protocol::Opaque(OpaqueReason::Timeout));
+        assert_eq!(elapsed, TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_speaks_first_is_server_first_without_waiting() {
+        let (_app_client, client, server, mut app_server) = sockets().await;
+        app_server
+            .write_all(b"220 smtp.test ESMTP\r\n")
+            .await
+            .unwrap();
+        let (protocol, elapsed) = timed(&client, &server).await;
+        assert_eq!(protocol, Protocol::Opaque(OpaqueReason::ServerFirst));
+        assert_eq!(elapsed, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_h2c_servers_settings_is_not_server_first() {
+        let (_app_client, client, server, mut app_server) = sockets().await;
+        // An empty SETTINGS frame: what an h2c server sends without waiting for the client.
+        app_server
+            .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        let (protocol, elapsed) = timed(&client, &server).await;
+        assert_eq!(protocol, Protocol::Opaque(OpaqueReason::Timeout));
+        assert_eq!(elapsed, TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_request_line_decides_without_waiting() {
+        let (mut app_client, client, server, _app_server) = sockets().await;
+        app_client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let (protocol, elapsed) = timed(&client, &server).await;
+        assert_eq!(protocol, Protocol::Http1);
+        assert_eq!(elapsed, Duration::ZERO);
+    }
+}

@@ -8,7 +8,7 @@ use std::{
 };
 
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     classify::{Classified, OpaqueReason, Protocol, classify},
@@ -56,6 +56,7 @@ impl Proxy {
         kernel: Option<Arc<KernelForwarder>>,
         config: &Config,
         draining: CancellationToken,
+        tasks: TaskTracker,
     ) -> Self {
         let dialer = Dialer {
             bypass_mark: config.bypass_mark,
@@ -68,6 +69,7 @@ impl Proxy {
             head_timeout: config.detect_timeout,
             dialer,
             draining,
+            tasks,
         };
         Self {
             metrics,

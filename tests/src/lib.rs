@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod clients;
 pub mod metrics;
 pub mod pattern;
 pub mod pod;

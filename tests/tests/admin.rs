@@ -12,7 +12,10 @@ use std::{
 };
 
 use integration_tests::{
-    Agent, AgentOptions, TestCgroup, free_port, meshprobe_bin,
+    Agent, AgentOptions, TestCgroup,
+    agent::http_post,
+    clients::{curl_status, probe},
+    free_port,
     process::{eventually, run, run_ok},
     require_privileged,
     servers::{EchoServer, PatternServer, ServerProcess},
@@ -72,13 +75,9 @@ fn metrics_and_status_report_known_traffic() {
         &[200, 200, 503, 200, 404, 200, 503, 200, 503, 200],
     );
     // 123456 bytes out, 77777 back, opaque.
-    run_ok(
-        cgroup.command(meshprobe_bin()).args([
-            "bulk",
-            &opaque.addr().to_string(),
-            "123456",
-            "77777",
-        ]),
+    probe(
+        &cgroup,
+        &["bulk", &opaque.addr().to_string(), "123456", "77777"],
         LIMIT,
     );
 
@@ -245,10 +244,9 @@ fn a_slow_tap_watcher_does_not_stall_the_proxy() {
     (&stalled).write_all(b"GET /tap HTTP/1.0\r\n\r\n").unwrap();
     // 8 rounds of 500 connections: 8000 events, more than a watcher's queue and socket hold.
     for _ in 0..8 {
-        let report = run_ok(
-            cgroup
-                .command(meshprobe_bin())
-                .args(["echo", &echo.addr().to_string(), "500", "1000"]),
+        let report = probe(
+            &cgroup,
+            &["echo", &echo.addr().to_string(), "500", "1000"],
             LIMIT,
         );
         assert!(report.starts_with("ok connections=500"), "{report}");
@@ -284,12 +282,7 @@ fn admin_port_stays_reachable_when_users_skip_ports() {
     );
     // A meshed process reaches the admin port directly, not through the proxy.
     let url = format!("http://{}/ready", agent.admin);
-    let code = run_ok(
-        cgroup
-            .command("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]),
-        LIMIT,
-    );
+    let code = curl_status(&cgroup, &url, LIMIT);
     assert_eq!(code, "200");
     agent.assert_metric(
         "sockmesh_kernel_connects_total",
@@ -331,19 +324,9 @@ fn config_json_shows_the_effective_configuration() {
     assert_eq!(config["cgroup"], cgroup.path().to_string_lossy().as_ref());
 }
 
+/// The status of a POST to the admin server; 0 when there was no answer.
 fn post(addr: std::net::SocketAddr, path: &str) -> u16 {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    write!(stream, "POST {path} HTTP/1.0\r\nContent-Length: 0\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let _ = stream.read_to_string(&mut response);
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0)
+    http_post(addr, path).map_or(0, |(status, _)| status)
 }
 
 #[test]

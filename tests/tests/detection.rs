@@ -6,9 +6,10 @@ use std::{fs, process::Command, time::Duration};
 
 use integration_tests::{
     Agent, AgentOptions, TestCgroup,
+    clients::python,
     process::run_ok,
     require_privileged,
-    servers::{EchoServer, SYSTEM_PYTHON, ServerProcess, peer_script},
+    servers::{EchoServer, ServerProcess, peer_script},
     temp_dir,
 };
 
@@ -25,15 +26,16 @@ fn server_first_protocol_on_an_unconfigured_port_is_not_stalled() {
     let agent = Agent::start(&cgroup);
 
     let port = smtp.addr.port().to_string();
-    let report = run_ok(
-        cgroup.command(SYSTEM_PYTHON).args([
+    let report = python(
+        &cgroup,
+        &[
             &peer_script("smtp_peer.py"),
             "client",
             "--host",
             "127.0.0.1",
             "--port",
             &port,
-        ]),
+        ],
         LIMIT,
     );
     assert!(report.starts_with("smtp ok"), "{report}");
@@ -95,7 +97,7 @@ fn opaque_port_flags_add_to_and_drop_the_defaults() {
              s.sendall(b'GET / HTTP/1.1\\r\\n\\r\\n'); s.shutdown(socket.SHUT_WR)\n\
              print(len(s.makefile('rb').read()))\n"
         );
-        run_ok(cgroup.command(SYSTEM_PYTHON).args(["-c", &script]), LIMIT)
+        python(cgroup, &["-c", &script], LIMIT)
     };
 
     let cgroup = TestCgroup::new("opaqueflag");
@@ -216,8 +218,9 @@ fn stalled_client_falls_back_to_opaque_with_bytes_in_order() {
     );
 
     let port = echo.addr().port().to_string();
-    let echoed = run_ok(
-        cgroup.command(SYSTEM_PYTHON).args([
+    let echoed = python(
+        &cgroup,
+        &[
             &peer_script("stall_client.py"),
             "--host",
             "127.0.0.1",
@@ -225,7 +228,7 @@ fn stalled_client_falls_back_to_opaque_with_bytes_in_order() {
             &port,
             "--first-byte-delay",
             "2",
-        ]),
+        ],
         LIMIT,
     );
     assert_eq!(echoed.trim(), "ZZZtail-of-stalled-client");

@@ -9,7 +9,8 @@ use std::{
 };
 
 use integration_tests::{
-    Agent, TestCgroup, meshprobe_bin,
+    Agent, TestCgroup,
+    clients::probe,
     process::{eventually, run_ok},
     require_privileged,
     servers::{EchoServer, PatternServer},
@@ -25,13 +26,14 @@ fn hundred_megabytes_each_way_arrive_byte_exact_and_are_counted() {
     let cgroup = TestCgroup::new("bulk");
     let agent = Agent::start(&cgroup);
 
-    let report = run_ok(
-        cgroup.command(meshprobe_bin()).args([
+    let report = probe(
+        &cgroup,
+        &[
             "bulk",
             &server.addr().to_string(),
             &HUNDRED_MB.to_string(),
             &HUNDRED_MB.to_string(),
-        ]),
+        ],
         Duration::from_secs(300),
     );
     assert!(report.starts_with("ok"), "{report}");
@@ -102,10 +104,9 @@ fn a_thousand_concurrent_connections_are_byte_exact_and_leak_nothing() {
     let agent = Agent::start(&cgroup);
     let baseline = agent.fd_count();
 
-    let report = run_ok(
-        cgroup
-            .command(meshprobe_bin())
-            .args(["echo", &echo.addr().to_string(), "1000", "100000"]),
+    let report = probe(
+        &cgroup,
+        &["echo", &echo.addr().to_string(), "1000", "100000"],
         Duration::from_secs(300),
     );
     assert!(report.starts_with("ok connections=1000"), "{report}");
@@ -144,13 +145,9 @@ fn userspace_copy_mode_is_byte_exact_too() {
             ..Default::default()
         },
     );
-    let report = run_ok(
-        cgroup.command(meshprobe_bin()).args([
-            "bulk",
-            &server.addr().to_string(),
-            "30000000",
-            "20000000",
-        ]),
+    let report = probe(
+        &cgroup,
+        &["bulk", &server.addr().to_string(), "30000000", "20000000"],
         Duration::from_secs(300),
     );
     assert!(report.starts_with("ok"), "{report}");

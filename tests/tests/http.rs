@@ -5,6 +5,7 @@ use std::{fs, net::TcpListener, time::Duration};
 
 use integration_tests::{
     Agent, AgentOptions, TestCgroup,
+    clients::{curl_status, python},
     process::run_ok,
     require_privileged,
     servers::{SYSTEM_PYTHON, ServerProcess, peer_script},
@@ -14,16 +15,6 @@ use integration_tests::{
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// The byte at `offset` of http_peer.py's /bytes/N pattern.
-/// The status code curl (inside the cgroup) gets for `url`.
-fn curl_status(cgroup: &TestCgroup, url: &str) -> String {
-    run_ok(
-        cgroup
-            .command("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url]),
-        LIMIT,
-    )
-}
-
 fn peer_pattern(offset: usize) -> u8 {
     (((offset % 65_536) * 7 + 3) % 256) as u8
 }
@@ -167,14 +158,15 @@ fn grpc_unary_bidi_streaming_and_error_status() {
     let agent = Agent::start(&cgroup);
     let target = server.addr.to_string();
     let grpc_client = |call: &str| {
-        run_ok(
-            cgroup.command(SYSTEM_PYTHON).args([
+        python(
+            &cgroup,
+            &[
                 &peer_script("grpc_peer.py"),
                 "client",
                 "--target",
                 &target,
                 call,
-            ]),
+            ],
             LIMIT,
         )
     };
@@ -211,15 +203,16 @@ fn websocket_upgrade_continues_as_bytes() {
     let agent = Agent::start(&cgroup);
 
     let url = format!("ws://{}/", server.addr);
-    let report = run_ok(
-        cgroup.command(SYSTEM_PYTHON).args([
+    let report = python(
+        &cgroup,
+        &[
             &peer_script("ws_peer.py"),
             "client",
             "--url",
             &url,
             "--count",
             "20",
-        ]),
+        ],
         LIMIT,
     );
     assert!(report.contains("ws ok count=20"), "{report}");
@@ -254,10 +247,10 @@ fn malformed_request_gets_400_and_unreachable_upstream_gets_502() {
          print(s.recv(100).split(b'\\r\\n')[0].decode())\n",
         server.addr.port()
     );
-    let status_line = run_ok(cgroup.command(SYSTEM_PYTHON).args(["-c", &script]), LIMIT);
+    let status_line = python(&cgroup, &["-c", &script], LIMIT);
     assert_eq!(status_line.trim(), "HTTP/1.1 400 Bad Request");
 
-    let code = curl_status(&cgroup, &format!("http://{closed}/"));
+    let code = curl_status(&cgroup, &format!("http://{closed}/"), LIMIT);
     assert_eq!(code, "502");
 
     agent.assert_metric(
@@ -295,7 +288,7 @@ fn slow_upstream_gets_504() {
         },
     );
 
-    let code = curl_status(&cgroup, &format!("http://{addr}/"));
+    let code = curl_status(&cgroup, &format!("http://{addr}/"), LIMIT);
     assert_eq!(code, "504");
     agent.assert_metric(
         "sockmesh_http_errors_total",
@@ -334,7 +327,7 @@ fn connect_tunnel_continues_as_bytes() {
          print(head.split(b'\\r\\n')[0].decode(), '|', echoed.decode())\n",
         server.addr.port()
     );
-    let out = run_ok(cgroup.command(SYSTEM_PYTHON).args(["-c", &script]), LIMIT);
+    let out = python(&cgroup, &["-c", &script], LIMIT);
     let (status, echoed) = out.trim().split_once(" | ").expect("status | echo");
     assert!(status.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(echoed, "through the tunnel");
@@ -456,7 +449,7 @@ fn a_stalled_request_head_gets_408() {
          print(answer.split(b'\\r\\n')[0].decode(), '| closed')\n",
         server.addr.port()
     );
-    let out = run_ok(cgroup.command(SYSTEM_PYTHON).args(["-c", &script]), LIMIT);
+    let out = python(&cgroup, &["-c", &script], LIMIT);
     assert_eq!(out.trim(), "HTTP/1.1 408 Request Timeout | closed");
     agent.assert_metric(
         "sockmesh_http_errors_total",
@@ -464,7 +457,11 @@ fn a_stalled_request_head_gets_408() {
         1,
     );
     assert_eq!(
-        curl_status(&cgroup, &format!("http://{}/status/204", server.addr)),
+        curl_status(
+            &cgroup,
+            &format!("http://{}/status/204", server.addr),
+            LIMIT
+        ),
         "204"
     );
 }

@@ -4,7 +4,9 @@
 use std::{process::Command, time::Duration};
 
 use integration_tests::{
-    Agent, AgentOptions, TestCgroup, meshprobe_bin,
+    Agent, AgentOptions, TestCgroup,
+    clients::probe,
+    meshprobe_bin,
     process::run_ok,
     require_privileged,
     servers::{PatternServer, ServerProcess, write_file},
@@ -12,10 +14,6 @@ use integration_tests::{
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn probe(cgroup: &TestCgroup, args: &[&str]) -> String {
-    run_ok(cgroup.command(meshprobe_bin()).args(args), LIMIT)
-}
 
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
@@ -91,7 +89,7 @@ fn applications_see_the_original_peer() {
     let cgroup = TestCgroup::new("peer");
     let agent = Agent::start(&cgroup);
 
-    let report = probe(&cgroup, &["peer", &server.addr().to_string()]);
+    let report = probe(&cgroup, &["peer", &server.addr().to_string()], LIMIT);
     assert_eq!(report.trim(), format!("peer={}", server.addr()));
     // It really went through the proxy.
     let port = server.addr().port().to_string();
@@ -107,7 +105,7 @@ fn ipv6_loopback_is_proxied_like_ipv4() {
     let agent = Agent::start(&cgroup);
 
     let addr = server.addr().to_string();
-    let report = probe(&cgroup, &["bulk", &addr, "654321", "123456"]);
+    let report = probe(&cgroup, &["bulk", &addr, "654321", "123456"], LIMIT);
     assert!(report.contains(&format!("peer={addr}")), "{report}");
     assert_eq!(server.received(1)[0].bytes, 654_321);
 
@@ -139,7 +137,11 @@ fn skipped_ports_and_networks_bypass_the_proxy() {
     );
 
     for server in [&skipped_port, &skipped_net, &proxied] {
-        probe(&cgroup, &["bulk", &server.addr().to_string(), "1000", "10"]);
+        probe(
+            &cgroup,
+            &["bulk", &server.addr().to_string(), "1000", "10"],
+            LIMIT,
+        );
     }
 
     agent.assert_metric(
@@ -206,6 +208,7 @@ fn agent_inside_the_meshed_cgroup_does_not_proxy_itself() {
     let report = probe(
         &cgroup,
         &["bulk", &server.addr().to_string(), "4096", "4096"],
+        LIMIT,
     );
     assert!(report.starts_with("ok"), "{report}");
 
@@ -243,7 +246,7 @@ fn refused_upstream_closes_the_client_connection() {
     let cgroup = TestCgroup::new("refused");
     let agent = Agent::start(&cgroup);
 
-    let report = probe(&cgroup, &["expect-close", &closed_port.to_string()]);
+    let report = probe(&cgroup, &["expect-close", &closed_port.to_string()], LIMIT);
     assert!(report.starts_with("closed="), "{report}");
 
     let port = closed_port.port().to_string();

@@ -12,7 +12,7 @@ use std::{
 };
 
 use integration_tests::{
-    Agent, AgentOptions, TestCgroup, meshprobe_bin, process::run_ok, require_privileged,
+    Agent, AgentOptions, TestCgroup, clients::probe, meshprobe_bin, require_privileged,
     servers::EchoServer,
 };
 
@@ -34,14 +34,15 @@ fn chatty_connections_move_to_the_kernel_and_stay_byte_exact() {
 
         // Round trips, then megabytes echoed in both directions at once, then a half-close
         // from the client that the echo server answers with its own: all after the hand-off.
-        let report = run_ok(
-            cgroup.command(meshprobe_bin()).args([
+        let report = probe(
+            &cgroup,
+            &[
                 "chat",
                 &echo.addr().to_string(),
                 &conns.to_string(),
                 &ROUNDS.to_string(),
                 &bulk.to_string(),
-            ]),
+            ],
             LIMIT,
         );
         assert!(report.starts_with("ok connections=50"), "{report}");
@@ -134,15 +135,16 @@ fn a_server_reset_after_the_hand_off_resets_the_client() {
     let cgroup = TestCgroup::new("kfwdreset");
     let agent = Agent::start(&cgroup);
 
-    let report = run_ok(
-        cgroup.command(meshprobe_bin()).args([
+    let report = probe(
+        &cgroup,
+        &[
             "chat",
             &addr.to_string(),
             "1",
             &ROUNDS.to_string(),
             "0",
             "expect-reset",
-        ]),
+        ],
         LIMIT,
     );
     assert!(report.contains("closed=reset"), "{report}");
@@ -174,14 +176,15 @@ fn splice_only_mode_never_hands_off() {
             ..Default::default()
         },
     );
-    let report = run_ok(
-        cgroup.command(meshprobe_bin()).args([
+    let report = probe(
+        &cgroup,
+        &[
             "chat",
             &echo.addr().to_string(),
             "5",
             &ROUNDS.to_string(),
             "100000",
-        ]),
+        ],
         LIMIT,
     );
     assert!(report.starts_with("ok connections=5"), "{report}");

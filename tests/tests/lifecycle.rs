@@ -4,7 +4,9 @@
 use std::{process::Command, sync::mpsc, time::Duration};
 
 use integration_tests::{
-    Agent, TestCgroup, meshprobe_bin,
+    Agent, TestCgroup,
+    clients::probe,
+    meshprobe_bin,
     process::{eventually, run_ok},
     require_privileged,
     servers::{Gate, PatternServer},
@@ -67,10 +69,9 @@ fn readme_bpftool_commands_show_our_programs_and_maps() {
     let server = PatternServer::start("127.0.0.1:0", 10);
     let cgroup = TestCgroup::new("bpftool");
     let agent = Agent::start(&cgroup);
-    run_ok(
-        cgroup
-            .command(meshprobe_bin())
-            .args(["bulk", &server.addr().to_string(), "10", "10"]),
+    probe(
+        &cgroup,
+        &["bulk", &server.addr().to_string(), "10", "10"],
         LIMIT,
     );
 
@@ -124,10 +125,9 @@ fn killed_agent_fails_open() {
     );
 
     // Nothing listens on the proxy port any more, so this only works if it goes direct.
-    let report = run_ok(
-        cgroup
-            .command(meshprobe_bin())
-            .args(["bulk", &server.addr().to_string(), "5000", "1000"]),
+    let report = probe(
+        &cgroup,
+        &["bulk", &server.addr().to_string(), "5000", "1000"],
         LIMIT,
     );
     assert!(
@@ -188,10 +188,9 @@ fn sigterm_lets_an_open_transfer_finish() {
             .0,
         503
     );
-    run_ok(
-        cgroup
-            .command(meshprobe_bin())
-            .args(["bulk", &other.addr().to_string(), "10", "10"]),
+    probe(
+        &cgroup,
+        &["bulk", &other.addr().to_string(), "10", "10"],
         LIMIT,
     );
     let other_port = other.addr().port().to_string();

@@ -18,6 +18,8 @@ pub fn run(admin: SocketAddr, interval: Duration) -> Result<()> {
     let after = if interval.is_zero() {
         None
     } else {
+        // A synchronous command with nothing else to do between its two scrapes.
+        #[allow(clippy::disallowed_methods)]
         std::thread::sleep(interval);
         Some(Samples::parse(&get_text(admin, "/metrics")?))
     };

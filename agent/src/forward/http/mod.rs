@@ -23,7 +23,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use self::{
     observe::{ProxyBody, RequestSummary, ResponseRecord},
@@ -60,6 +60,9 @@ pub struct HttpProxy {
     /// Cancelled when the agent starts shutting down: idle keep-alive connections close then,
     /// instead of holding the drain for the whole grace period.
     pub draining: CancellationToken,
+    /// The agent's drain: tasks a connection starts beside itself (an upgraded h2 tunnel, an
+    /// upstream h2 connection) are spawned here, so shutdown waits for them too.
+    pub tasks: TaskTracker,
 }
 
 /// How an HTTP connection failed.
@@ -128,9 +131,15 @@ async fn forward_h2(
     counters: ByteCounters,
     proxy: Arc<HttpProxy>,
 ) -> Result<(), HttpError> {
-    let upstream = Upstream::new(conn.dst, proxy.dialer, Arc::clone(&conn.origin), counters)
-        .with_connection(server)
-        .await?;
+    let upstream = Upstream::new(
+        conn.dst,
+        proxy.dialer,
+        Arc::clone(&conn.origin),
+        counters,
+        proxy.tasks.clone(),
+    )
+    .with_connection(server)
+    .await?;
     Ok(serve_h2(client, conn, Some(Arc::new(upstream)), proxy).await?)
 }
 
@@ -229,7 +238,8 @@ impl HttpProxy {
             || (is_connect && response.status().is_success());
         if let (true, Some(client_upgrade)) = (tunnel, client_upgrade) {
             let server_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel_upgraded(client_upgrade, server_upgrade));
+            self.tasks
+                .spawn(tunnel_upgraded(client_upgrade, server_upgrade));
         }
         record.upstream(response)
     }
@@ -306,15 +316,12 @@ fn authority_of(request: &Request<Incoming>) -> &str {
 /// is consulted only when it changes.
 #[derive(Default)]
 struct AuthorityLabels {
-    last: std::sync::Mutex<Option<(String, String)>>,
+    last: parking_lot::Mutex<Option<(String, String)>>,
 }
 
 impl AuthorityLabels {
     fn label(&self, authority: &str, metrics: &crate::metrics::http::HttpMetrics) -> String {
-        let mut last = self
-            .last
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut last = self.last.lock();
         match last.as_ref() {
             Some((raw, label)) if raw == authority => label.clone(),
             _ => {
@@ -335,4 +342,171 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 
 fn wants_upgrade(request: &Request<Incoming>) -> bool {
     request.method() == Method::CONNECT || request.headers().contains_key(header::UPGRADE)
+}
+
+/// What the in-process tests of HTTP forwarding share: loopback socket pairs and a proxy.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+    use super::{ConnInfo, HttpProxy};
+    use crate::{
+        connect::Dialer,
+        forward::ByteCounters,
+        metrics::{Direction, Metrics, TcpLabels},
+        netns::Origin,
+        tap::Tap,
+    };
+
+    /// Two connected loopback sockets: (the connecting end, the accepted end). No privilege
+    /// is needed, and no timer: it works on paused time.
+    pub async fn loopback_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (connected.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// A proxy as `Proxy::new` makes it, with no kernel behind its metrics.
+    pub fn proxy(head_timeout: Duration, tasks: TaskTracker) -> Arc<HttpProxy> {
+        let metrics = Arc::new(Metrics::new(Box::new(|| Ok(Default::default()))));
+        Arc::new(HttpProxy {
+            metrics,
+            tap: Arc::new(Tap::default()),
+            upstream_timeout: Duration::from_secs(30),
+            head_timeout,
+            dialer: Dialer {
+                bypass_mark: 0,
+                timeout: Duration::from_secs(1),
+            },
+            draining: CancellationToken::new(),
+            tasks,
+        })
+    }
+
+    /// The connection an HTTP request to `dst` belongs to, from the host's namespace.
+    pub fn conn(dst: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            id: 1,
+            dst,
+            origin: Origin::host(0),
+            workload: Default::default(),
+        }
+    }
+
+    pub fn counters(proxy: &HttpProxy, dst: SocketAddr) -> ByteCounters {
+        let labels = TcpLabels {
+            direction: Direction::Outbound,
+            target_port: dst.port(),
+            workload: Default::default(),
+        };
+        ByteCounters::new(&proxy.metrics, &labels)
+    }
+
+    /// How many HTTP errors of `reason` the proxy counted.
+    pub fn errors(proxy: &HttpProxy, reason: &'static str) -> u64 {
+        let labels = crate::metrics::http::HttpErrorLabels {
+            direction: Direction::Outbound,
+            reason,
+            workload: Default::default(),
+        };
+        proxy.metrics.http.errors_total.get_or_create(&labels).get()
+    }
+}
+
+/// The drain covers what an h2c connection starts beside its own task: the upstream HTTP/2
+/// connection and an upgraded (CONNECT) tunnel are both on the proxy's tracker while they
+/// are open, and both end once the client's connection has.
+#[cfg(test)]
+mod drain_tests {
+    use std::{convert::Infallible, sync::Arc, time::Duration};
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper::{
+        Method, Request, Response, StatusCode, body::Incoming, client::conn::http2 as client_h2,
+        server::conn::http2 as server_h2, service::service_fn,
+    };
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+    use tokio_util::task::TaskTracker;
+
+    use super::{Version, forward, test_support};
+
+    /// An h2c server that accepts every CONNECT and echoes the tunnel's bytes.
+    async fn connect_echo_server(stream: TcpStream) {
+        let service = service_fn(|mut request: Request<Incoming>| async move {
+            let upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgrade.await {
+                    let (mut from, mut to) = tokio::io::split(TokioIo::new(upgraded));
+                    let _ = tokio::io::copy(&mut from, &mut to).await;
+                    let _ = to.shutdown().await;
+                }
+            });
+            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+        });
+        let _ = server_h2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn tunnels_and_upstream_connections_are_drained_and_end_with_the_client() {
+        let (app_client, proxy_client) = test_support::loopback_pair().await;
+        let (proxy_server, app_server) = test_support::loopback_pair().await;
+        let dst = proxy_server.peer_addr().unwrap();
+        let tasks = TaskTracker::new();
+        let proxy = test_support::proxy(Duration::from_secs(10), tasks.clone());
+        tokio::spawn(connect_echo_server(app_server));
+        let counters = test_support::counters(&proxy, dst);
+        // The connection's own task (run.rs spawns it on the same tracker; here it is apart,
+        // so that the tracker counts only what it starts).
+        let connection = tokio::spawn(forward(
+            proxy_client,
+            proxy_server,
+            test_support::conn(dst),
+            counters,
+            Version::Http2,
+            Arc::clone(&proxy),
+        ));
+
+        let (mut sender, client_connection) =
+            client_h2::handshake(TokioExecutor::new(), TokioIo::new(app_client))
+                .await
+                .unwrap();
+        tokio::spawn(client_connection);
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri("tunnel.test:443")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut tunnel = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+        tunnel.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        tunnel.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"ping");
+        assert_eq!(tasks.len(), 2, "the upstream connection and the tunnel");
+
+        // The client goes: its tunnel, then its connection.
+        drop(tunnel);
+        drop(sender);
+        tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .expect("the client connection ends")
+            .unwrap()
+            .unwrap();
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+            .await
+            .expect("nothing outlives the client connection");
+    }
 }

@@ -7,6 +7,7 @@ use std::{io, net::SocketAddr, sync::Arc};
 use hyper::{Request, Response, body::Incoming, client::conn::http2 as client_h2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpStream, sync::Mutex};
+use tokio_util::task::TaskTracker;
 
 use crate::{
     connect::Dialer,
@@ -29,6 +30,8 @@ pub struct Upstream {
     dialer: Dialer,
     origin: Arc<Origin>,
     counters: ByteCounters,
+    /// Where each connection's task runs: the agent's drain.
+    tasks: TaskTracker,
     /// The live sender; held only to (re)open the connection, never across a response.
     sender: Mutex<Option<Sender>>,
 }
@@ -39,19 +42,21 @@ impl Upstream {
         dialer: Dialer,
         origin: Arc<Origin>,
         counters: ByteCounters,
+        tasks: TaskTracker,
     ) -> Self {
         Self {
             dst,
             dialer,
             origin,
             counters,
+            tasks,
             sender: Mutex::new(None),
         }
     }
 
     /// Starts with the connection opened at accept.
     pub async fn with_connection(self, server: TcpStream) -> Result<Self, hyper::Error> {
-        let sender = handshake(server, &self.counters).await?;
+        let sender = handshake(server, &self.counters, &self.tasks).await?;
         *self.sender.lock().await = Some(sender);
         Ok(self)
     }
@@ -81,13 +86,20 @@ impl Upstream {
 impl Upstream {
     async fn reconnect(&self) -> Result<Sender, UpstreamError> {
         let server = self.dialer.connect(self.dst, &self.origin).await?;
-        Ok(handshake(server, &self.counters).await?)
+        Ok(handshake(server, &self.counters, &self.tasks).await?)
     }
 }
 
-async fn handshake(server: TcpStream, counters: &ByteCounters) -> Result<Sender, hyper::Error> {
+/// Opens an HTTP/2 connection over `server`. Its task (on the drain's tracker) ends when the
+/// server closes the connection or when the last clone of the returned sender is dropped,
+/// that is once the client connection that owns this `Upstream` has ended.
+async fn handshake(
+    server: TcpStream,
+    counters: &ByteCounters,
+    tasks: &TaskTracker,
+) -> Result<Sender, hyper::Error> {
     let io = TokioIo::new(Counted::new(server, counters.clone()));
     let (sender, connection) = client_h2::handshake(TokioExecutor::new(), io).await?;
-    tokio::spawn(connection);
+    tasks.spawn(connection);
     Ok(sender)
 }

@@ -632,3 +632,87 @@ mod tests {
         assert!(size <= 1536, "forward's future is {size} bytes");
     }
 }
+
+/// The head timeout on paused time: tokio's clock jumps to the next timer whenever the
+/// runtime is idle, so a 10 s timeout takes no real time, and the elapsed time is exact.
+#[cfg(test)]
+mod head_timeout_tests {
+    use std::time::Duration;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+        task::JoinHandle,
+        time::Instant,
+    };
+    use tokio_util::task::TaskTracker;
+
+    use super::super::{HttpProxy, test_support};
+
+    const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// An HTTP/1 connection through the proxy: (the application's client socket, the
+    /// original destination's socket, the proxy, its task).
+    async fn proxied() -> (
+        TcpStream,
+        TcpStream,
+        std::sync::Arc<HttpProxy>,
+        JoinHandle<std::io::Result<()>>,
+    ) {
+        let (app_client, proxy_client) = test_support::loopback_pair().await;
+        let (proxy_server, app_server) = test_support::loopback_pair().await;
+        let dst = proxy_server.peer_addr().unwrap();
+        let proxy = test_support::proxy(HEAD_TIMEOUT, TaskTracker::new());
+        let upstream = Some((proxy_server, test_support::counters(&proxy, dst)));
+        let task = tokio::spawn(super::forward(
+            proxy_client,
+            upstream,
+            test_support::conn(dst),
+            std::sync::Arc::clone(&proxy),
+        ));
+        (app_client, app_server, proxy, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_never_completes_gets_408_after_the_head_timeout() {
+        let (mut client, mut server, proxy, task) = proxied().await;
+        client
+            .write_all(b"GET /bytes/1 HTTP/1.1\r\nHost: slow.test\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut response = Vec::new();
+        client.read_to_end(&mut response).await.unwrap();
+
+        assert_eq!(started.elapsed(), HEAD_TIMEOUT);
+        let response = String::from_utf8(response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{response}"
+        );
+        assert_eq!(test_support::errors(&proxy, "bad_request"), 1);
+        drop(client);
+        task.await.unwrap().unwrap();
+        let mut forwarded = Vec::new();
+        server.read_to_end(&mut forwarded).await.unwrap();
+        assert!(
+            forwarded.is_empty(),
+            "nothing of an unfinished head goes upstream"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_finished_just_in_time_is_forwarded() {
+        let (mut client, mut server, proxy, _task) = proxied().await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        // Let the proxy read the first part (and start the head's timer) before time moves.
+        tokio::task::yield_now().await;
+        tokio::time::sleep(HEAD_TIMEOUT - Duration::from_millis(1)).await;
+        client.write_all(b"Host: a\r\n\r\n").await.unwrap();
+
+        let mut forwarded = [0u8; 27];
+        server.read_exact(&mut forwarded).await.unwrap();
+        assert_eq!(&forwarded, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".as_slice());
+        assert_eq!(test_support::errors(&proxy, "bad_request"), 0);
+    }
+}
