@@ -1,5 +1,7 @@
 //! HTTP forwarding with request-level metrics. HTTP/1 goes through `h1`, which parses heads
-//! and forwards bytes unchanged; h2c (and gRPC) is served and proxied with hyper. Either way
+//! and forwards bytes unchanged; h2c (and gRPC) through `h2`, served and proxied with hyper.
+//! What both share is here: the agent-wide `HttpProxy`, the connection's `ConnInfo`, request
+//! records (`observe`) and local answers. Either way
 //! every request goes to the original destination over one upstream connection per client
 //! connection (re-opened when the server closes it; no load balancing yet). Upgrades
 //! (WebSocket 101, CONNECT 2xx) continue as a raw byte tunnel. The proxy answers itself only
@@ -7,28 +9,19 @@
 //! 504 when its response headers take longer than the upstream timeout.
 
 mod h1;
+mod h2;
 mod observe;
-mod upstream;
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use hyper::{
-    HeaderMap, Method, Request, Response, StatusCode, body::Incoming, header,
-    server::conn::http2 as server_h2, service::service_fn,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use self::{
-    observe::{ProxyBody, RequestSummary, ResponseRecord},
-    upstream::Upstream,
-};
+use self::observe::{RequestSummary, ResponseRecord};
 use super::ByteCounters;
 use crate::{
     connect::Dialer,
@@ -39,8 +32,6 @@ use crate::{
     netns::Origin,
     tap::Tap,
 };
-
-type ClientIo = TokioIo<TcpStream>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
@@ -120,27 +111,8 @@ pub async fn forward(
         Version::Http1 => Ok(h1::forward(client, Some((server, counters)), conn, proxy).await?),
         // Boxed: hyper's HTTP/2 connection state is large, and every connection's task
         // (opaque and HTTP/1 ones too) would otherwise be sized for it.
-        Version::Http2 => Ok(Box::pin(forward_h2(client, server, conn, counters, proxy)).await?),
+        Version::Http2 => Ok(Box::pin(h2::forward(client, server, conn, counters, proxy)).await?),
     }
-}
-
-async fn forward_h2(
-    client: TcpStream,
-    server: TcpStream,
-    conn: ConnInfo,
-    counters: ByteCounters,
-    proxy: Arc<HttpProxy>,
-) -> Result<(), HttpError> {
-    let upstream = Upstream::new(
-        conn.dst,
-        proxy.dialer,
-        Arc::clone(&conn.origin),
-        counters,
-        proxy.tasks.clone(),
-    )
-    .with_connection(server)
-    .await?;
-    Ok(serve_h2(client, conn, Some(Arc::new(upstream)), proxy).await?)
 }
 
 /// Serves an HTTP client whose upstream could not be reached: each request gets 502.
@@ -152,98 +124,11 @@ pub async fn serve_unavailable(
 ) -> Result<(), HttpError> {
     match version {
         Version::Http1 => Ok(h1::forward(client, None, conn, proxy).await?),
-        Version::Http2 => Ok(Box::pin(serve_h2(client, conn, None, proxy)).await?),
+        Version::Http2 => Ok(Box::pin(h2::serve(client, conn, None, proxy)).await?),
     }
-}
-
-async fn serve_h2(
-    client: TcpStream,
-    conn: ConnInfo,
-    upstream: Option<Arc<Upstream>>,
-    proxy: Arc<HttpProxy>,
-) -> Result<(), hyper::Error> {
-    let client_io: ClientIo = TokioIo::new(client);
-    let service_proxy = Arc::clone(&proxy);
-    let authorities = Arc::new(AuthorityLabels::default());
-    let service_conn = conn.clone();
-    let service = service_fn(move |request| {
-        let (upstream, proxy) = (upstream.clone(), Arc::clone(&service_proxy));
-        let authorities = Arc::clone(&authorities);
-        let conn = service_conn.clone();
-        async move {
-            let response = proxy
-                .handle(request, &conn, &authorities, upstream.as_deref())
-                .await;
-            Ok::<_, Infallible>(response)
-        }
-    });
-    let connection =
-        server_h2::Builder::new(TokioExecutor::new()).serve_connection(client_io, service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = proxy.draining.cancelled() => {
-            // GOAWAY: streams in flight finish, no new ones start.
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(error) = &result
-        && error.is_parse()
-    {
-        // hyper has already answered (or sent GOAWAY) and closed the connection.
-        proxy.count_error(&conn, "bad_request");
-    }
-    result
 }
 
 impl HttpProxy {
-    /// One request: to the upstream, or answered 502 when there is none.
-    async fn handle(
-        &self,
-        mut request: Request<Incoming>,
-        conn: &ConnInfo,
-        authorities: &AuthorityLabels,
-        upstream: Option<&Upstream>,
-    ) -> Response<ProxyBody> {
-        let raw_authority = authority_of(&request);
-        let authority = authorities.label(raw_authority, &self.metrics.http);
-        let record = self.begin_record(conn.clone(), authority, is_grpc(request.headers()), || {
-            RequestSummary {
-                method: request.method().to_string(),
-                authority: raw_authority.to_string(),
-                path: request.uri().path().to_string(),
-            }
-        });
-        let Some(upstream) = upstream else {
-            self.count_error(conn, "upstream_unavailable");
-            return record.local_response(StatusCode::BAD_GATEWAY);
-        };
-        let client_upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-        let is_connect = request.method() == Method::CONNECT;
-        let mut response =
-            match tokio::time::timeout(self.upstream_timeout, upstream.send(request)).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, "upstream request failed");
-                    self.count_error(conn, "upstream_unavailable");
-                    return record.local_response(StatusCode::BAD_GATEWAY);
-                }
-                Err(_) => {
-                    self.count_error(conn, "upstream_timeout");
-                    return record.local_response(StatusCode::GATEWAY_TIMEOUT);
-                }
-            };
-        let tunnel = response.status() == StatusCode::SWITCHING_PROTOCOLS
-            || (is_connect && response.status().is_success());
-        if let (true, Some(client_upgrade)) = (tunnel, client_upgrade) {
-            let server_upgrade = hyper::upgrade::on(&mut response);
-            self.tasks
-                .spawn(tunnel_upgraded(client_upgrade, server_upgrade));
-        }
-        record.upstream(response)
-    }
-
     /// Counts a request and starts its response record; the tap summary is built only while
     /// somebody watches.
     fn begin_record(
@@ -284,33 +169,6 @@ impl HttpProxy {
     }
 }
 
-/// After a 101 or a successful CONNECT both sides speak raw bytes: copy them until either ends.
-async fn tunnel_upgraded(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
-    let (client, server) = match tokio::try_join!(client, server) {
-        Ok(upgraded) => upgraded,
-        Err(error) => {
-            tracing::debug!(%error, "upgrade failed");
-            return;
-        }
-    };
-    let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        tracing::debug!(%error, "upgraded tunnel ended");
-    }
-}
-
-/// :authority for HTTP/2 (and absolute-form HTTP/1), else the Host header.
-fn authority_of(request: &Request<Incoming>) -> &str {
-    if let Some(authority) = request.uri().authority() {
-        return authority.as_str();
-    }
-    request
-        .headers()
-        .get(header::HOST)
-        .and_then(|host| host.to_str().ok())
-        .unwrap_or("")
-}
-
 /// One client connection's last authority and its bounded label: a connection's requests
 /// nearly always name the same authority, so the agent-wide label table (a lock and a hash)
 /// is consulted only when it changes.
@@ -331,17 +189,6 @@ impl AuthorityLabels {
             }
         }
     }
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/grpc"))
-}
-
-fn wants_upgrade(request: &Request<Incoming>) -> bool {
-    request.method() == Method::CONNECT || request.headers().contains_key(header::UPGRADE)
 }
 
 /// What the in-process tests of HTTP forwarding share: loopback socket pairs and a proxy.
