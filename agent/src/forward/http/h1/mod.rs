@@ -31,6 +31,7 @@ use bytes::{Buf, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
+    time::Instant,
 };
 
 use self::{
@@ -146,11 +147,16 @@ impl Session {
     /// The next request head, or None when the client ends the connection between requests
     /// (or the agent drains while it is idle).
     async fn next_request(&mut self) -> Result<Option<RequestHead>, RequestError> {
+        // The whole head must arrive within the head timeout of its first byte: a deadline,
+        // not a timeout per read, or a client dripping one line at a time would hold the
+        // connection (and its upstream) for ever.
+        let mut deadline = None;
         loop {
-            if !self.client_buf.is_empty()
-                && let Some(request) = head::parse_request(&self.client_buf)?
-            {
-                return Ok(Some(request));
+            if !self.client_buf.is_empty() {
+                if let Some(request) = head::parse_request(&self.client_buf)? {
+                    return Ok(Some(request));
+                }
+                deadline.get_or_insert_with(|| Instant::now() + self.proxy.head_timeout);
             }
             let read = if self.client_buf.is_empty() {
                 // Idle between requests: wait without holding a buffer, and untimed (a
@@ -162,9 +168,10 @@ impl Session {
                 }
                 fill(&mut self.client, &mut self.client_buf, HEAD_READ).await?
             } else {
-                // A head that has begun must finish in time.
+                // A head that has begun must finish by its deadline.
                 let more = fill(&mut self.client, &mut self.client_buf, HEAD_READ);
-                tokio::time::timeout(self.proxy.head_timeout, more)
+                let deadline = deadline.unwrap_or_else(|| Instant::now() + self.proxy.head_timeout);
+                tokio::time::timeout_at(deadline, more)
                     .await
                     .map_err(|_| RequestError::Timeout)??
             };
@@ -530,6 +537,33 @@ mod head_timeout_tests {
             forwarded.is_empty(),
             "nothing of an unfinished head goes upstream"
         );
+    }
+
+    /// Slow loris: a line every 40% of the timeout keeps every read short, but the head as a
+    /// whole is late.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_dripping_in_line_by_line_gets_408_at_its_deadline() {
+        let (client, _server, proxy, _task) = proxied().await;
+        let (mut reader, mut writer) = client.into_split();
+        let started = Instant::now();
+        writer.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let drip = tokio::spawn(async move {
+            for line in 0..5 {
+                tokio::time::sleep(HEAD_TIMEOUT * 2 / 5).await;
+                let header = format!("X-Drip-{line}: 1\r\n");
+                if writer.write_all(header.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut response = [0u8; 12];
+        reader.read_exact(&mut response).await.unwrap();
+        // The deadline counts from the head's first byte; a timer per read would answer only
+        // once the drip stops, 10 s after its last line.
+        assert_eq!(started.elapsed(), HEAD_TIMEOUT);
+        assert_eq!(&response, b"HTTP/1.1 408");
+        assert_eq!(test_support::errors(&proxy, "bad_request"), 1);
+        drip.abort();
     }
 
     #[tokio::test(start_paused = true)]
