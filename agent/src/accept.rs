@@ -67,7 +67,8 @@ pub struct Scope {
     pub scope_connections: Option<TaskTracker>,
     /// Cancelled to stop accepting (shutdown, or the pod's removal).
     pub stop_accepting: CancellationToken,
-    /// Cancelled to close the connections still open once the drain is over.
+    /// Cancelled to close a pod's connections still open once its drain is over (the host's
+    /// end with the proxy threads' runtimes).
     pub abort: CancellationToken,
 }
 
@@ -155,19 +156,59 @@ fn drain_backlog(listener: &TcpListener, scope: &Scope) {
 }
 
 fn spawn_connection(scope: &Scope, client: tokio::net::TcpStream, peer: SocketAddr) {
-    let held = scope.scope_connections.as_ref().map(TaskTracker::token);
-    let abort = scope.abort.clone();
-    let connection = connection::handle(
-        client,
-        peer,
-        Arc::clone(&scope.origin),
-        Arc::clone(&scope.proxy),
-    );
-    scope.connections.spawn(async move {
-        let _held = held;
-        tokio::select! {
-            () = connection => {}
-            () = abort.cancelled() => {}
+    let (origin, proxy) = (Arc::clone(&scope.origin), Arc::clone(&scope.proxy));
+    match &scope.scope_connections {
+        // A pod's connection: its pod's removal waits for it, then cuts it short.
+        Some(pod_connections) => {
+            let held = pod_connections.token();
+            let abort = scope.abort.clone();
+            scope
+                .connections
+                .spawn(connection_task(client, peer, origin, proxy, held, abort));
         }
-    });
+        // The host's: they end with the agent (its runtimes drop them after the drain), so
+        // their tasks carry nothing more than the connection itself.
+        None => {
+            scope
+                .connections
+                .spawn(connection::handle(client, peer, origin, proxy));
+        }
+    }
+}
+
+/// A pod connection's whole task: its life (`connection::handle`), cut short if the pod's
+/// drain ends first.
+/// The connection's future is made inside this one, not moved into it: a future moved into an
+/// async block is stored twice (the captured value and the moved-to slot), and every open
+/// connection's task would pay for it.
+async fn connection_task(
+    client: tokio::net::TcpStream,
+    peer: SocketAddr,
+    origin: Arc<Origin>,
+    proxy: Arc<Proxy>,
+    held: tokio_util::task::task_tracker::TaskTrackerToken,
+    abort: CancellationToken,
+) {
+    let _held = held;
+    tokio::select! {
+        () = connection::handle(client, peer, origin, proxy) => {}
+        () = abort.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, C, D, E, G, F>(_: impl Fn(A, B, C, D, E, G) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every open connection's task is this future: it may add little to the connection's
+    /// own (bounded in connection.rs).
+    #[test]
+    fn a_connection_task_adds_little_to_its_connection() {
+        let size = future_size(connection_task);
+        assert!(size <= 2560 + 256, "a connection's task is {size} bytes");
+    }
 }
