@@ -61,19 +61,23 @@ fn a_stopped_agent_sends_connects_direct_and_takes_them_back_when_it_resumes() {
 
     assert!(
         eventually(Duration::from_secs(10), || {
-            decision(&agent, "bypassed_agent_unresponsive") == 3
+            decision(&agent, "bypassed_agent_unresponsive") >= 3
         }),
         "{} connects counted as unresponsive",
         decision(&agent, "bypassed_agent_unresponsive")
     );
-    // Resumed: the heartbeat is fresh again and connects are redirected again.
+    // Resumed: the heartbeat is fresh again and connects are redirected again (the first
+    // ones after SIGCONT may still go direct, until the next heartbeat is published).
+    let mut after_resume = 0;
     assert!(eventually(Duration::from_secs(10), || {
+        after_resume += 1;
         bulk().starts_with("ok") && decision(&agent, "redirected") >= 2
     }));
-    assert_eq!(server.received(6).len(), 6);
+    let total = 4 + after_resume;
+    let received = server.received(total);
+    assert_eq!(received.len(), total);
     assert!(
-        server
-            .received(6)
+        received
             .iter()
             .all(|r| r.bytes == 5000 && r.error.is_none())
     );
