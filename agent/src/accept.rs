@@ -8,7 +8,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -29,6 +28,23 @@ const LISTEN_BACKLOG: u32 = 4096;
 const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("creating a listener socket")]
+    Socket(#[source] std::io::Error),
+    #[error("binding the proxy listener {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Setting up a listener socket (options, listen).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+type Result<T, E = AcceptError> = std::result::Result<T, E>;
+
 /// Binds the outbound listeners (IPv4 and IPv6 loopback) on `port` in `origin`'s network
 /// namespace, not yet registered with a runtime. With SO_REUSEPORT each proxy thread binds its
 /// own pair and the kernel spreads connections over them.
@@ -41,7 +57,7 @@ pub fn bind_listeners(origin: &Origin, port: u16) -> Result<Vec<std::net::TcpLis
 fn bind(origin: &Origin, addr: SocketAddr) -> Result<std::net::TcpListener> {
     let socket = origin
         .within(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))
-        .context("creating a listener socket")?;
+        .map_err(AcceptError::Socket)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
@@ -50,7 +66,7 @@ fn bind(origin: &Origin, addr: SocketAddr) -> Result<std::net::TcpListener> {
     socket.set_nonblocking(true)?;
     socket
         .bind(&addr.into())
-        .with_context(|| format!("binding the proxy listener {addr}"))?;
+        .map_err(|source| AcceptError::Bind { addr, source })?;
     socket.listen(LISTEN_BACKLOG as i32)?;
     Ok(socket.into())
 }

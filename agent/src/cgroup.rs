@@ -6,17 +6,38 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, bail};
-
 /// Name of the cgroup `sockmesh run` creates when `--cgroup` is not given.
 pub const DEFAULT_CGROUP_NAME: &str = "sockmesh";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("reading /proc/self/mountinfo")]
+    Mountinfo(#[source] std::io::Error),
+    #[error("no cgroup2 file system is mounted")]
+    NoCgroup2Mount,
+    #[error("creating cgroup {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a cgroup v2 directory", .0.display())]
+    NotACgroup(PathBuf),
+    #[error("joining cgroup {}", path.display())]
+    Join {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = CgroupError> = std::result::Result<T, E>;
 
 /// The cgroup2 mount point, from /proc/self/mountinfo (it is /sys/fs/cgroup on most systems,
 /// /sys/fs/cgroup/unified on hybrid ones).
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mountinfo =
-        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    find_cgroup2_mount(&mountinfo).context("no cgroup2 file system is mounted")
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(CgroupError::Mountinfo)?;
+    find_cgroup2_mount(&mountinfo).ok_or(CgroupError::NoCgroup2Mount)
 }
 
 /// Parses mountinfo: field 5 is the mount point, the field after " - " is the fs type.
@@ -60,7 +81,10 @@ pub fn resolve(given: Option<PathBuf>) -> Result<PathBuf> {
     }
     let path = cgroup2_mount()?.join(DEFAULT_CGROUP_NAME);
     if !path.exists() {
-        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        fs::create_dir(&path).map_err(|source| CgroupError::Create {
+            path: path.clone(),
+            source,
+        })?;
         tracing::info!(cgroup = %path.display(), "created the meshed cgroup");
     }
     Ok(path)
@@ -70,10 +94,13 @@ pub fn resolve(given: Option<PathBuf>) -> Result<PathBuf> {
 pub fn enter(cgroup: &Path) -> Result<()> {
     let procs = cgroup.join("cgroup.procs");
     if !procs.exists() {
-        bail!("{} is not a cgroup v2 directory", cgroup.display());
+        return Err(CgroupError::NotACgroup(cgroup.to_path_buf()));
     }
     // Writing "0" moves the writing process itself.
-    fs::write(&procs, "0").with_context(|| format!("joining cgroup {}", cgroup.display()))
+    fs::write(&procs, "0").map_err(|source| CgroupError::Join {
+        path: cgroup.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -13,11 +13,11 @@ use agent_common::{
     AgentLiveness, ConnTuple, KernelCounters, OriginalDst, ProxyConfig, SKIP_PORT_WORDS,
     ServedNetns, map_names, program_names, skip_port_slot,
 };
-use anyhow::{Context, Result, bail};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkSkb, SockOps},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, SockHash, lpm_trie::Key},
+    pin::PinError,
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkSkb, SockOps},
 };
 use ipnetwork::IpNetwork;
 use parking_lot::Mutex;
@@ -30,6 +30,114 @@ static EBPF_OBJECT: &[u8] =
 
 /// bpffs magic number (statfs f_type).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// What failed while loading, pinning, filling or attaching the kernel programs, or while
+/// using their maps.
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error(
+        "this sockmesh binary was built without its eBPF object; build it with \
+         `cargo xtask build` (or `cargo xtask run`)"
+    )]
+    NoObject,
+    #[error("loading the eBPF object")]
+    Load(#[source] EbpfError),
+    #[error("{} is not on a bpf file system (mount -t bpf bpf DIR)", .0.display())]
+    NotBpffs(PathBuf),
+    #[error("mounting bpffs at {}", path.display())]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating {}", path.display())]
+    CreatePinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("removing stale pin {}", path.display())]
+    RemoveStalePin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map {0} missing")]
+    MapMissing(&'static str),
+    #[error("pinning map {map} at {}", path.display())]
+    Pin {
+        map: &'static str,
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error("opening {}", path.display())]
+    OpenPin {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map} has an unexpected type")]
+    MapType {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("writing {map}")]
+    FillMap {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("adding skip network {network}")]
+    SkipNetwork {
+        network: IpNetwork,
+        #[source]
+        source: MapError,
+    },
+    #[error("adding a namespace to SERVED_NETNS")]
+    Serve(#[source] MapError),
+    #[error("reading COUNTERS")]
+    ReadCounters(#[source] MapError),
+    #[error("program {0} missing")]
+    ProgramMissing(&'static str),
+    /// A program of another type than expected, or a link that could not be taken.
+    #[error(transparent)]
+    Program(#[from] ProgramError),
+    #[error("loading {program}")]
+    LoadProgram {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("opening cgroup {}", path.display())]
+    OpenCgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching {program}")]
+    Attach {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching {program} to {map}")]
+    AttachToMap {
+        program: &'static str,
+        map: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+}
+
+type Result<T, E = InterceptError> = std::result::Result<T, E>;
 
 /// The loaded programs and the maps user space keeps using while they run.
 pub struct Intercept {
@@ -69,14 +177,11 @@ impl Intercept {
     /// Loads the programs and pins and fills the maps; nothing is attached yet.
     pub fn load(config: &Config) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
-            bail!(
-                "this sockmesh binary was built without its eBPF object; build it with \
-                 `cargo xtask build` (or `cargo xtask run`)"
-            );
+            return Err(InterceptError::NoObject);
         }
         let ebpf = EbpfLoader::new()
             .load(EBPF_OBJECT)
-            .context("loading the eBPF object")?;
+            .map_err(InterceptError::Load)?;
         let mut intercept = Self {
             ebpf,
             links: Vec::new(),
@@ -94,15 +199,20 @@ impl Intercept {
         for name in map_names::ALL {
             let path = self.pin_dir.join(name);
             if path.exists() {
-                fs::remove_file(&path)
-                    .with_context(|| format!("removing stale pin {}", path.display()))?;
+                fs::remove_file(&path).map_err(|source| InterceptError::RemoveStalePin {
+                    path: path.clone(),
+                    source,
+                })?;
             }
             let map = self
                 .ebpf
                 .map(name)
-                .with_context(|| format!("map {name} missing"))?;
-            map.pin(&path)
-                .with_context(|| format!("pinning map {name} at {}", path.display()))?;
+                .ok_or(InterceptError::MapMissing(name))?;
+            map.pin(&path).map_err(|source| InterceptError::Pin {
+                map: name,
+                path,
+                source,
+            })?;
         }
         Ok(())
     }
@@ -123,15 +233,23 @@ impl Intercept {
         let mut skip_ports: Array<_, u64> = self.typed_map(map_names::SKIP_PORTS)?;
         for (index, bits) in skip_words.iter().enumerate() {
             if *bits != 0 {
-                skip_ports
-                    .set(index as u32, bits, 0)
-                    .context("writing SKIP_PORTS")?;
+                skip_ports.set(index as u32, bits, 0).map_err(|source| {
+                    InterceptError::FillMap {
+                        map: map_names::SKIP_PORTS,
+                        source,
+                    }
+                })?;
             }
         }
         self.fill_skip_networks(&config.skip_outbound_networks.0)?;
         // CONFIG last: the connect hooks do nothing until `enabled` is set.
         let mut config_map: Array<_, ProxyConfig> = self.typed_map(map_names::CONFIG)?;
-        config_map.set(0, proxy, 0).context("writing CONFIG")?;
+        config_map
+            .set(0, proxy, 0)
+            .map_err(|source| InterceptError::FillMap {
+                map: map_names::CONFIG,
+                source,
+            })?;
         Ok(())
     }
 
@@ -143,7 +261,10 @@ impl Intercept {
         }) {
             let key = Key::new(u32::from(net.prefix()), net.network().octets());
             v4.insert(&key, 1, 0)
-                .with_context(|| format!("adding skip network {net}"))?;
+                .map_err(|source| InterceptError::SkipNetwork {
+                    network: IpNetwork::V4(*net),
+                    source,
+                })?;
         }
         let mut v6: LpmTrie<_, [u8; 16], u8> = self.typed_map(map_names::SKIP_NETS_V6)?;
         for net in networks.iter().filter_map(|n| match n {
@@ -152,21 +273,25 @@ impl Intercept {
         }) {
             let key = Key::new(u32::from(net.prefix()), net.network().octets());
             v6.insert(&key, 1, 0)
-                .with_context(|| format!("adding skip network {net}"))?;
+                .map_err(|source| InterceptError::SkipNetwork {
+                    network: IpNetwork::V6(*net),
+                    source,
+                })?;
         }
         Ok(())
     }
 
     /// A typed handle on a map the agent keeps (the Ebpf keeps its own reference too).
-    fn typed_map<T>(&mut self, name: &str) -> Result<T>
+    fn typed_map<T>(&mut self, name: &'static str) -> Result<T>
     where
         T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
     {
         let path = self.pin_dir.join(name);
         let data =
-            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-        let map = aya::maps::Map::from_map_data(data).with_context(|| format!("map {name}"))?;
-        T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+            MapData::from_pin(&path).map_err(|source| InterceptError::OpenPin { path, source })?;
+        let map = aya::maps::Map::from_map_data(data)
+            .map_err(|source| InterceptError::Map { map: name, source })?;
+        T::try_from(map).map_err(|source| InterceptError::MapType { map: name, source })
     }
 
     pub fn original_dst_map(&mut self) -> Result<OriginalDstMap> {
@@ -204,10 +329,19 @@ impl Intercept {
         let active: SockHash<MapData, u64> = self.typed_map(map_names::FWD_ACTIVE)?;
         let name = program_names::FORWARD;
         let program: &mut SkSkb = program_named(&mut self.ebpf, name)?.try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
+        program
+            .load()
+            .map_err(|source| InterceptError::LoadProgram {
+                program: name,
+                source,
+            })?;
         let id = program
             .attach(active.fd())
-            .with_context(|| format!("attaching {name} to {}", map_names::FWD_ACTIVE))?;
+            .map_err(|source| InterceptError::AttachToMap {
+                program: name,
+                map: map_names::FWD_ACTIVE,
+                source,
+            })?;
         self.forward_link = Some(Box::new(program.take_link(id)?));
         Ok((peers, active))
     }
@@ -217,8 +351,10 @@ impl Intercept {
     /// redirect must find sockops (which publishes its original destination) and the
     /// disguise hooks already in place.
     pub fn attach(&mut self, cgroup: &Path) -> Result<()> {
-        let cgroup_dir = fs::File::open(cgroup)
-            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let cgroup_dir = fs::File::open(cgroup).map_err(|source| InterceptError::OpenCgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
         let cgroup_fd = cgroup_dir.as_fd();
         // bpf_link attachments are always "multi"; the kernel wants no attach flags with them.
         let mode = CgroupAttachMode::Single;
@@ -229,10 +365,19 @@ impl Intercept {
             ($program:ty, $name:expr) => {{
                 let name = $name;
                 let program: &mut $program = program_named(ebpf, name)?.try_into()?;
-                program.load().with_context(|| format!("loading {name}"))?;
-                let id = program
-                    .attach(cgroup_fd, mode)
-                    .with_context(|| format!("attaching {name}"))?;
+                program
+                    .load()
+                    .map_err(|source| InterceptError::LoadProgram {
+                        program: name,
+                        source,
+                    })?;
+                let id =
+                    program
+                        .attach(cgroup_fd, mode)
+                        .map_err(|source| InterceptError::Attach {
+                            program: name,
+                            source,
+                        })?;
                 links.push(Box::new(program.take_link(id)?));
             }};
         }
@@ -344,7 +489,7 @@ impl ServedNetnsMap {
         self.0
             .lock()
             .insert(netns_cookie, served, 0)
-            .context("adding a namespace to SERVED_NETNS")
+            .map_err(InterceptError::Serve)
     }
 
     /// Connects in this namespace go direct again.
@@ -356,7 +501,7 @@ impl ServedNetnsMap {
 impl KernelCounterMap {
     /// The counters summed over all CPUs.
     pub fn read(&self) -> Result<KernelCounters> {
-        let per_cpu = self.0.get(&0, 0).context("reading COUNTERS")?;
+        let per_cpu = self.0.get(&0, 0).map_err(InterceptError::ReadCounters)?;
         Ok(per_cpu
             .iter()
             .fold(KernelCounters::default(), |mut sum, cpu| {
@@ -373,9 +518,12 @@ impl KernelCounterMap {
     }
 }
 
-fn program_named<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+fn program_named<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program> {
     ebpf.program_mut(name)
-        .with_context(|| format!("program {name} missing"))
+        .ok_or(InterceptError::ProgramMissing(name))
 }
 
 /// Network-order words of an IPv6 address, as the kernel's `user_ip6` holds them.
@@ -396,14 +544,14 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/"));
     if !is_bpffs(parent) {
         if parent != Path::new("/sys/fs/bpf") {
-            bail!(
-                "{} is not on a bpf file system (mount -t bpf bpf DIR)",
-                parent.display()
-            );
+            return Err(InterceptError::NotBpffs(parent.to_path_buf()));
         }
         mount_bpffs(parent)?;
     }
-    fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))
+    fs::create_dir_all(pin_dir).map_err(|source| InterceptError::CreatePinDir {
+        path: pin_dir.to_path_buf(),
+        source,
+    })
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -412,7 +560,10 @@ fn is_bpffs(path: &Path) -> bool {
 
 fn mount_bpffs(path: &Path) -> Result<()> {
     tracing::info!(path = %path.display(), "mounting bpffs");
-    crate::sys::mount_bpffs(path).with_context(|| format!("mounting bpffs at {}", path.display()))
+    crate::sys::mount_bpffs(path).map_err(|source| InterceptError::Bpffs {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -14,11 +14,16 @@ use std::{
 };
 
 use agent_common::AgentLiveness;
-use anyhow::{Context, Result};
-use aya::maps::{Array, MapData};
+use aya::maps::{Array, MapData, MapError};
 use tokio_util::sync::CancellationToken;
 
-use crate::sys;
+use crate::{metrics::ErrorChain, sys};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LivenessError {
+    #[error("writing LIVENESS")]
+    Write(#[source] MapError),
+}
 
 /// How often proxy threads tick and the publisher writes the map.
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(100);
@@ -89,7 +94,7 @@ impl Publisher {
 
     /// Writes the map once; before the programs are attached, so the first connect already
     /// finds a fresh heartbeat.
-    pub fn publish(&mut self) -> Result<()> {
+    pub fn publish(&mut self) -> Result<(), LivenessError> {
         let budget = self.budget();
         let open = self.open_redirects.get(&0, 0).unwrap_or(0);
         (self.report)(budget, open);
@@ -98,7 +103,7 @@ impl Publisher {
             timeout_ns: u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX),
             max_connections: budget,
         };
-        self.map.set(0, liveness, 0).context("writing LIVENESS")
+        self.map.set(0, liveness, 0).map_err(LivenessError::Write)
     }
 
     /// Publishes every heartbeat period until `shutdown`.
@@ -111,7 +116,7 @@ impl Publisher {
             }
             if let Err(error) = self.publish() {
                 tracing::warn!(
-                    error = format!("{error:#}"),
+                    error = ErrorChain(&error).to_string(),
                     "publishing the heartbeat failed"
                 );
             }

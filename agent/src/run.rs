@@ -51,7 +51,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
 async fn serve(config: Config) -> Result<()> {
     let mut intercept = Intercept::load(&config)?;
     let kernel_counters = intercept.kernel_counter_map()?;
-    let metrics = Arc::new(Metrics::new(Box::new(move || kernel_counters.read())));
+    let metrics = Arc::new(Metrics::new(Box::new(move || Ok(kernel_counters.read()?))));
     let served = Arc::new(intercept.served_netns_map()?);
     let tap = Arc::new(Tap::default());
     let kernel = kernel_forwarder(&config, &mut intercept, &metrics);
@@ -232,9 +232,12 @@ fn kernel_forwarder(
     if config.copy_mode != CopyMode::Sockmap {
         return None;
     }
-    let forwarder = intercept.kernel_forwarding().and_then(|(peers, active)| {
-        KernelForwarder::new(peers, active).context("starting the socket watcher")
-    });
+    let forwarder = intercept
+        .kernel_forwarding()
+        .map_err(anyhow::Error::from)
+        .and_then(|(peers, active)| {
+            KernelForwarder::new(peers, active).context("starting the socket watcher")
+        });
     match forwarder {
         Ok(forwarder) => {
             let forwarder = Arc::new(forwarder);

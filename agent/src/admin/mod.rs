@@ -14,7 +14,6 @@ use std::{
     },
 };
 
-use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
@@ -43,10 +42,20 @@ pub struct AdminState {
     pub shutdown_requested: Notify,
 }
 
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("binding the admin server {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
     TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding the admin server {addr}"))
+        .map_err(|source| AdminError::Bind { addr, source })
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {

@@ -30,8 +30,13 @@ use prometheus_client::{
 use self::http::HttpMetrics;
 use agent_common::KernelCounters;
 
+/// Why the kernel's counters could not be read (the source's own error, boxed: metrics knows
+/// nothing of the kernel programs).
+pub type KernelCounterError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Reads the kernel's counters (summed over CPUs) at scrape time.
-pub type KernelCounterSource = Box<dyn Fn() -> anyhow::Result<KernelCounters> + Send + Sync>;
+pub type KernelCounterSource =
+    Box<dyn Fn() -> Result<KernelCounters, KernelCounterError> + Send + Sync>;
 
 /// Distinct TLS server names before new ones are reported as "other".
 pub const MAX_SNIS: usize = 100;
@@ -348,7 +353,10 @@ impl Collector for KernelCollector {
         let counters = match (self.0)() {
             Ok(counters) => counters,
             Err(error) => {
-                tracing::warn!(error = format!("{error:#}"), "reading kernel counters");
+                tracing::warn!(
+                    error = ErrorChain(&*error).to_string(),
+                    "reading kernel counters"
+                );
                 return Ok(());
             }
         };
@@ -427,6 +435,21 @@ fn sanitize_host(value: &str) -> String {
     if valid { lower } else { "invalid".to_string() }
 }
 
+/// An error and every source under it, joined by ": " (the one-line form logs and answers use).
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(error) = source {
+            write!(f, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
+    }
+}
+
 /// A bounded errno label: the name of common socket errors, "EOTHER" for the rest.
 pub fn errno_name(error: &std::io::Error) -> &'static str {
     match error.raw_os_error() {
@@ -459,5 +482,18 @@ mod tests {
         assert_eq!(errno_name(&odd), "EOTHER");
         let timeout = std::io::Error::from(std::io::ErrorKind::TimedOut);
         assert_eq!(errno_name(&timeout), "ETIMEDOUT");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("binding the admin server")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_chain_reads_like_anyhows_alternate_form() {
+        let inner = std::io::Error::other("address in use");
+        assert_eq!(
+            ErrorChain(&Outer(inner)).to_string(),
+            "binding the admin server: address in use"
+        );
     }
 }

@@ -72,7 +72,7 @@ fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
 }
 
 fn cgroup2(cgroup: Option<&Path>) -> Check {
-    let mount = crate::cgroup::cgroup2_mount();
+    let mount = crate::cgroup::cgroup2_mount().map_err(anyhow::Error::from);
     let (passed, detail) = match (&mount, cgroup) {
         (Err(error), _) => (false, format!("{error:#}")),
         (Ok(_), Some(path)) if !path.join("cgroup.procs").exists() => (

@@ -18,10 +18,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use self::{api::PodInfo, store::Store};
 use crate::{
-    accept::{ProxyThreads, Scope},
+    accept::{AcceptError, ProxyThreads, Scope},
     connection::Proxy,
-    intercept::ServedNetnsMap,
-    metrics::{SharedLabel, WorkloadLabels},
+    intercept::{InterceptError, ServedNetnsMap},
+    metrics::{ErrorChain, SharedLabel, WorkloadLabels},
     netns::{Netns, Origin},
 };
 
@@ -38,10 +38,10 @@ pub enum PodError {
     NamespaceTaken { path: PathBuf, other: String },
     #[error("the agent serves {0} pods already")]
     Full(usize),
-    #[error("opening the pod's listeners: {0:#}")]
-    Listen(anyhow::Error),
-    #[error("registering the namespace with the kernel programs: {0:#}")]
-    Kernel(anyhow::Error),
+    #[error("opening the pod's listeners: {}", ErrorChain(.0))]
+    Listen(AcceptError),
+    #[error("registering the namespace with the kernel programs: {}", ErrorChain(.0))]
+    Kernel(InterceptError),
     #[error("writing the pod registry: {0}")]
     Store(std::io::Error),
 }

@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
@@ -26,6 +25,34 @@ use super::{
 /// How long a plugin may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+#[derive(Debug, thiserror::Error)]
+pub enum CniSocketError {
+    #[error("creating {}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("removing the stale {}", path.display())]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding the CNI socket {}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("restricting {}", path.display())]
+    Restrict {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// The listening CNI socket; the file is removed when this is dropped.
 pub struct CniSocket {
     listener: UnixListener,
@@ -34,21 +61,32 @@ pub struct CniSocket {
 
 impl CniSocket {
     /// Binds the socket (root only: mode 0600), replacing a stale one a previous agent left.
-    pub fn bind(path: &Path) -> Result<Self> {
+    pub fn bind(path: &Path) -> Result<Self, CniSocketError> {
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            fs::create_dir_all(dir).map_err(|source| CniSocketError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
         match fs::remove_file(path) {
-            Err(error) if error.kind() != ErrorKind::NotFound => {
-                return Err(error)
-                    .with_context(|| format!("removing the stale {}", path.display()));
+            Err(source) if source.kind() != ErrorKind::NotFound => {
+                return Err(CniSocketError::RemoveStale {
+                    path: path.to_path_buf(),
+                    source,
+                });
             }
             _ => {}
         }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("binding the CNI socket {}", path.display()))?;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("restricting {}", path.display()))?;
+        let listener = UnixListener::bind(path).map_err(|source| CniSocketError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+            CniSocketError::Restrict {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
         Ok(Self {
             listener,
             path: path.to_path_buf(),
