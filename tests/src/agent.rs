@@ -232,7 +232,7 @@ pub fn http_post(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)>
 }
 
 /// Sends `request` and reads the response to its end (HTTP/1.0: the server closes).
-fn http_request(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
+pub fn http_request(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(request.as_bytes())?;

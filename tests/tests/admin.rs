@@ -435,3 +435,32 @@ fn prometheus_scrapes_our_series() {
     );
     assert!(query("sum(sockmesh_kernel_connects_total)").is_some_and(|v| v >= 1.0));
 }
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn admin_answers_head_unknown_paths_and_bad_requests_with_4xx() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("adminedge");
+    let agent = Agent::start(&cgroup);
+    let raw = |request: &str| {
+        integration_tests::agent::http_request(agent.admin, request).expect("an admin answer")
+    };
+    let head = |path: &str| raw(&format!("HEAD {path} HTTP/1.0\r\nHost: a\r\n\r\n"));
+
+    // HEAD answers like GET, without a body.
+    for path in ["/metrics", "/ready", "/live", "/config.json"] {
+        let (status, body) = head(path);
+        assert_eq!((status, body.as_str()), (200, ""), "HEAD {path}");
+    }
+    assert_eq!(raw("GET /nothing-here HTTP/1.0\r\n\r\n").0, 404);
+    assert_eq!(
+        raw("PUT /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n").0,
+        405
+    );
+    assert_eq!(raw("NOT-HTTP\r\n\r\n").0, 400);
+    let many_headers: String = (0..500).map(|i| format!("X-{i}: {i}\r\n")).collect();
+    let (status, _) = raw(&format!("GET /metrics HTTP/1.0\r\n{many_headers}\r\n"));
+    assert_eq!(status, 431, "a head with 500 fields");
+    // And it still serves.
+    assert_eq!(agent.get("/live").unwrap().0, 200);
+}

@@ -93,14 +93,16 @@ async fn route(
     peer: SocketAddr,
     state: Arc<AdminState>,
 ) -> Result<Response<AdminBody>, Infallible> {
+    // HEAD answers like GET; hyper sends the head without the body.
+    let read = matches!(*request.method(), Method::GET | Method::HEAD);
     let response = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => metrics(&state),
-        (&Method::GET, "/ready") if state.ready.load(Ordering::SeqCst) => {
+        (_, "/metrics") if read => metrics(&state),
+        (_, "/ready") if read && state.ready.load(Ordering::SeqCst) => {
             text(StatusCode::OK, "ready\n")
         }
-        (&Method::GET, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-        (&Method::GET, "/config.json") => json(state.config_json.clone()),
+        (_, "/ready") if read => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        (_, "/live") if read => text(StatusCode::OK, "live\n"),
+        (_, "/config.json") if read => json(state.config_json.clone()),
         (&Method::GET, "/tap") if !peer.ip().is_loopback() => text(
             StatusCode::FORBIDDEN,
             "/tap is served to loopback clients only\n",
