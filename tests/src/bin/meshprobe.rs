@@ -11,6 +11,7 @@
 //!                                       stdin; `expect-reset` expects a reset after them
 //!   meshprobe peer ADDR                 print getpeername() after connecting
 //!   meshprobe expect-close ADDR         connect and wait for the connection to be closed
+//!   meshprobe churn ADDR COUNT          COUNT connections (4 threads), each reset at once
 
 use std::{
     io::{Read, Write},
@@ -59,7 +60,8 @@ fn main() -> ExitCode {
         ),
         ["peer", addr] => peer(parse(addr)),
         ["expect-close", addr] => expect_close(parse(addr)),
-        _ => Err("usage: meshprobe bulk|echo|chat|peer|expect-close ...".to_string()),
+        ["churn", addr, count] => churn(parse(addr), num(count)),
+        _ => Err("usage: meshprobe bulk|echo|chat|peer|expect-close|churn ...".to_string()),
     };
     match result {
         Ok(report) => {
@@ -79,6 +81,49 @@ fn parse(addr: &str) -> SocketAddr {
 
 fn num(text: &str) -> u64 {
     text.parse().expect("a number")
+}
+
+/// Connect-and-reset clients: each connection is closed with a reset (SO_LINGER 0) right after
+/// its connect, leaving no TIME_WAIT behind, before the agent may even have accepted it.
+fn churn(addr: SocketAddr, count: u64) -> Result<String, String> {
+    const THREADS: u64 = 4;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            thread::spawn(move || -> Result<(), String> {
+                for _ in 0..count / THREADS {
+                    let stream = connect(addr)?;
+                    reset_on_close(&stream)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().map_err(|_| "panicked".to_string())??;
+    }
+    Ok(format!("ok connections={}", count / THREADS * THREADS))
+}
+
+/// SO_LINGER with a zero timeout: close(2) sends a reset.
+fn reset_on_close(stream: &TcpStream) -> Result<(), String> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a linger struct of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(())
 }
 
 fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
