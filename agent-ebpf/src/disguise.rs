@@ -64,9 +64,9 @@ pub fn getsockopt(ctx: &SockoptContext) {
     }
     // SAFETY: for sockopt programs ctx->sk is a non-null full socket.
     let sk = unsafe { opt.__bindgen_anon_1.sk };
-    // SAFETY: copied out at once.
     // SAFETY: bpf_get_netns_cookie is allowed in cgroup sockopt programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
     let Some(dst) = ORIG_BY_TUPLE
         .get_ptr(accepted_tuple(sk, netns))
         .map(|d| unsafe { *d })

@@ -14,7 +14,8 @@ use aya_ebpf::{
 
 use crate::access::read_words;
 use crate::maps::{
-    LIVENESS, ORIG_BY_COOKIE, SERVED_NETNS, count_open_redirects, open_redirects, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS, count, proxy_config,
+    LIVENESS, ORIG_BY_COOKIE, SERVED_NETNS, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS, count,
+    count_open_redirects, open_redirects, proxy_config,
 };
 
 const SOCK_STREAM: u32 = 1;

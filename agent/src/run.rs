@@ -113,22 +113,8 @@ async fn serve(config: Config) -> Result<()> {
                 drain: config.shutdown_grace,
                 store: Store::beside(socket),
             }));
-            let adopt = Arc::clone(&pods);
-            let (adopted, dropped) = tokio::task::spawn_blocking(move || adopt.adopt_registered())
-                .await
-                .context("re-adopting registered pods")?;
-            tracing::info!(adopted, dropped, "pod registry loaded");
-            tokio::spawn(reap_vanished_pods(
-                Arc::clone(&pods),
-                shutdown.child_token(),
-            ));
-            let cni = CniSocket::bind(socket)?;
-            tracing::info!(socket = %socket.display(), "serving CNI registrations");
-            let served_pods = Some(Arc::clone(&pods));
-            (
-                Some(tokio::spawn(cni.serve(pods, shutdown.child_token()))),
-                served_pods,
-            )
+            let cni = start_pod_mode(socket, Arc::clone(&pods), &shutdown).await?;
+            (Some(cni), Some(pods))
         }
         None => (None, None),
     };
@@ -164,6 +150,27 @@ async fn serve(config: Config) -> Result<()> {
     drop(intercept);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Pod mode: re-adopts the registered pods, then serves CNI registrations (and drops pods
+/// whose namespace vanished). Returns the CNI socket's task.
+async fn start_pod_mode(
+    socket: &std::path::Path,
+    pods: Arc<Pods>,
+    shutdown: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let adopt = Arc::clone(&pods);
+    let (adopted, dropped) = tokio::task::spawn_blocking(move || adopt.adopt_registered())
+        .await
+        .context("re-adopting registered pods")?;
+    tracing::info!(adopted, dropped, "pod registry loaded");
+    tokio::spawn(reap_vanished_pods(
+        Arc::clone(&pods),
+        shutdown.child_token(),
+    ));
+    let cni = CniSocket::bind(socket)?;
+    tracing::info!(socket = %socket.display(), "serving CNI registrations");
+    Ok(tokio::spawn(cni.serve(pods, shutdown.child_token())))
 }
 
 /// The liveness gate's publisher: the budget leaves room for every served pod's listeners.
