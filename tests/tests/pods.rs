@@ -9,7 +9,7 @@ use std::{
 
 use integration_tests::{
     Agent, AgentOptions, TestCgroup, meshprobe_bin,
-    pod::{PodNetwork, connects_from, invoke_plugin},
+    pod::{Pod, PodNetwork, connects_from, invoke_plugin},
     process::{eventually, run_ok},
     require_privileged,
     servers::{ServerProcess, write_file},
@@ -36,6 +36,29 @@ fn pod_labels<'a>(pod: &'a str, port: &'a str) -> [(&'a str, &'a str); 3] {
         ("pod", pod),
         ("target_port", port),
     ]
+}
+
+/// redis-server in pod `b`, on the port the agents here treat as opaque.
+fn redis_in(b: &Pod) -> (ServerProcess, SocketAddr) {
+    let addr = SocketAddr::new(b.ip, REDIS_PORT);
+    (
+        b.server(ServerProcess::redis_command(addr), addr, None),
+        addr,
+    )
+}
+
+/// redis-cli PING from pod `a` (through the agent while `a` is served).
+fn ping(a: &Pod, redis: SocketAddr) -> String {
+    run_ok(
+        a.command("redis-cli").args([
+            "-h",
+            &redis.ip().to_string(),
+            "-p",
+            &redis.port().to_string(),
+            "PING",
+        ]),
+        LIMIT,
+    )
 }
 
 /// The `SERVED_NETNS` entries of an agent (the host's, plus one per served pod).
@@ -72,8 +95,7 @@ fn pod_to_pod_http_h2c_and_opaque_are_proxied_from_the_pods_address() {
         h2_addr,
         None,
     );
-    let redis_addr = SocketAddr::new(b.ip, REDIS_PORT);
-    let _redis = b.server(ServerProcess::redis_command(redis_addr), redis_addr, None);
+    let (_redis, redis_addr) = redis_in(&b);
 
     // HTTP/1: byte-exact, and the server saw pod A's address.
     let downloaded = dir.join("h1");
@@ -243,20 +265,8 @@ fn del_closes_the_pods_listeners_and_forgets_it() {
         )),
         "A has the agent's listener"
     );
-    let redis_addr = SocketAddr::new(b.ip, REDIS_PORT);
-    let _redis = b.server(ServerProcess::redis_command(redis_addr), redis_addr, None);
-    let ping = || {
-        run_ok(
-            a.command("redis-cli").args([
-                "-h",
-                &b.ip.to_string(),
-                "-p",
-                &REDIS_PORT.to_string(),
-                "PING",
-            ]),
-            LIMIT,
-        )
-    };
+    let (_redis, redis_addr) = redis_in(&b);
+    let ping = || ping(&a, redis_addr);
     assert_eq!(ping().trim(), "PONG");
     agent.assert_metric("tcp_open_total", &[("pod", "a")], 1);
     let check = a.sockmesh_cni("CHECK");
@@ -355,20 +365,8 @@ fn a_restarted_agent_readopts_its_pods_and_a_killed_one_fails_open() {
     let network = PodNetwork::new(&first.cni_socket);
     let a = network.add_pod("a", &cgroup);
     let b = network.add_pod("b", &cgroup);
-    let redis_addr = SocketAddr::new(b.ip, REDIS_PORT);
-    let _redis = b.server(ServerProcess::redis_command(redis_addr), redis_addr, None);
-    let ping = || {
-        run_ok(
-            a.command("redis-cli").args([
-                "-h",
-                &b.ip.to_string(),
-                "-p",
-                &REDIS_PORT.to_string(),
-                "PING",
-            ]),
-            LIMIT,
-        )
-    };
+    let (_redis, redis_addr) = redis_in(&b);
+    let ping = || ping(&a, redis_addr);
     assert_eq!(ping().trim(), "PONG");
     first.assert_metric("tcp_open_total", &[("pod", "a")], 1);
     assert!(first.stop().success());
@@ -548,17 +546,17 @@ fn an_agent_replaced_in_place_refuses_no_connect() {
     let network = PodNetwork::new(&first.cni_socket);
     let a = network.add_pod("a", &cgroup);
     let b = network.add_pod("b", &cgroup);
-    let redis_addr = SocketAddr::new(b.ip, REDIS_PORT);
-    let _redis = b.server(ServerProcess::redis_command(redis_addr), redis_addr, None);
+    let (_redis, redis_addr) = redis_in(&b);
 
     // A client in pod A connects over and over (bounded: 60 s at most) while the agent is
     // replaced the way the DaemonSet's rolling update does it: SIGTERM, then a new agent.
     let stop = cni_dir.join("stop");
     let script = format!(
         "end=$((SECONDS+60)); while [ ! -e {stop} ] && [ $SECONDS -lt $end ]; do \
-         redis-cli -h {ip} -p {REDIS_PORT} PING 2>&1 || echo FAILED; done",
+         redis-cli -h {ip} -p {port} PING 2>&1 || echo FAILED; done",
         stop = stop.display(),
-        ip = b.ip
+        ip = redis_addr.ip(),
+        port = redis_addr.port()
     );
     let client = std::thread::spawn({
         let mut command = a.command("bash");
