@@ -79,12 +79,18 @@ pub struct Scope {
     pub proxy: Arc<Proxy>,
     /// Every connection of the agent runs on this tracker (the shutdown drain waits for it).
     pub connections: TaskTracker,
-    /// Held by each of this scope's connections: a pod's removal waits for its own ones.
-    pub scope_connections: Option<TaskTracker>,
     /// Cancelled to stop accepting (shutdown, or the pod's removal).
     pub stop_accepting: CancellationToken,
-    /// Cancelled to close a pod's connections still open once its drain is over (the host's
-    /// end with the proxy threads' runtimes).
+    /// A pod's own drain; None for the host's listeners, whose connections end with the
+    /// proxy threads' runtimes.
+    pub pod_drain: Option<PodDrain>,
+}
+
+/// How a removed pod's connections end: its removal waits for the ones on `connections`,
+/// then cancels `abort` to close those still open.
+#[derive(Clone)]
+pub struct PodDrain {
+    pub connections: TaskTracker,
     pub abort: CancellationToken,
 }
 
@@ -173,11 +179,10 @@ fn drain_backlog(listener: &TcpListener, scope: &Scope) {
 
 fn spawn_connection(scope: &Scope, client: tokio::net::TcpStream, peer: SocketAddr) {
     let (origin, proxy) = (Arc::clone(&scope.origin), Arc::clone(&scope.proxy));
-    match &scope.scope_connections {
+    match &scope.pod_drain {
         // A pod's connection: its pod's removal waits for it, then cuts it short.
-        Some(pod_connections) => {
-            let held = pod_connections.token();
-            let abort = scope.abort.clone();
+        Some(drain) => {
+            let (held, abort) = (drain.connections.token(), drain.abort.clone());
             scope
                 .connections
                 .spawn(connection_task(client, peer, origin, proxy, held, abort));

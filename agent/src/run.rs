@@ -91,9 +91,8 @@ async fn serve(config: Config) -> Result<()> {
         origin: Origin::host(host.cookie()),
         proxy: Arc::clone(&proxy),
         connections: connections.clone(),
-        scope_connections: None,
         stop_accepting: proxy_shutdown.clone(),
-        abort: shutdown.clone(),
+        pod_drain: None,
     };
     if config.serve_host_netns {
         threads.listen(&host_scope, config.outbound_port)?;

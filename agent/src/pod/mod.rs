@@ -18,7 +18,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use self::{api::PodInfo, store::Store};
 use crate::{
-    accept::{AcceptError, ProxyThreads, Scope},
+    accept::{AcceptError, PodDrain, ProxyThreads, Scope},
     connection::Proxy,
     intercept::{InterceptError, ServedNetnsMap},
     metrics::{ErrorChain, SharedLabel, WorkloadLabels},
@@ -78,10 +78,14 @@ pub struct PodsConfig {
 struct ServedPod {
     info: PodInfo,
     origin: Arc<Origin>,
-    netns_cookie: u64,
     stop_accepting: CancellationToken,
-    abort: CancellationToken,
-    connections: TaskTracker,
+    drain: PodDrain,
+}
+
+impl ServedPod {
+    fn netns_cookie(&self) -> u64 {
+        self.origin.netns_cookie
+    }
 }
 
 pub struct Pods {
@@ -107,18 +111,23 @@ impl Pods {
             path: pod.netns.clone(),
             source,
         })?;
+        self.add_in(pod, netns)
+    }
+
+    /// `add` for a namespace already open.
+    fn add_in(&self, pod: PodInfo, netns: Netns) -> Result<Added, PodError> {
         if netns.cookie() == self.config.host_netns_cookie {
             return Ok(Added::HostNetwork);
         }
         let mut served = self.lock();
         if let Some(existing) = served.get(&pod.container_id)
-            && existing.netns_cookie == netns.cookie()
+            && existing.netns_cookie() == netns.cookie()
         {
             return Ok(Added::AlreadyMeshed);
         }
         if let Some(other) = served
             .values()
-            .find(|other| other.netns_cookie == netns.cookie())
+            .find(|other| other.netns_cookie() == netns.cookie())
         {
             return Err(PodError::NamespaceTaken {
                 path: pod.netns.clone(),
@@ -216,11 +225,14 @@ impl Pods {
     }
 
     fn readopt(&self, pod: &PodInfo) -> Result<(), String> {
+        if !api::valid_container_id(&pod.container_id) {
+            return Err(format!("invalid container id {:?}", pod.container_id));
+        }
         let netns = Netns::open(&pod.netns).map_err(|error| error.to_string())?;
         if let Some(ip) = pod.ips.iter().find(|ip| !netns.holds_address(**ip)) {
             return Err(format!("its namespace no longer holds {ip}"));
         }
-        match self.add(pod.clone()) {
+        match self.add_in(pod.clone(), netns) {
             Ok(Added::Meshed | Added::AlreadyMeshed) => Ok(()),
             Ok(Added::HostNetwork) => Err("it is in the host network namespace".into()),
             Err(error) => Err(error.to_string()),
@@ -242,18 +254,18 @@ impl Pods {
         let entry = ServedPod {
             info: pod,
             origin: Arc::clone(&origin),
-            netns_cookie,
             stop_accepting: config.stop_accepting.child_token(),
-            abort: config.abort.child_token(),
-            connections: TaskTracker::new(),
+            drain: PodDrain {
+                connections: TaskTracker::new(),
+                abort: config.abort.child_token(),
+            },
         };
         let scope = Scope {
             origin: Arc::clone(&origin),
             proxy: Arc::clone(&config.proxy),
             connections: config.connections.clone(),
-            scope_connections: Some(entry.connections.clone()),
             stop_accepting: entry.stop_accepting.clone(),
-            abort: entry.abort.clone(),
+            pod_drain: Some(entry.drain.clone()),
         };
         let started = config
             .threads
@@ -269,7 +281,7 @@ impl Pods {
         if let Err(error) = started {
             config.served.unserve(netns_cookie);
             entry.stop_accepting.cancel();
-            entry.abort.cancel();
+            entry.drain.abort.cancel();
             return Err(error);
         }
         tracing::info!(
@@ -286,9 +298,9 @@ impl Pods {
     /// connections get the drain period before they are closed.
     fn retire(&self, pod: ServedPod) {
         let config = &self.config;
-        config.served.unserve(pod.netns_cookie);
+        config.served.unserve(pod.netns_cookie());
         pod.stop_accepting.cancel();
-        let stale = config.proxy.forget_netns(pod.netns_cookie);
+        let stale = config.proxy.forget_netns(pod.netns_cookie());
         config.proxy.metrics.served_pods.dec();
         tracing::info!(
             container_id = %pod.info.container_id,
@@ -296,9 +308,9 @@ impl Pods {
             stale_entries = stale,
             "stopped serving pod"
         );
-        pod.connections.close();
+        pod.drain.connections.close();
         let drain = config.drain;
-        let (connections, abort) = (pod.connections, pod.abort);
+        let PodDrain { connections, abort } = pod.drain;
         config.threads.handles[0].spawn(async move {
             if tokio::time::timeout(drain, connections.wait())
                 .await
