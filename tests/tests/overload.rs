@@ -126,38 +126,3 @@ fn an_agent_at_its_budget_sends_the_rest_direct_and_every_connection_succeeds() 
     // When they are closed, the budget is free again.
     agent.assert_metric("sockmesh_open_redirects", &[], 0);
 }
-
-#[test]
-#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
-fn a_hundred_thousand_connect_and_reset_clients_leave_nothing_behind() {
-    require_privileged!();
-    let echo = EchoServer::start("127.0.0.1:0");
-    let cgroup = TestCgroup::new("churn100k");
-    let agent = Agent::start(&cgroup);
-    let report = run_ok(
-        cgroup
-            .command(meshprobe_bin())
-            .args(["churn", &echo.addr().to_string(), "100000"]),
-        LIMIT,
-    );
-    assert_eq!(report.trim(), "ok connections=100000");
-    // Every redirected socket was counted open and closed again, or the budget would shrink
-    // for good; every map entry of those connections is gone.
-    agent.assert_metric("sockmesh_open_redirects", &[], 0);
-    // The clients are done long before the agent: their connects completed in the listeners'
-    // backlogs, which the agent works through (each an upstream connect) at its own pace.
-    let drained = eventually(Duration::from_secs(90), || {
-        agent.metrics().count("tcp_open_connections", &[]) == 0
-    });
-    assert!(
-        drained,
-        "{} connections still open",
-        agent.metrics().count("tcp_open_connections", &[])
-    );
-    agent.assert_maps_empty(&["ORIG_BY_COOKIE", "ORIG_BY_TUPLE"]);
-    let redirected = decision(&agent, "redirected");
-    assert!(
-        redirected >= 90_000,
-        "only {redirected} of 100000 were redirected"
-    );
-}
