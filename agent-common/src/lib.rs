@@ -31,9 +31,20 @@ pub mod map_names {
     pub const LIVENESS: &str = "LIVENESS";
     /// Redirected client sockets still open (kept by the kernel programs).
     pub const OPEN_REDIRECTS: &str = "OPEN_REDIRECTS";
+    /// Inbound: the TCP ports meshed processes listen on, per network namespace (kept by
+    /// sockops at listen(2) and close).
+    pub const INBOUND_PORTS: &str = "INBOUND_PORTS";
+    /// Inbound: the agent's inbound listener in each served namespace, per address family,
+    /// where sk_lookup steers connections to meshed ports.
+    pub const INBOUND_SOCKS: &str = "INBOUND_SOCKS";
+    /// Inbound: each served pod's addresses -> its netns cookie (sk_lookup has no netns
+    /// helper, so a pod's namespace is found by the address a connection arrives at).
+    pub const INBOUND_ADDRS: &str = "INBOUND_ADDRS";
+    /// Inbound: one bit per destination port that sk_lookup leaves alone.
+    pub const SKIP_IN_PORTS: &str = "SKIP_IN_PORTS";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 16] = [
         CONFIG,
         SERVED_NETNS,
         LIVENESS,
@@ -46,6 +57,10 @@ pub mod map_names {
         COUNTERS,
         FWD_PEERS,
         FWD_ACTIVE,
+        INBOUND_PORTS,
+        INBOUND_SOCKS,
+        INBOUND_ADDRS,
+        SKIP_IN_PORTS,
     ];
 }
 
@@ -60,8 +75,12 @@ pub mod program_names {
     pub const SOCKOPS: &str = "sockmesh_ops";
     /// Stream verdict on `FWD_ACTIVE`: sends each socket's received bytes out of its peer.
     pub const FORWARD: &str = "sockmesh_fwd";
+    /// sk_lookup in the agent's own (host) network namespace.
+    pub const INBOUND_HOST: &str = "sockmesh_inhost";
+    /// sk_lookup in each served pod's network namespace.
+    pub const INBOUND_POD: &str = "sockmesh_in_pod";
 
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 9] = [
         CONNECT4,
         CONNECT6,
         GETPEERNAME4,
@@ -69,6 +88,8 @@ pub mod program_names {
         GETSOCKOPT,
         SOCKOPS,
         FORWARD,
+        INBOUND_HOST,
+        INBOUND_POD,
     ];
 }
 
@@ -84,6 +105,12 @@ pub const FWD_MAP_ENTRIES: u32 = 2 * MAX_KERNEL_FORWARDED;
 pub const MAX_SERVED_NETNS: u32 = 4_096;
 /// Entries of each skip-network LPM trie.
 pub const MAX_SKIP_NETWORKS: u32 = 1_024;
+/// Listening ports of meshed processes the kernel tracks at once (all namespaces together).
+pub const MAX_INBOUND_PORTS: u32 = 16_384;
+/// Pod addresses sk_lookup can resolve to a namespace (a few per pod).
+pub const MAX_INBOUND_ADDRS: u32 = 4 * MAX_SERVED_NETNS;
+/// Inbound listeners: one per address family in each served namespace.
+pub const MAX_INBOUND_SOCKS: u32 = 2 * MAX_SERVED_NETNS;
 /// The skip-port bitmap: one bit per TCP port, 64 ports per word.
 pub const SKIP_PORT_WORDS: u32 = 65_536 / 64;
 
@@ -93,6 +120,14 @@ pub const DEFAULT_BYPASS_MARK: u32 = 0x534d_0001;
 
 /// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST`, both 80.
 pub const SO_ORIGINAL_DST: i32 = 80;
+
+/// Source address of the agent's connections to inbound workloads (Istio's inbound
+/// passthrough address): sk_lookup lets connections from it through, and the workload sees it
+/// as the peer of every proxied IPv4 connection.
+pub const INBOUND_PASSTHROUGH_IP4: [u8; 4] = [127, 0, 0, 6];
+
+/// `ServedNetns::flags`: sk_lookup captures connections to meshed listening ports here.
+pub const SERVED_INBOUND: u16 = 1;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -111,6 +146,11 @@ pub struct ProxyConfig {
     pub pad: u16,
     /// Socket mark of the agent's own sockets, which are never redirected.
     pub bypass_mark: u32,
+    /// `INBOUND_PASSTHROUGH_IP4`, network order: sk_lookup never captures from it.
+    pub passthrough_ip4: u32,
+    /// Cookie of the agent's own network namespace (sk_lookup cannot ask for it), 0 when the
+    /// agent does not serve it.
+    pub host_netns: u64,
 }
 
 /// A network namespace the agent serves, under its netns cookie in `SERVED_NETNS`. The agent
@@ -121,7 +161,7 @@ pub struct ProxyConfig {
 pub struct ServedNetns {
     /// The outbound listener's port in this namespace (on 127.0.0.1 and ::1), host order.
     pub proxy_port: u16,
-    /// Reserved for per-workload settings; 0 today.
+    /// `SERVED_*` bits.
     pub flags: u16,
     /// Reserved: a per-workload policy id (0 = the node-wide lists).
     pub policy: u32,
@@ -172,6 +212,47 @@ pub struct ConnTuple {
     pub netns: u64,
 }
 
+/// `INBOUND_PORTS` key: a TCP port a meshed process listens on, in its namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InboundPort {
+    pub netns: u64,
+    /// Host order.
+    pub port: u16,
+    pub pad: [u16; 3],
+}
+
+/// `INBOUND_PORTS` value: the listening socket, and the address it is bound to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshedListener {
+    /// Socket cookie: only this socket's close removes the entry.
+    pub cookie: u64,
+    /// Network-order words; IPv4 in word 0; all zero for a wildcard bind.
+    pub addr: [u32; 4],
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+}
+
+/// `INBOUND_SOCKS` key: the agent's inbound listener of one family in one namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InboundSock {
+    pub netns: u64,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    pub pad: u32,
+}
+
+/// `INBOUND_ADDRS` key: an address of a served pod (value: its netns cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InboundAddr {
+    /// Network-order words; IPv4 in word 0.
+    pub addr: [u32; 4],
+    pub family: u32,
+}
+
 /// Kernel-side counters, one slot per CPU; user space sums the slots.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -192,6 +273,14 @@ pub struct KernelCounters {
     pub bypassed_agent_unresponsive: u64,
     /// TCP connects sent direct because the agent was at its connection budget.
     pub bypassed_over_capacity: u64,
+    /// Inbound connections (to a meshed listening port) sk_lookup sent to the agent.
+    pub inbound_redirected: u64,
+    /// Inbound connections left alone because the port is skipped.
+    pub inbound_bypassed_port: u64,
+    /// Inbound connections left alone because the agent's heartbeat was stale.
+    pub inbound_bypassed_agent_unresponsive: u64,
+    /// Inbound connections left alone because the agent was at its budget.
+    pub inbound_bypassed_over_capacity: u64,
 }
 
 /// Word index and bit mask of `port` in the skip-port bitmap.
@@ -209,6 +298,10 @@ mod pod {
     unsafe impl aya::Pod for super::KernelCounters {}
     unsafe impl aya::Pod for super::ServedNetns {}
     unsafe impl aya::Pod for super::AgentLiveness {}
+    unsafe impl aya::Pod for super::InboundPort {}
+    unsafe impl aya::Pod for super::MeshedListener {}
+    unsafe impl aya::Pod for super::InboundSock {}
+    unsafe impl aya::Pod for super::InboundAddr {}
 }
 
 #[cfg(test)]
@@ -225,10 +318,17 @@ mod tests {
 
     #[test]
     fn shared_types_have_no_padding() {
-        assert_eq!(core::mem::size_of::<ProxyConfig>(), 4 + 16 + 2 + 2 + 4);
+        assert_eq!(
+            core::mem::size_of::<ProxyConfig>(),
+            4 + 16 + 2 + 2 + 4 + 4 + 8
+        );
+        assert_eq!(core::mem::size_of::<InboundPort>(), 16);
+        assert_eq!(core::mem::size_of::<InboundSock>(), 16);
+        assert_eq!(core::mem::size_of::<MeshedListener>(), 32);
+        assert_eq!(core::mem::size_of::<InboundAddr>(), 20);
         assert_eq!(core::mem::size_of::<OriginalDst>(), 16 + 2 + 2);
         assert_eq!(core::mem::size_of::<ConnTuple>(), 32 + 8 + 8);
-        assert_eq!(core::mem::size_of::<KernelCounters>(), 8 * 8);
+        assert_eq!(core::mem::size_of::<KernelCounters>(), 12 * 8);
         assert_eq!(core::mem::size_of::<AgentLiveness>(), 3 * 8);
         assert_eq!(core::mem::size_of::<ServedNetns>(), 8);
     }

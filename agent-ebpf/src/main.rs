@@ -2,7 +2,8 @@
 //!
 //! One entry point per program; the logic lives in small modules, one per concern:
 //! `redirect` (connect4/6), `tracking` (sockops), `disguise` (getpeername4/6, getsockopt),
-//! `forward` (stream verdict: in-kernel forwarding between the proxy's own sockets).
+//! `forward` (stream verdict: in-kernel forwarding between the proxy's own sockets),
+//! `inbound` (sk_lookup, attached per network namespace: connections to meshed listeners).
 //! Every hook on application sockets returns "allow": sockmesh never makes a socket call fail.
 #![no_std]
 #![no_main]
@@ -12,14 +13,17 @@
 mod access;
 mod disguise;
 mod forward;
+mod inbound;
 mod maps;
 mod redirect;
 mod tracking;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops, stream_verdict},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops, stream_verdict},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
+
+use inbound::{Attached, SK_PASS};
 
 const ALLOW: i32 = 1;
 
@@ -62,6 +66,18 @@ pub fn sockmesh_ops(ctx: SockOpsContext) -> u32 {
 #[stream_verdict]
 pub fn sockmesh_fwd(ctx: SkBuffContext) -> u32 {
     forward::verdict(&ctx)
+}
+
+#[sk_lookup]
+pub fn sockmesh_inhost(ctx: SkLookupContext) -> u32 {
+    inbound::lookup(&ctx, Attached::Host);
+    SK_PASS
+}
+
+#[sk_lookup]
+pub fn sockmesh_in_pod(ctx: SkLookupContext) -> u32 {
+    inbound::lookup(&ctx, Attached::Pod);
+    SK_PASS
 }
 
 #[cfg(not(test))]

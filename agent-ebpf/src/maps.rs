@@ -2,8 +2,10 @@
 //! `bpftool map dump` prints named fields. Names, sizes and types come from agent-common.
 
 use agent_common::{
-    AgentLiveness, ConnTuple, FWD_MAP_ENTRIES, KernelCounters, MAX_SERVED_NETNS, MAX_SKIP_NETWORKS,
-    MAX_TRACKED_CONNECTIONS, OriginalDst, ProxyConfig, SKIP_PORT_WORDS, ServedNetns,
+    AgentLiveness, ConnTuple, FWD_MAP_ENTRIES, InboundAddr, InboundPort, InboundSock,
+    KernelCounters, MAX_INBOUND_ADDRS, MAX_INBOUND_PORTS, MAX_INBOUND_SOCKS, MAX_SERVED_NETNS,
+    MAX_SKIP_NETWORKS, MAX_TRACKED_CONNECTIONS, MeshedListener, OriginalDst, ProxyConfig,
+    SKIP_PORT_WORDS, ServedNetns, skip_port_slot,
 };
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
@@ -58,6 +60,34 @@ pub static FWD_ACTIVE: SockHash<u64, FORWARDED_SOCKETS> = SockHash::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<KernelCounters, 1> = PerCpuArray::new();
+
+/// Inbound: ports meshed processes listen on, per namespace, with the listening socket (only
+/// its close removes the entry) and its bound address.
+#[btf_map]
+pub static INBOUND_PORTS: HashMap<InboundPort, MeshedListener, { MAX_INBOUND_PORTS as usize }> =
+    HashMap::new();
+
+/// Inbound: the agent's inbound listeners (per namespace and family). The kernel drops a
+/// listener from the map when it closes, so a dead agent's entries vanish with it.
+#[btf_map]
+pub static INBOUND_SOCKS: SockHash<InboundSock, { MAX_INBOUND_SOCKS as usize }> = SockHash::new();
+
+/// Inbound: a served pod's addresses -> its netns cookie.
+#[btf_map]
+pub static INBOUND_ADDRS: HashMap<InboundAddr, u64, { MAX_INBOUND_ADDRS as usize }> =
+    HashMap::new();
+
+/// Inbound: one bit per destination port sk_lookup leaves alone (the user's list and the
+/// agent's own ports).
+#[btf_map]
+pub static SKIP_IN_PORTS: Array<u64, { SKIP_PORT_WORDS as usize }> = Array::new();
+
+/// Whether `port` has its bit set in a skip-port bitmap.
+#[inline(always)]
+pub fn port_in(bitmap: &Array<u64, { SKIP_PORT_WORDS as usize }>, port: u16) -> bool {
+    let (word, bit) = skip_port_slot(port);
+    bitmap.get(word).is_some_and(|bits| bits & bit != 0)
+}
 
 /// Slot 0: the agent's heartbeat and budget, rewritten by the agent every 100 ms.
 #[btf_map]

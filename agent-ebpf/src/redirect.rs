@@ -1,9 +1,7 @@
 //! connect4/connect6: decide whether a TCP connect goes to the proxy, and if so remember where
 //! it was going and rewrite it. Every path returns "allow": the hooks never refuse a connect.
 
-use agent_common::{
-    AF_INET, AF_INET6, KernelCounters, OriginalDst, ProxyConfig, ServedNetns, skip_port_slot,
-};
+use agent_common::{AF_INET, AF_INET6, KernelCounters, OriginalDst, ProxyConfig, ServedNetns};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, bpf_sock_addr},
@@ -15,13 +13,13 @@ use aya_ebpf::{
 use crate::access::read_words;
 use crate::maps::{
     LIVENESS, ORIG_BY_COOKIE, SERVED_NETNS, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS, count,
-    count_open_redirects, open_redirects, proxy_config,
+    count_open_redirects, open_redirects, port_in, proxy_config,
 };
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 
-enum Decision {
+pub(crate) enum Decision {
     Redirect,
     BypassUnservedNetns,
     BypassAgentUnresponsive,
@@ -89,7 +87,7 @@ pub fn set_user_ip6(sa: &mut bpf_sock_addr, words: &[u32; 4]) {
 /// Whether the agent can take this connection: its heartbeat is fresh (not stopped, hung or
 /// dead) and its budget has room (not out of descriptors). Otherwise the connect goes direct.
 #[inline(always)]
-fn agent_can_serve() -> Decision {
+pub(crate) fn agent_can_serve() -> Decision {
     let Some(liveness) = LIVENESS.get(0) else {
         return Decision::BypassAgentUnresponsive;
     };
@@ -135,7 +133,7 @@ fn decide(
     if mark == config.bypass_mark || is_proxy(config, &served, dst) {
         return Decision::BypassSelf;
     }
-    if port_is_skipped(dst.port) {
+    if port_in(&SKIP_PORTS, dst.port) {
         return Decision::BypassPort;
     }
     if skip_network() {
@@ -186,12 +184,6 @@ fn is_proxy(config: &ProxyConfig, served: &ServedNetns, dst: &OriginalDst) -> bo
             AF_INET => dst.addr[0] == config.proxy_ip4,
             _ => dst.addr == config.proxy_ip6,
         }
-}
-
-#[inline(always)]
-fn port_is_skipped(port: u16) -> bool {
-    let (word, bit) = skip_port_slot(port);
-    SKIP_PORTS.get(word).is_some_and(|bits| bits & bit != 0)
 }
 
 #[inline(always)]

@@ -1,14 +1,16 @@
 //! sockops: follow each redirected client socket through its life. When it connects we ask for
 //! state callbacks; once established we publish its original destination under the connection's
 //! addresses (what the proxy sees on accept, and removes once read); when it closes we forget
-//! its cookie entry.
+//! its cookie entry. And for inbound: every listen(2) of a meshed process records its port
+//! (what sk_lookup captures), which the listener's close removes again.
 
-use agent_common::{AF_INET, ConnTuple, KernelCounters};
+use agent_common::{AF_INET, ConnTuple, InboundPort, KernelCounters, MeshedListener};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
@@ -16,7 +18,7 @@ use aya_ebpf::{
 
 use crate::{
     access::{read_field, read_words},
-    maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE, count, count_open_redirects},
+    maps::{INBOUND_PORTS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, count, count_open_redirects},
 };
 
 #[inline(always)]
@@ -24,8 +26,73 @@ pub fn on_sock_op(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            if ctx.arg(0) == BPF_TCP_LISTEN {
+                on_listener_close(ctx);
+            } else {
+                on_close(ctx);
+            }
+        }
         _ => {}
+    }
+}
+
+/// A meshed process listens: connections to this port in its namespace go through the
+/// agent's inbound listener (unless skipped). The latest listener on a port owns the entry.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let listener = MeshedListener {
+        cookie: cookie(ctx),
+        addr: local_addr(ctx),
+        // SAFETY: ops is the kernel's bpf_sock_ops for this call.
+        family: unsafe { read_field(&raw const (*ctx.ops).family) },
+    };
+    if INBOUND_PORTS
+        .insert(listening_port(ctx), listener, u64::from(BPF_ANY))
+        .is_err()
+    {
+        count(|c: &mut KernelCounters| &mut c.errors);
+        return;
+    }
+    // The close callback removes the entry again.
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    if ctx.set_cb_flags(flags as i32).is_err() {
+        count(|c: &mut KernelCounters| &mut c.errors);
+    }
+}
+
+/// A meshed listener closes: its port is no longer captured, unless another socket took the
+/// entry over since (SO_REUSEPORT).
+#[inline(always)]
+fn on_listener_close(ctx: &SockOpsContext) {
+    let port = listening_port(ctx);
+    // SAFETY: copied out at once.
+    let owner = INBOUND_PORTS.get_ptr(port).map(|l| unsafe { (*l).cookie });
+    if owner == Some(cookie(ctx)) {
+        let _ = INBOUND_PORTS.remove(port);
+    }
+}
+
+#[inline(always)]
+fn listening_port(ctx: &SockOpsContext) -> InboundPort {
+    InboundPort {
+        // SAFETY: bpf_get_netns_cookie is allowed in sock_ops programs.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        // SAFETY: ops is the kernel's bpf_sock_ops for this call; local_port is host order.
+        port: unsafe { read_field(&raw const (*ctx.ops).local_port) } as u16,
+        pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+fn local_addr(ctx: &SockOpsContext) -> [u32; 4] {
+    let ops = ctx.ops;
+    // SAFETY (all reads): ops is the kernel's bpf_sock_ops for this call.
+    if unsafe { read_field(&raw const (*ops).family) } as u16 == AF_INET {
+        [unsafe { read_field(&raw const (*ops).local_ip4) }, 0, 0, 0]
+    } else {
+        unsafe { read_words(&raw const (*ops).local_ip6) }
     }
 }
 

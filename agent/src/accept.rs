@@ -1,6 +1,7 @@
-//! Accept: the outbound listeners on 127.0.0.1 and ::1 where the kernel sends redirected
-//! connects (in the agent's own network namespace, and in each served pod's), and the accept
-//! loop that hands each connection to its own task.
+//! Accept: the listeners on 127.0.0.1 and ::1 where the kernel sends connections (outbound:
+//! redirected connects; inbound: connections sk_lookup steers to a meshed server), in the
+//! agent's own network namespace and in each served pod's, and the accept loop that hands
+//! each connection to its own task.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -15,7 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     connection::{self, Proxy},
     liveness::Heartbeats,
-    metrics::{AcceptErrorLabels, errno_name},
+    metrics::{AcceptErrorLabels, Direction, errno_name},
     netns::Origin,
 };
 
@@ -77,6 +78,8 @@ fn bind(origin: &Origin, addr: SocketAddr) -> Result<std::net::TcpListener> {
 pub struct Scope {
     pub origin: Arc<Origin>,
     pub proxy: Arc<Proxy>,
+    /// Whether this scope's listeners take outbound or inbound connections.
+    pub direction: Direction,
     /// Every connection of the agent runs on this tracker (the shutdown drain waits for it).
     pub connections: TaskTracker,
     /// Cancelled to stop accepting (shutdown, or the pod's removal).
@@ -105,17 +108,23 @@ pub struct ProxyThreads {
 impl ProxyThreads {
     /// Opens a listener pair on `port` in the scope's namespace for every proxy thread and
     /// starts accepting on them. When this returns, connects to the port are accepted.
-    pub fn listen(&self, scope: &Scope, port: u16) -> Result<()> {
+    /// Returns a handle on one pair (IPv4, IPv6): each stands for its SO_REUSEPORT group,
+    /// which is what sk_lookup assigns connections to.
+    pub fn listen(&self, scope: &Scope, port: u16) -> Result<Vec<std::net::TcpListener>> {
         let mut pairs = Vec::with_capacity(self.handles.len());
         for _ in &self.handles {
             pairs.push(bind_listeners(&scope.origin, port)?);
         }
+        let first = pairs[0]
+            .iter()
+            .map(std::net::TcpListener::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()?;
         for (handle, listeners) in self.handles.iter().zip(pairs) {
             for listener in listeners {
                 handle.spawn(serve(listener, scope.clone()));
             }
         }
-        Ok(())
+        Ok(first)
     }
 }
 
@@ -179,20 +188,21 @@ fn drain_backlog(listener: &TcpListener, scope: &Scope) {
 
 fn spawn_connection(scope: &Scope, client: tokio::net::TcpStream, peer: SocketAddr) {
     let (origin, proxy) = (Arc::clone(&scope.origin), Arc::clone(&scope.proxy));
+    let direction = scope.direction;
     match &scope.pod_drain {
         // A pod's connection: its pod's removal waits for it, then cuts it short.
         Some(drain) => {
             let (held, abort) = (drain.connections.token(), drain.abort.clone());
-            scope
-                .connections
-                .spawn(connection_task(client, peer, origin, proxy, held, abort));
+            scope.connections.spawn(connection_task(
+                client, peer, origin, proxy, direction, held, abort,
+            ));
         }
         // The host's: they end with the agent (its runtimes drop them after the drain), so
         // their tasks carry nothing more than the connection itself.
         None => {
             scope
                 .connections
-                .spawn(connection::handle(client, peer, origin, proxy));
+                .spawn(connection::handle(client, peer, origin, proxy, direction));
         }
     }
 }
@@ -207,12 +217,13 @@ async fn connection_task(
     peer: SocketAddr,
     origin: Arc<Origin>,
     proxy: Arc<Proxy>,
+    direction: Direction,
     held: tokio_util::task::task_tracker::TaskTrackerToken,
     abort: CancellationToken,
 ) {
     let _held = held;
     tokio::select! {
-        () = connection::handle(client, peer, origin, proxy) => {}
+        () = connection::handle(client, peer, origin, proxy, direction) => {}
         () = abort.cancelled() => {}
     }
 }
@@ -221,7 +232,7 @@ async fn connection_task(
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, D, E, G, F>(_: impl Fn(A, B, C, D, E, G) -> F) -> usize {
+    fn future_size<A, B, C, D, E, G, H, F>(_: impl Fn(A, B, C, D, E, G, H) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

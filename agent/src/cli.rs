@@ -6,7 +6,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    Config, CopyMode, DEFAULT_CNI_SOCKET, DEFAULT_OPAQUE_PORTS, NetworkList, PortSet,
+    Config, CopyMode, DEFAULT_CNI_SOCKET, DEFAULT_OPAQUE_PORTS, NetworkList, PortRange, PortSet,
     parse_cgroup_dir, parse_duration, parse_listen_port, parse_liveness_timeout,
 };
 
@@ -158,6 +158,16 @@ pub struct RunArgs {
     /// ports (admin), which are always skipped.
     #[arg(long, env = "SOCKMESH_SKIP_OUTBOUND_PORTS", default_value = "")]
     pub skip_outbound_ports: PortSet,
+    /// Port of the inbound proxy listener (Linkerd's 4143), where the kernel's sk_lookup
+    /// program steers connections to meshed processes' listening ports.
+    #[arg(long, env = "SOCKMESH_INBOUND_PORT", default_value = "4143",
+          value_parser = parse_listen_port)]
+    pub inbound_port: u16,
+    /// Listening ports of meshed processes that inbound connections reach directly, e.g.
+    /// `9000,9100-9110`. Added to the agent's own ports (admin, outbound, inbound), which are
+    /// always skipped.
+    #[arg(long, env = "SOCKMESH_SKIP_INBOUND_PORTS", default_value = "")]
+    pub skip_inbound_ports: PortSet,
     /// Destination networks that bypass the proxy, e.g. `10.0.0.0/8,fd00::/8`.
     #[arg(long, env = "SOCKMESH_SKIP_OUTBOUND_NETWORKS", default_value = "")]
     pub skip_outbound_networks: NetworkList,
@@ -244,6 +254,12 @@ impl RunArgs {
     pub fn into_config(self, cgroup: PathBuf) -> Config {
         let skip_outbound_ports =
             Config::builtin_skip_ports(self.admin_addr).with(&self.skip_outbound_ports);
+        let skip_inbound_ports = Config::builtin_skip_ports(self.admin_addr)
+            .with(&PortSet::from(vec![
+                PortRange::single(self.outbound_port),
+                PortRange::single(self.inbound_port),
+            ]))
+            .with(&self.skip_inbound_ports);
         let default_opaque_ports = if self.no_default_opaque_ports {
             PortSet::default()
         } else {
@@ -256,6 +272,8 @@ impl RunArgs {
             outbound_port: self.outbound_port,
             skip_outbound_ports,
             skip_outbound_networks: self.skip_outbound_networks,
+            inbound_port: self.inbound_port,
+            skip_inbound_ports,
             admin_addr: self.admin_addr,
             opaque_ports: default_opaque_ports.with(&self.opaque_ports),
             detect_timeout: self.detect_timeout,

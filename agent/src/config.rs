@@ -248,6 +248,12 @@ pub struct Config {
     pub skip_outbound_ports: PortSet,
     #[serde(serialize_with = "as_text")]
     pub skip_outbound_networks: NetworkList,
+    /// Inbound proxy listener port on 127.0.0.1 and ::1 (sk_lookup steers connections there).
+    pub inbound_port: u16,
+    /// Listening ports sk_lookup never captures: the user's plus the agent's own (admin,
+    /// outbound, inbound).
+    #[serde(serialize_with = "as_text")]
+    pub skip_inbound_ports: PortSet,
     pub admin_addr: SocketAddr,
     /// Destination ports forwarded as opaque TCP without detection.
     #[serde(serialize_with = "as_text")]

@@ -1,14 +1,21 @@
 //! Connect: open the proxy's own connection to an original destination, from the network
 //! namespace the client connection came from (the host's, or its pod's). Its sockets carry the
 //! bypass mark, so the kernel programs let them through even when the agent runs inside the
-//! cgroup it meshes (no proxying to itself).
+//! cgroup it meshes (no proxying to itself). Inbound connections to a workload are dialled
+//! from the passthrough address (127.0.0.6), which the sk_lookup program lets through.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
 use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::netns::Origin;
+use agent_common::INBOUND_PASSTHROUGH_IP4;
+
+use crate::{metrics::Direction, netns::Origin};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Dialer {
@@ -17,7 +24,12 @@ pub struct Dialer {
 }
 
 impl Dialer {
-    pub async fn connect(&self, dst: SocketAddr, origin: &Origin) -> io::Result<TcpStream> {
+    pub async fn connect(
+        &self,
+        dst: SocketAddr,
+        origin: &Origin,
+        direction: Direction,
+    ) -> io::Result<TcpStream> {
         let socket = origin.within(|| {
             if dst.is_ipv4() {
                 TcpSocket::new_v4()
@@ -27,6 +39,14 @@ impl Dialer {
         })?;
         SockRef::from(&socket).set_mark(self.bypass_mark)?;
         socket.set_nodelay(true)?;
+        if direction == Direction::Inbound && dst.is_ipv4() {
+            // The port is chosen at connect: many workloads' connections share the address.
+            crate::sys::set_bind_address_no_port(&socket)?;
+            socket.bind(SocketAddr::from((
+                Ipv4Addr::from(INBOUND_PASSTHROUGH_IP4),
+                0,
+            )))?;
+        }
         match tokio::time::timeout(self.timeout, socket.connect(dst)).await {
             Ok(result) => result,
             Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),

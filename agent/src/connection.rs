@@ -1,5 +1,7 @@
-//! One redirected connection's life, start to finish: original destination -> connect ->
-//! detect -> forward (HTTP or opaque) -> metrics and tap events.
+//! One proxied connection's life, start to finish: original destination -> connect ->
+//! detect -> forward (HTTP or opaque) -> metrics and tap events. Outbound (a meshed client's
+//! redirected connect) and inbound (sk_lookup steered a connection to a meshed server) take
+//! the same path; they differ only in where the destination comes from and how it is dialled.
 
 use std::{
     net::SocketAddr,
@@ -46,6 +48,9 @@ pub struct Proxy {
     opaque_ports: PortSet,
     detect_timeout: Duration,
     dialer: Dialer,
+    /// The inbound listener's own port: a connection addressed to it came straight to the
+    /// agent, not steered by sk_lookup, and has no workload behind it.
+    inbound_port: u16,
 }
 
 impl Proxy {
@@ -80,15 +85,26 @@ impl Proxy {
             opaque_ports: config.opaque_ports.clone(),
             detect_timeout: config.detect_timeout,
             dialer,
+            inbound_port: config.inbound_port,
         }
     }
 }
 
-/// One redirected connection, start to finish. `origin` is the namespace (host or pod) whose
+/// One proxied connection, start to finish. `origin` is the namespace (host or pod) whose
 /// listener accepted it.
-pub async fn handle(client: TcpStream, peer: SocketAddr, origin: Arc<Origin>, proxy: Arc<Proxy>) {
-    let Some(dst) = proxy.original_dst(&client, peer, &origin) else {
-        tracing::debug!(%peer, "no original destination; not a redirected connection");
+pub async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    origin: Arc<Origin>,
+    proxy: Arc<Proxy>,
+    direction: Direction,
+) {
+    let found = match direction {
+        Direction::Outbound => proxy.original_dst(&client, peer, &origin),
+        Direction::Inbound => proxy.inbound_dst(&client),
+    };
+    let Some(dst) = found else {
+        tracing::debug!(%peer, ?direction, "no original destination; not a proxied connection");
         opaque::reset(&client);
         return;
     };
@@ -98,17 +114,19 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, origin: Arc<Origin>, pr
         dst,
         origin: Arc::clone(&origin),
         workload: origin.workload.clone(),
+        direction,
     };
     let id = conn.id;
     proxy.tap.publish(|| TapEvent::TcpOpen {
         ts_ms: now_ms(),
         id,
+        direction,
         client: peer,
         dst,
         workload: conn.workload.clone(),
     });
     let labels = TcpLabels {
-        direction: Direction::Outbound,
+        direction,
         target_port: dst.port(),
         workload: conn.workload.clone(),
     };
@@ -119,7 +137,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, origin: Arc<Origin>, pr
     let counters = ByteCounters::new(metrics, &labels);
 
     // Connect before detecting: a server that speaks first must be heard at once.
-    let (protocol, reason) = match proxy.dialer.connect(dst, &origin).await {
+    let (protocol, reason) = match proxy.dialer.connect(dst, &origin, direction).await {
         Ok(server) => forward(client, server, conn, &labels, counters.clone(), &proxy).await,
         Err(error) => {
             proxy.count_connect_error(&labels, &error);
@@ -140,6 +158,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, origin: Arc<Origin>, pr
     proxy.tap.publish(|| TapEvent::TcpClose {
         ts_ms: now_ms(),
         id,
+        direction,
         workload: labels.workload.clone(),
         client: peer,
         dst,
@@ -248,6 +267,15 @@ impl Proxy {
         dst
     }
 
+    /// Where an inbound connection was going: sk_lookup keeps its addresses, so the accepted
+    /// socket's own address is the workload's. None for one addressed to the inbound port
+    /// itself, which would only loop back to the agent.
+    fn inbound_dst(&self, client: &TcpStream) -> Option<SocketAddr> {
+        let local = client.local_addr().ok()?;
+        let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+        (local.port() != self.inbound_port).then_some(local)
+    }
+
     fn count_connect_error(&self, labels: &TcpLabels, error: &std::io::Error) {
         let connect_error = ConnectErrorLabels {
             direction: labels.direction,
@@ -301,7 +329,7 @@ impl Proxy {
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, D, F>(_: impl Fn(A, B, C, D) -> F) -> usize {
+    fn future_size<A, B, C, D, E, F>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

@@ -1,28 +1,33 @@
 //! Intercept: load the kernel programs, pin and fill their maps, attach them to the meshed
-//! cgroup, and detach them again. Links are deliberately not pinned: when the agent dies, the
-//! kernel drops them and the cgroup's traffic flows directly again (fail-open).
+//! cgroup (and sk_lookup to each served network namespace), and detach them again. Links are
+//! deliberately not pinned: when the agent dies, the kernel drops them and the cgroup's
+//! traffic flows directly again (fail-open).
 
 use std::{
     fs,
-    net::{Ipv4Addr, Ipv6Addr},
-    os::fd::AsFd,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use agent_common::{
-    AgentLiveness, ConnTuple, KernelCounters, OriginalDst, ProxyConfig, SKIP_PORT_WORDS,
-    ServedNetns, map_names, program_names, skip_port_slot,
+    AF_INET, AF_INET6, AgentLiveness, ConnTuple, INBOUND_PASSTHROUGH_IP4, InboundAddr, InboundSock,
+    KernelCounters, OriginalDst, ProxyConfig, SERVED_INBOUND, SKIP_PORT_WORDS, ServedNetns,
+    map_names, program_names, skip_port_slot,
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, SockHash, lpm_trie::Key},
     pin::PinError,
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkSkb, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, ProgramFd, SkLookup, SkSkb,
+        SockOps,
+    },
 };
 use ipnetwork::IpNetwork;
 use parking_lot::Mutex;
 
-use crate::config::Config;
+use crate::config::{Config, PortSet};
 
 /// The compiled agent-ebpf object, embedded at build time (see build.rs).
 static EBPF_OBJECT: &[u8] =
@@ -128,6 +133,22 @@ pub enum InterceptError {
         #[source]
         source: ProgramError,
     },
+    #[error("attaching {program} to a network namespace")]
+    AttachNetns {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading an inbound listener's address")]
+    ListenerAddr(#[source] std::io::Error),
+    #[error("registering an inbound listener in INBOUND_SOCKS")]
+    InboundListener(#[source] MapError),
+    #[error("adding pod address {addr} to INBOUND_ADDRS")]
+    InboundAddr {
+        addr: IpAddr,
+        #[source]
+        source: MapError,
+    },
     #[error("attaching {program} to {map}")]
     AttachToMap {
         program: &'static str,
@@ -174,8 +195,9 @@ pub struct ServedNetnsMap(Mutex<HashMap<MapData, u64, ServedNetns>>);
 pub struct KernelCounterMap(PerCpuArray<MapData, KernelCounters>);
 
 impl Intercept {
-    /// Loads the programs and pins and fills the maps; nothing is attached yet.
-    pub fn load(config: &Config) -> Result<Self> {
+    /// Loads the programs and pins and fills the maps; nothing is attached yet. `host_netns`
+    /// is the agent's own namespace when it serves it (host mode).
+    pub fn load(config: &Config, host_netns: Option<u64>) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             return Err(InterceptError::NoObject);
         }
@@ -189,7 +211,7 @@ impl Intercept {
             pin_dir: config.pin_dir.clone(),
         };
         intercept.pin_maps()?;
-        intercept.fill_maps(config)?;
+        intercept.fill_maps(config, host_netns.unwrap_or(0))?;
         Ok(intercept)
     }
 
@@ -217,30 +239,18 @@ impl Intercept {
         Ok(())
     }
 
-    fn fill_maps(&mut self, config: &Config) -> Result<()> {
+    fn fill_maps(&mut self, config: &Config, host_netns: u64) -> Result<()> {
         let proxy = ProxyConfig {
             proxy_ip4: u32::from(Ipv4Addr::LOCALHOST).to_be(),
             proxy_ip6: ipv6_words(Ipv6Addr::LOCALHOST),
             enabled: 1,
             pad: 0,
             bypass_mark: config.bypass_mark,
+            passthrough_ip4: u32::from_ne_bytes(INBOUND_PASSTHROUGH_IP4),
+            host_netns,
         };
-        let mut skip_words = [0u64; SKIP_PORT_WORDS as usize];
-        for port in config.skip_outbound_ports.ports() {
-            let (word, bit) = skip_port_slot(port);
-            skip_words[word as usize] |= bit;
-        }
-        let mut skip_ports: Array<_, u64> = self.typed_map(map_names::SKIP_PORTS)?;
-        for (index, bits) in skip_words.iter().enumerate() {
-            if *bits != 0 {
-                skip_ports.set(index as u32, bits, 0).map_err(|source| {
-                    InterceptError::FillMap {
-                        map: map_names::SKIP_PORTS,
-                        source,
-                    }
-                })?;
-            }
-        }
+        self.fill_port_bitmap(map_names::SKIP_PORTS, &config.skip_outbound_ports)?;
+        self.fill_port_bitmap(map_names::SKIP_IN_PORTS, &config.skip_inbound_ports)?;
         self.fill_skip_networks(&config.skip_outbound_networks.0)?;
         // CONFIG last: the connect hooks do nothing until `enabled` is set.
         let mut config_map: Array<_, ProxyConfig> = self.typed_map(map_names::CONFIG)?;
@@ -250,6 +260,24 @@ impl Intercept {
                 map: map_names::CONFIG,
                 source,
             })?;
+        Ok(())
+    }
+
+    /// Sets one bit per port of `ports` in a skip-port bitmap map.
+    fn fill_port_bitmap(&mut self, name: &'static str, ports: &PortSet) -> Result<()> {
+        let mut words = [0u64; SKIP_PORT_WORDS as usize];
+        for port in ports.ports() {
+            let (word, bit) = skip_port_slot(port);
+            words[word as usize] |= bit;
+        }
+        let mut bitmap: Array<_, u64> = self.typed_map(name)?;
+        for (index, bits) in words.iter().enumerate() {
+            if *bits != 0 {
+                bitmap
+                    .set(index as u32, bits, 0)
+                    .map_err(|source| InterceptError::FillMap { map: name, source })?;
+            }
+        }
         Ok(())
     }
 
@@ -317,6 +345,36 @@ impl Intercept {
 
     pub fn kernel_counter_map(&mut self) -> Result<KernelCounterMap> {
         self.typed_map(map_names::COUNTERS).map(KernelCounterMap)
+    }
+
+    /// Loads the two sk_lookup programs and opens the inbound maps. Nothing is attached:
+    /// `Inbound::attach` does that per namespace, once its inbound listeners are registered.
+    pub fn inbound(&mut self) -> Result<Inbound> {
+        let mut program_fd = |name: &'static str| -> Result<ProgramFd> {
+            let program: &mut SkLookup = program_named(&mut self.ebpf, name)?.try_into()?;
+            program
+                .load()
+                .map_err(|source| InterceptError::LoadProgram {
+                    program: name,
+                    source,
+                })?;
+            program
+                .fd()?
+                .try_clone()
+                .map_err(|source| InterceptError::AttachNetns {
+                    program: name,
+                    source,
+                })
+        };
+        let host_program = program_fd(program_names::INBOUND_HOST)?;
+        let pod_program = program_fd(program_names::INBOUND_POD)?;
+        Ok(Inbound {
+            host_program,
+            pod_program,
+            socks: Mutex::new(self.typed_map(map_names::INBOUND_SOCKS)?),
+            addrs: Mutex::new(self.typed_map(map_names::INBOUND_ADDRS)?),
+            links: Mutex::new(Vec::new()),
+        })
     }
 
     /// Sets up in-kernel forwarding: attaches the `sockmesh_fwd` verdict to FWD_ACTIVE and
@@ -478,12 +536,137 @@ fn forget_netns_in(map: &mut TupleMap, netns_cookie: u64) -> usize {
     stale.len()
 }
 
+/// Inbound capture: the sk_lookup programs, the agent's inbound listeners and the pods'
+/// addresses they find namespaces by, and one link per namespace they are attached to. A
+/// namespace's order is listeners registered, addresses added, then attached (then
+/// `ServedNetnsMap::serve` turns capture on); removal is the reverse.
+pub struct Inbound {
+    host_program: ProgramFd,
+    pod_program: ProgramFd,
+    socks: Mutex<SockHash<MapData, InboundSock>>,
+    addrs: Mutex<HashMap<MapData, InboundAddr, u64>>,
+    /// (netns cookie, link): closing a link detaches the program from that namespace.
+    links: Mutex<Vec<(u64, OwnedFd)>>,
+}
+
+/// Which sk_lookup program a namespace gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundScope {
+    /// The agent's own namespace: its cookie is in CONFIG.
+    Host,
+    /// A pod's: found by the address a connection arrives at.
+    Pod,
+}
+
+impl Inbound {
+    /// Registers the inbound listeners of a namespace (one per family; each stands for its
+    /// SO_REUSEPORT group). The kernel removes a listener from the map when it closes.
+    pub fn register_listeners(
+        &self,
+        netns_cookie: u64,
+        listeners: &[std::net::TcpListener],
+    ) -> Result<()> {
+        let mut socks = self.socks.lock();
+        for listener in listeners {
+            let family = match listener
+                .local_addr()
+                .map_err(InterceptError::ListenerAddr)?
+            {
+                std::net::SocketAddr::V4(_) => AF_INET,
+                std::net::SocketAddr::V6(_) => AF_INET6,
+            };
+            let key = InboundSock {
+                netns: netns_cookie,
+                family: u32::from(family),
+                pad: 0,
+            };
+            socks
+                .insert(key, std::os::fd::AsRawFd::as_raw_fd(listener), 0)
+                .map_err(InterceptError::InboundListener)?;
+        }
+        Ok(())
+    }
+
+    /// A pod's addresses now lead to its namespace.
+    pub fn add_addresses(&self, netns_cookie: u64, ips: &[IpAddr]) -> Result<()> {
+        let mut addrs = self.addrs.lock();
+        for ip in ips {
+            addrs
+                .insert(inbound_addr(*ip), netns_cookie, 0)
+                .map_err(|source| InterceptError::InboundAddr { addr: *ip, source })?;
+        }
+        Ok(())
+    }
+
+    /// Removes a pod's addresses, unless another pod holds one of them by now.
+    pub fn remove_addresses(&self, netns_cookie: u64, ips: &[IpAddr]) {
+        let mut addrs = self.addrs.lock();
+        for ip in ips {
+            let key = inbound_addr(*ip);
+            if addrs.get(&key, 0).ok() == Some(netns_cookie) {
+                let _ = addrs.remove(&key);
+            }
+        }
+    }
+
+    /// Attaches the scope's sk_lookup program to the namespace `netns` refers to.
+    pub fn attach(
+        &self,
+        netns_cookie: u64,
+        netns: BorrowedFd<'_>,
+        scope: InboundScope,
+    ) -> Result<()> {
+        let (program, name) = match scope {
+            InboundScope::Host => (&self.host_program, program_names::INBOUND_HOST),
+            InboundScope::Pod => (&self.pod_program, program_names::INBOUND_POD),
+        };
+        let link = crate::sys::link_sk_lookup(program.as_fd(), netns).map_err(|source| {
+            InterceptError::AttachNetns {
+                program: name,
+                source,
+            }
+        })?;
+        self.links.lock().push((netns_cookie, link));
+        Ok(())
+    }
+
+    /// Detaches from one namespace: its inbound connections reach the workload directly.
+    pub fn detach(&self, netns_cookie: u64) {
+        self.links
+            .lock()
+            .retain(|(cookie, _)| *cookie != netns_cookie);
+    }
+
+    /// Detaches from every namespace (shutdown).
+    pub fn detach_all(&self) {
+        let count = std::mem::take(&mut *self.links.lock()).len();
+        if count > 0 {
+            tracing::info!(namespaces = count, "inbound capture detached");
+        }
+    }
+}
+
+fn inbound_addr(ip: IpAddr) -> InboundAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => InboundAddr {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            family: u32::from(AF_INET),
+        },
+        IpAddr::V6(v6) => InboundAddr {
+            addr: ipv6_words(v6),
+            family: u32::from(AF_INET6),
+        },
+    }
+}
+
 impl ServedNetnsMap {
-    /// From now on, TCP connects in this namespace go to `proxy_port` there.
+    /// From now on, TCP connects in this namespace go to `proxy_port` there, and connections
+    /// to its meshed listeners go through the agent (the namespace's sk_lookup link and
+    /// inbound listeners must be in place).
     pub fn serve(&self, netns_cookie: u64, proxy_port: u16) -> Result<()> {
         let served = ServedNetns {
             proxy_port,
-            flags: 0,
+            flags: SERVED_INBOUND,
             policy: 0,
         };
         self.0
@@ -513,6 +696,10 @@ impl KernelCounterMap {
                 sum.bypassed_unserved_netns += cpu.bypassed_unserved_netns;
                 sum.bypassed_agent_unresponsive += cpu.bypassed_agent_unresponsive;
                 sum.bypassed_over_capacity += cpu.bypassed_over_capacity;
+                sum.inbound_redirected += cpu.inbound_redirected;
+                sum.inbound_bypassed_port += cpu.inbound_bypassed_port;
+                sum.inbound_bypassed_agent_unresponsive += cpu.inbound_bypassed_agent_unresponsive;
+                sum.inbound_bypassed_over_capacity += cpu.inbound_bypassed_over_capacity;
                 sum
             }))
     }

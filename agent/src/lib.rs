@@ -27,6 +27,7 @@ pub mod netns;
 pub mod ops;
 pub mod original_dst;
 pub mod pod;
+pub mod policy;
 pub mod run;
 pub mod sys;
 pub mod tap;

@@ -56,6 +56,11 @@ impl Netns {
         self.cookie
     }
 
+    /// The namespace file, for attaching programs to the namespace.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
     /// Whether `path` still names this namespace. It does not once the runtime removed the
     /// pod's namespace file (ours keeps the namespace itself alive).
     pub fn still_at(&self, path: &Path) -> bool {

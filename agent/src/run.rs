@@ -19,9 +19,9 @@ use crate::{
     config::{Config, CopyMode},
     connection::Proxy,
     forward::kernel::KernelForwarder,
-    intercept::Intercept,
+    intercept::{Inbound, InboundScope, Intercept},
     liveness::{HEARTBEAT_PERIOD, Heartbeats, Publisher},
-    metrics::Metrics,
+    metrics::{Direction, Metrics},
     netns::{Netns, Origin},
     pod::{Pods, PodsConfig, server::CniSocket, store::Store},
     tap::Tap,
@@ -39,6 +39,8 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     tracing::info!(
         cgroup = %config.cgroup.display(),
         outbound_port = config.outbound_port,
+        inbound_port = config.inbound_port,
+        skip_inbound_ports = %config.skip_inbound_ports,
         admin = %config.admin_addr,
         skip_ports = %config.skip_outbound_ports,
         skip_networks = %config.skip_outbound_networks,
@@ -49,7 +51,9 @@ pub fn run(mut args: RunArgs) -> Result<()> {
 }
 
 async fn serve(config: Config) -> Result<()> {
-    let mut intercept = Intercept::load(&config)?;
+    let host = Netns::current().context("opening the agent's network namespace")?;
+    let mut intercept = Intercept::load(&config, config.serve_host_netns.then(|| host.cookie()))?;
+    let inbound = Arc::new(intercept.inbound()?);
     let kernel_counters = intercept.kernel_counter_map()?;
     let metrics = Arc::new(Metrics::new(Box::new(move || Ok(kernel_counters.read()?))));
     let served = Arc::new(intercept.served_netns_map()?);
@@ -86,16 +90,17 @@ async fn serve(config: Config) -> Result<()> {
         shutdown.child_token(),
     ));
     let threads = start_proxy_threads(&shutdown)?;
-    let host = Netns::current().context("opening the agent's network namespace")?;
     let host_scope = Scope {
         origin: Origin::host(host.cookie()),
         proxy: Arc::clone(&proxy),
+        direction: Direction::Outbound,
         connections: connections.clone(),
         stop_accepting: proxy_shutdown.clone(),
         pod_drain: None,
     };
     if config.serve_host_netns {
         threads.listen(&host_scope, config.outbound_port)?;
+        listen_inbound(&threads, &host_scope, &host, &inbound, config.inbound_port)?;
         served.serve(host.cookie(), config.outbound_port)?;
     }
     let (cni, pods) = match &config.cni_socket {
@@ -104,11 +109,13 @@ async fn serve(config: Config) -> Result<()> {
                 threads: threads.clone(),
                 proxy: Arc::clone(&proxy),
                 served: Arc::clone(&served),
+                inbound: Arc::clone(&inbound),
                 connections: connections.clone(),
                 stop_accepting: proxy_shutdown.clone(),
                 abort: shutdown.clone(),
                 host_netns_cookie: host.cookie(),
                 outbound_port: config.outbound_port,
+                inbound_port: config.inbound_port,
                 drain: config.shutdown_grace,
                 store: Store::beside(socket),
             }));
@@ -127,6 +134,7 @@ async fn serve(config: Config) -> Result<()> {
     tracing::info!(reason, "shutting down");
     admin_state.ready.store(false, Ordering::SeqCst);
     intercept.detach();
+    inbound.detach_all();
     // A connect the programs redirected just before the detach may still be on its way into
     // a listener's queue; the listeners accept their whole backlog before they close.
     tokio::time::sleep(REDIRECT_SETTLE).await;
@@ -148,6 +156,24 @@ async fn serve(config: Config) -> Result<()> {
     }
     drop(intercept);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// The host's inbound listeners, registered with the kernel, and the host's sk_lookup program.
+fn listen_inbound(
+    threads: &ProxyThreads,
+    outbound: &Scope,
+    host: &Netns,
+    inbound: &Inbound,
+    port: u16,
+) -> Result<()> {
+    let scope = Scope {
+        direction: Direction::Inbound,
+        ..outbound.clone()
+    };
+    let listeners = threads.listen(&scope, port)?;
+    inbound.register_listeners(host.cookie(), &listeners)?;
+    inbound.attach(host.cookie(), host.as_fd(), InboundScope::Host)?;
     Ok(())
 }
 
@@ -180,7 +206,8 @@ fn liveness_publisher(
     pods: Option<Arc<Pods>>,
     admin: &Arc<AdminState>,
 ) -> Result<Publisher> {
-    let listeners_per_pod = 2 * threads.handles.len() as u64;
+    // An outbound and an inbound pair per proxy thread.
+    let listeners_per_pod = 4 * threads.handles.len() as u64;
     let metrics = Arc::clone(&admin.metrics);
     Ok(Publisher {
         map: intercept.liveness_map()?,

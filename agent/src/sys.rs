@@ -12,6 +12,49 @@ use std::{
     ptr,
 };
 
+// === BPF links ===
+
+/// `BPF_LINK_CREATE` and `BPF_SK_LOOKUP` (linux/bpf.h).
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_SK_LOOKUP: u32 = 36;
+
+/// The leading fields of `union bpf_attr` for `BPF_LINK_CREATE`; the kernel reads only the
+/// size passed and treats the rest as zero.
+#[repr(C)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// Attaches the sk_lookup program `program` to the network namespace `netns` as a bpf_link.
+/// Closing the returned fd (or the process ending) detaches it. aya attaches through
+/// `&mut` on the program inside its loader; a pod's attach needs nothing but the two fds.
+pub fn link_sk_lookup(program: BorrowedFd<'_>, netns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: netns.as_raw_fd() as u32,
+        attach_type: BPF_SK_LOOKUP,
+        flags: 0,
+    };
+    // SAFETY: bpf(2) reads `size_of::<LinkCreateAttr>()` bytes from a valid, initialised
+    // struct that outlives the call; both fds are borrowed, so open.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &attr as *const LinkCreateAttr,
+            mem::size_of::<LinkCreateAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a link fd the kernel just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 // === Namespaces ===
 
 /// setns(2) into the network namespace `netns` refers to, for the calling thread only. Fails
@@ -81,6 +124,17 @@ fn set_option<T: Copy>(
 /// it also makes TCP signal "data ready" when that many bytes are already queued.
 pub fn set_rcvlowat(socket: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
     set_option(socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+/// IP_BIND_ADDRESS_NO_PORT: a bind to an address (without a port) leaves the port to
+/// connect(2), which needs only the whole 4-tuple to be unique, not the port alone.
+pub fn set_bind_address_no_port(socket: &impl AsRawFd) -> io::Result<()> {
+    set_option(
+        socket,
+        libc::IPPROTO_IP,
+        libc::IP_BIND_ADDRESS_NO_PORT,
+        1 as libc::c_int,
+    )
 }
 
 /// TCP_INFO: one consistent snapshot of the connection's counters and state.

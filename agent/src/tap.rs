@@ -12,7 +12,7 @@ use std::{
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::metrics::WorkloadLabels;
+use crate::metrics::{Direction, WorkloadLabels};
 
 /// Events buffered per watcher before a slow one starts skipping.
 const CAPACITY: usize = 4096;
@@ -23,6 +23,8 @@ pub enum TapEvent {
     TcpOpen {
         ts_ms: u64,
         id: u64,
+        /// `outbound` or `inbound`.
+        direction: Direction,
         client: SocketAddr,
         dst: SocketAddr,
         /// `namespace` and `pod` (empty in host mode).
@@ -32,6 +34,7 @@ pub enum TapEvent {
     TcpClose {
         ts_ms: u64,
         id: u64,
+        direction: Direction,
         #[serde(flatten)]
         workload: WorkloadLabels,
         client: SocketAddr,
@@ -46,6 +49,7 @@ pub enum TapEvent {
     Http {
         ts_ms: u64,
         id: u64,
+        direction: Direction,
         #[serde(flatten)]
         workload: WorkloadLabels,
         dst: SocketAddr,
@@ -217,6 +221,7 @@ mod tests {
         TapEvent::Http {
             ts_ms: 0,
             id: 1,
+            direction: Direction::Outbound,
             workload: WorkloadLabels::default(),
             dst: SocketAddr::from(([127, 0, 0, 1], port)),
             method: method.into(),
@@ -233,6 +238,7 @@ mod tests {
         TapEvent::TcpOpen {
             ts_ms: 0,
             id: 1,
+            direction: Direction::Outbound,
             client: addr,
             dst: addr,
             workload: WorkloadLabels::default(),

@@ -31,6 +31,9 @@ pub struct AgentOptions {
 pub struct Agent {
     child: Child,
     pub outbound_port: u16,
+    /// A port of its own: agents of tests running at once share the host's namespace, and
+    /// two inbound listeners on one port would join one SO_REUSEPORT group.
+    pub inbound_port: u16,
     pub admin: SocketAddr,
     pub pin_dir: PathBuf,
     pub log: PathBuf,
@@ -45,6 +48,7 @@ impl Agent {
 
     pub fn start_with(cgroup: &TestCgroup, options: AgentOptions) -> Self {
         let outbound_port = free_port();
+        let inbound_port = free_port();
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let name = cgroup
             .path()
@@ -70,6 +74,8 @@ impl Agent {
             .arg(cgroup.path())
             .arg("--outbound-port")
             .arg(outbound_port.to_string())
+            .arg("--inbound-port")
+            .arg(inbound_port.to_string())
             .arg("--admin-addr")
             .arg(admin.to_string())
             .arg("--pin-dir")
@@ -85,6 +91,7 @@ impl Agent {
         let mut agent = Self {
             child,
             outbound_port,
+            inbound_port,
             admin,
             pin_dir,
             log,

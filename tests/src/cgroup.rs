@@ -63,6 +63,13 @@ impl TestCgroup {
         command
     }
 
+    /// `command` (program and arguments) run inside this cgroup instead.
+    pub fn wrap(&self, command: &Command) -> Command {
+        let mut wrapped = self.command(command.get_program());
+        wrapped.args(command.get_args());
+        wrapped
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         fs::read_to_string(self.path.join("cgroup.procs"))
             .unwrap_or_default()

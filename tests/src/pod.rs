@@ -216,16 +216,12 @@ impl Pod {
         command
     }
 
-    /// Starts a server process in this pod (it joins the pod's network namespace only; the
-    /// agent does not capture inbound connections) and waits until it accepts on `addr`.
+    /// Starts a server process in this pod (its cgroup and network namespace, as a container
+    /// of a Kubernetes pod is: the agent captures its inbound connections) and waits until it
+    /// accepts on `addr`.
     pub fn server(&self, command: Command, addr: SocketAddr, log: Option<&Path>) -> ServerProcess {
-        let mut wrapped = Command::new("nsenter");
-        wrapped
-            .arg(format!("--net={}", self.netns_path.display()))
-            .arg("--")
-            .arg(command.get_program())
-            .args(command.get_args())
-            .stdout(Stdio::null());
+        let mut wrapped = self.command(command.get_program());
+        wrapped.args(command.get_args()).stdout(Stdio::null());
         match log {
             Some(path) => wrapped.stderr(fs::File::create(path).expect("server log")),
             None => wrapped.stderr(Stdio::null()),

@@ -80,15 +80,20 @@ pub struct WorkloadLabels {
     pub pod: SharedLabel,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Direction {
+    /// A meshed process's connect (connect4/6 redirect).
     Outbound,
+    /// A connection to a meshed process's listening port (sk_lookup).
+    Inbound,
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
         }
     }
 }
@@ -380,6 +385,28 @@ impl Collector for KernelCollector {
             probe.metric_type(),
         )?;
         for (decision, value) in decisions {
+            let labels = DecisionLabels { decision };
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        let inbound = [
+            ("redirected", counters.inbound_redirected),
+            ("bypassed_port", counters.inbound_bypassed_port),
+            (
+                "bypassed_agent_unresponsive",
+                counters.inbound_bypassed_agent_unresponsive,
+            ),
+            (
+                "bypassed_over_capacity",
+                counters.inbound_bypassed_over_capacity,
+            ),
+        ];
+        let mut family = encoder.encode_descriptor(
+            "sockmesh_kernel_inbound",
+            "Connections to meshed listening ports seen by the sk_lookup programs, by decision",
+            None,
+            probe.metric_type(),
+        )?;
+        for (decision, value) in inbound {
             let labels = DecisionLabels { decision };
             ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
         }

@@ -1,8 +1,8 @@
 //! Pod mode: the pods the agent serves in their own network namespaces. For each pod a chained
-//! CNI plugin (`sockmesh-cni`) registers, the agent opens its outbound listeners *inside* the
-//! pod's namespace (one pair per proxy thread), dials upstreams from there, and only then adds
-//! the namespace to `SERVED_NETNS`, so the kernel never redirects a connect to a port where
-//! nothing listens. Removing a pod reverses that order. The registry is kept on disk
+//! CNI plugin (`sockmesh-cni`) registers, the agent opens its outbound and inbound listeners
+//! *inside* the pod's namespace (one pair each per proxy thread), dials upstreams from there,
+//! attaches the inbound sk_lookup program to the namespace, and only then adds the namespace
+//! to `SERVED_NETNS`, so the kernel never sends a connection to a port where nothing listens. Removing a pod reverses that order. The registry is kept on disk
 //! (`store`) so a restarted agent re-adopts its pods; `server` speaks the CNI socket protocol
 //! (`api`).
 
@@ -20,8 +20,8 @@ use self::{api::PodInfo, store::Store};
 use crate::{
     accept::{AcceptError, PodDrain, ProxyThreads, Scope},
     connection::Proxy,
-    intercept::{InterceptError, ServedNetnsMap},
-    metrics::{ErrorChain, SharedLabel, WorkloadLabels},
+    intercept::{Inbound, InboundScope, InterceptError, ServedNetnsMap},
+    metrics::{Direction, ErrorChain, SharedLabel, WorkloadLabels},
     netns::{Netns, Origin},
 };
 
@@ -61,6 +61,7 @@ pub struct PodsConfig {
     pub threads: ProxyThreads,
     pub proxy: Arc<Proxy>,
     pub served: Arc<ServedNetnsMap>,
+    pub inbound: Arc<Inbound>,
     /// Every connection of the agent runs on this tracker.
     pub connections: TaskTracker,
     /// Cancelled at agent shutdown: every pod stops accepting.
@@ -70,6 +71,7 @@ pub struct PodsConfig {
     /// The agent's own network namespace: a pod in it is a host-network pod.
     pub host_netns_cookie: u64,
     pub outbound_port: u16,
+    pub inbound_port: u16,
     /// How long a removed pod's open connections may take to finish.
     pub drain: Duration,
     pub store: Store,
@@ -263,14 +265,13 @@ impl Pods {
         let scope = Scope {
             origin: Arc::clone(&origin),
             proxy: Arc::clone(&config.proxy),
+            direction: Direction::Outbound,
             connections: config.connections.clone(),
             stop_accepting: entry.stop_accepting.clone(),
             pod_drain: Some(entry.drain.clone()),
         };
-        let started = config
-            .threads
-            .listen(&scope, config.outbound_port)
-            .map_err(PodError::Listen)
+        let started = self
+            .listen(&scope, &entry.info)
             .and_then(|()| {
                 config
                     .served
@@ -280,6 +281,10 @@ impl Pods {
             .and_then(|()| config.store.save(&entry.info).map_err(PodError::Store));
         if let Err(error) = started {
             config.served.unserve(netns_cookie);
+            config.inbound.detach(netns_cookie);
+            config
+                .inbound
+                .remove_addresses(netns_cookie, &entry.info.ips);
             entry.stop_accepting.cancel();
             entry.drain.abort.cancel();
             return Err(error);
@@ -294,11 +299,45 @@ impl Pods {
         Ok(entry)
     }
 
+    /// Opens the pod's outbound listeners, then its inbound ones, which the pod's sk_lookup
+    /// program (attached last) steers connections to meshed ports into.
+    fn listen(&self, outbound: &Scope, pod: &PodInfo) -> Result<(), PodError> {
+        let config = &self.config;
+        let netns_cookie = outbound.origin.netns_cookie;
+        config
+            .threads
+            .listen(outbound, config.outbound_port)
+            .map_err(PodError::Listen)?;
+        let inbound_scope = Scope {
+            direction: Direction::Inbound,
+            ..outbound.clone()
+        };
+        let listeners = config
+            .threads
+            .listen(&inbound_scope, config.inbound_port)
+            .map_err(PodError::Listen)?;
+        let kernel = |result: Result<(), InterceptError>| result.map_err(PodError::Kernel);
+        kernel(config.inbound.register_listeners(netns_cookie, &listeners))?;
+        kernel(config.inbound.add_addresses(netns_cookie, &pod.ips))?;
+        if let Some(netns) = &outbound.origin.netns {
+            kernel(
+                config
+                    .inbound
+                    .attach(netns_cookie, netns.as_fd(), InboundScope::Pod),
+            )?;
+        }
+        Ok(())
+    }
+
     /// The kernel stops redirecting first, then the listeners close, then the pod's open
     /// connections get the drain period before they are closed.
     fn retire(&self, pod: ServedPod) {
         let config = &self.config;
         config.served.unserve(pod.netns_cookie());
+        config.inbound.detach(pod.netns_cookie());
+        config
+            .inbound
+            .remove_addresses(pod.netns_cookie(), &pod.info.ips);
         pod.stop_accepting.cancel();
         let stale = config.proxy.forget_netns(pod.netns_cookie());
         config.proxy.metrics.served_pods.dec();

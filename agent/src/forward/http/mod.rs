@@ -96,6 +96,8 @@ pub struct ConnInfo {
     pub origin: Arc<Origin>,
     /// The pod's labels (empty in host mode).
     pub workload: WorkloadLabels,
+    /// Outbound (a meshed client's connect) or inbound (to a meshed server).
+    pub direction: Direction,
 }
 
 /// Proxies HTTP between `client` and `server`, the connection to the original destination.
@@ -140,7 +142,7 @@ impl HttpProxy {
     ) -> ResponseRecord {
         let started = Instant::now();
         let labels = RequestLabels {
-            direction: Direction::Outbound,
+            direction: conn.direction,
             target_port: conn.dst.port(),
             workload: conn.workload.clone(),
             authority,
@@ -161,7 +163,7 @@ impl HttpProxy {
 
     fn count_error(&self, conn: &ConnInfo, reason: &'static str) {
         let labels = HttpErrorLabels {
-            direction: Direction::Outbound,
+            direction: conn.direction,
             workload: conn.workload.clone(),
             reason,
         };
@@ -241,6 +243,7 @@ pub(crate) mod test_support {
             dst,
             origin: Origin::host(0),
             workload: Default::default(),
+            direction: Direction::Outbound,
         }
     }
 

@@ -19,7 +19,7 @@ use hyper::{
 use super::ConnInfo;
 use crate::{
     metrics::{
-        Direction, Metrics,
+        Metrics,
         http::{HttpMetrics, LatencyLabels, ResponseLabels},
     },
     tap::{Tap, TapEvent, now_ms},
@@ -96,7 +96,7 @@ impl ResponseRecord {
     pub fn response_started(&mut self, status: u16) {
         self.status = status;
         let labels = LatencyLabels {
-            direction: Direction::Outbound,
+            direction: self.conn.direction,
             target_port: self.conn.dst.port(),
             workload: self.conn.workload.clone(),
             authority: self.authority.clone(),
@@ -123,7 +123,7 @@ impl ResponseRecord {
     fn record(&self, outcome: &Outcome) {
         let http: &HttpMetrics = &self.metrics.http;
         let labels = ResponseLabels {
-            direction: Direction::Outbound,
+            direction: self.conn.direction,
             target_port: self.conn.dst.port(),
             workload: self.conn.workload.clone(),
             authority: self.authority.clone(),
@@ -142,6 +142,7 @@ impl ResponseRecord {
         self.tap.publish(|| TapEvent::Http {
             ts_ms: now_ms(),
             id: self.conn.id,
+            direction: self.conn.direction,
             workload: self.conn.workload.clone(),
             dst: self.conn.dst,
             method: request.method.clone(),

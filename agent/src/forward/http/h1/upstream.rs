@@ -114,7 +114,7 @@ impl Upstream {
             self.stream = Some(
                 proxy
                     .dialer
-                    .connect(conn.dst, &conn.origin)
+                    .connect(conn.dst, &conn.origin, conn.direction)
                     .await
                     .map_err(Failure::Upstream)?,
             );

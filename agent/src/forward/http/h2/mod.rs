@@ -35,6 +35,7 @@ pub(super) async fn forward(
         conn.dst,
         proxy.dialer,
         Arc::clone(&conn.origin),
+        conn.direction,
         counters,
         proxy.tasks.clone(),
     )

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::{
     connect::Dialer,
     forward::{ByteCounters, io::Counted},
+    metrics::Direction,
     netns::Origin,
 };
 
@@ -29,6 +30,7 @@ pub struct Upstream {
     dst: SocketAddr,
     dialer: Dialer,
     origin: Arc<Origin>,
+    direction: Direction,
     counters: ByteCounters,
     /// Where each connection's task runs: the agent's drain.
     tasks: TaskTracker,
@@ -41,6 +43,7 @@ impl Upstream {
         dst: SocketAddr,
         dialer: Dialer,
         origin: Arc<Origin>,
+        direction: Direction,
         counters: ByteCounters,
         tasks: TaskTracker,
     ) -> Self {
@@ -48,6 +51,7 @@ impl Upstream {
             dst,
             dialer,
             origin,
+            direction,
             counters,
             tasks,
             sender: Mutex::new(None),
@@ -85,7 +89,10 @@ impl Upstream {
 
 impl Upstream {
     async fn reconnect(&self) -> Result<Sender, UpstreamError> {
-        let server = self.dialer.connect(self.dst, &self.origin).await?;
+        let server = self
+            .dialer
+            .connect(self.dst, &self.origin, self.direction)
+            .await?;
         Ok(handshake(server, &self.counters, &self.tasks).await?)
     }
 }
