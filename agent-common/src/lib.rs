@@ -42,9 +42,13 @@ pub mod map_names {
     pub const INBOUND_ADDRS: &str = "INBOUND_ADDRS";
     /// Inbound: one bit per destination port that sk_lookup leaves alone.
     pub const SKIP_IN_PORTS: &str = "SKIP_IN_PORTS";
+    /// Per-workload policies (the policy file), by policy id.
+    pub const POLICIES: &str = "POLICIES";
+    /// Host mode: the policy id of each cgroup a policy entry selects, by cgroup id.
+    pub const CGROUP_POLICY: &str = "CGROUP_POLICY";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 18] = [
         CONFIG,
         SERVED_NETNS,
         LIVENESS,
@@ -61,6 +65,8 @@ pub mod map_names {
         INBOUND_SOCKS,
         INBOUND_ADDRS,
         SKIP_IN_PORTS,
+        POLICIES,
+        CGROUP_POLICY,
     ];
 }
 
@@ -114,6 +120,14 @@ pub const MAX_INBOUND_SOCKS: u32 = 2 * MAX_SERVED_NETNS;
 /// The skip-port bitmap: one bit per TCP port, 64 ports per word.
 pub const SKIP_PORT_WORDS: u32 = 65_536 / 64;
 
+/// Distinct per-workload policies the kernel holds at once (workloads with the same effective
+/// settings share one).
+pub const MAX_POLICIES: u32 = 256;
+/// Host-mode cgroups a policy can select at once.
+pub const MAX_POLICY_CGROUPS: u32 = 4_096;
+/// `KernelPolicy::flags`: `linkerd.io/inject: disabled`, nothing is redirected or captured.
+pub const POLICY_INJECT_DISABLED: u32 = 1;
+
 /// Socket mark the agent sets on its own upstream sockets. connect4/6 never redirect a socket
 /// carrying it, so the agent can run inside the cgroup it meshes without proxying to itself.
 pub const DEFAULT_BYPASS_MARK: u32 = 0x534d_0001;
@@ -163,7 +177,7 @@ pub struct ServedNetns {
     pub proxy_port: u16,
     /// `SERVED_*` bits.
     pub flags: u16,
-    /// Reserved: a per-workload policy id (0 = the node-wide lists).
+    /// The namespace's policy id in `POLICIES` (0: the node-wide lists only).
     pub policy: u32,
 }
 
@@ -210,6 +224,19 @@ pub struct ConnTuple {
     pub pad: u16,
     /// Cookie of the network namespace both sockets live in.
     pub netns: u64,
+}
+
+/// `POLICIES` value: one workload's settings the kernel applies, added to the node-wide ones.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelPolicy {
+    /// `POLICY_*` bits.
+    pub flags: u32,
+    pub pad: u32,
+    /// Destination ports connect4/6 leave alone, one bit per port (as `SKIP_PORTS`).
+    pub skip_outbound: [u64; SKIP_PORT_WORDS as usize],
+    /// Listening ports sk_lookup leaves alone.
+    pub skip_inbound: [u64; SKIP_PORT_WORDS as usize],
 }
 
 /// `INBOUND_PORTS` key: a TCP port a meshed process listens on, in its namespace.
@@ -281,6 +308,8 @@ pub struct KernelCounters {
     pub inbound_bypassed_agent_unresponsive: u64,
     /// Inbound connections left alone because the agent was at its budget.
     pub inbound_bypassed_over_capacity: u64,
+    /// TCP connects left alone because the workload's policy says `linkerd.io/inject: disabled`.
+    pub bypassed_unmeshed_workload: u64,
 }
 
 /// Word index and bit mask of `port` in the skip-port bitmap.
@@ -300,6 +329,7 @@ mod pod {
     unsafe impl aya::Pod for super::AgentLiveness {}
     unsafe impl aya::Pod for super::InboundPort {}
     unsafe impl aya::Pod for super::MeshedListener {}
+    unsafe impl aya::Pod for super::KernelPolicy {}
     unsafe impl aya::Pod for super::InboundSock {}
     unsafe impl aya::Pod for super::InboundAddr {}
 }
@@ -328,7 +358,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<InboundAddr>(), 20);
         assert_eq!(core::mem::size_of::<OriginalDst>(), 16 + 2 + 2);
         assert_eq!(core::mem::size_of::<ConnTuple>(), 32 + 8 + 8);
-        assert_eq!(core::mem::size_of::<KernelCounters>(), 12 * 8);
+        assert_eq!(core::mem::size_of::<KernelCounters>(), 13 * 8);
+        assert_eq!(core::mem::size_of::<KernelPolicy>(), 8 + 2 * 8 * 1024);
         assert_eq!(core::mem::size_of::<AgentLiveness>(), 3 * 8);
         assert_eq!(core::mem::size_of::<ServedNetns>(), 8);
     }

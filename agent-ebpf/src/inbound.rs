@@ -9,16 +9,16 @@
 //! address the connection arrives at (pod addresses are unique on a node).
 
 use agent_common::{
-    AF_INET, AF_INET6, InboundAddr, InboundPort, InboundSock, KernelCounters, ProxyConfig,
-    SERVED_INBOUND,
+    AF_INET, AF_INET6, InboundAddr, InboundPort, InboundSock, KernelCounters,
+    POLICY_INJECT_DISABLED, ProxyConfig, SERVED_INBOUND,
 };
 use aya_ebpf::{bindings::bpf_sk_lookup, programs::SkLookupContext};
 
 use crate::{
     access::{read_field, read_words},
     maps::{
-        INBOUND_ADDRS, INBOUND_PORTS, INBOUND_SOCKS, SERVED_NETNS, SKIP_IN_PORTS, count, port_in,
-        proxy_config,
+        INBOUND_ADDRS, INBOUND_PORTS, INBOUND_SOCKS, SERVED_NETNS, SKIP_IN_PORTS, count, policy,
+        port_in, port_in_words, proxy_config,
     },
     redirect::{Decision, agent_can_serve},
 };
@@ -62,10 +62,19 @@ pub fn lookup(ctx: &SkLookupContext, attached: Attached) {
     let Some(netns) = namespace_of(config, &conn, attached) else {
         return;
     };
-    if !serves_inbound(netns) || !is_meshed_listener(netns, &conn) {
+    let Some(policy_id) = served_policy(netns) else {
+        return;
+    };
+    if !is_meshed_listener(netns, &conn) {
         return;
     }
-    if port_in(&SKIP_IN_PORTS, conn.local_port) {
+    let policy = policy(policy_id);
+    if policy.is_some_and(|p| p.flags & POLICY_INJECT_DISABLED != 0) {
+        return;
+    }
+    if port_in(&SKIP_IN_PORTS, conn.local_port)
+        || policy.is_some_and(|p| port_in_words(&p.skip_inbound, conn.local_port))
+    {
         count(|c: &mut KernelCounters| &mut c.inbound_bypassed_port);
         return;
     }
@@ -108,17 +117,18 @@ unsafe fn read_lookup(lookup: *mut bpf_sk_lookup) -> Lookup {
 }
 
 /// The agent's own connections to workloads, and everything a pod sends itself. IPv4: the
-/// agent dials from the passthrough address. In a pod, the agent's dial (and any connection
-/// the pod makes to itself) arrives on loopback, while inbound traffic arrives on the pod's
-/// interface: loopback is never captured there. On the host, IPv6 has no passthrough address,
-/// so IPv6 over loopback is left alone too.
+/// agent dials from the passthrough address. IPv6 has none: the agent dials from the
+/// workload's own address, so a connection whose two ends share an address is let through
+/// (on the host that leaves out IPv6 clients of the host's own addresses, ::1 included). In
+/// a pod the same rule, and loopback, cover the pod talking to itself, which is not inbound.
 #[inline(always)]
 fn is_passthrough(config: &ProxyConfig, conn: &Lookup, attached: Attached) -> bool {
-    if conn.family == u32::from(AF_INET) && conn.remote[0] == config.passthrough_ip4 {
+    let ipv6 = conn.family == u32::from(AF_INET6);
+    if !ipv6 && conn.remote[0] == config.passthrough_ip4 {
         return true;
     }
-    conn.ingress_ifindex == LOOPBACK_IFINDEX
-        && (attached == Attached::Pod || conn.family == u32::from(AF_INET6))
+    (ipv6 || attached == Attached::Pod)
+        && (conn.remote == conn.local || conn.ingress_ifindex == LOOPBACK_IFINDEX)
 }
 
 #[inline(always)]
@@ -136,12 +146,12 @@ fn namespace_of(config: &ProxyConfig, conn: &Lookup, attached: Attached) -> Opti
     }
 }
 
+/// The namespace's policy id, if the agent captures inbound connections there.
 #[inline(always)]
-fn serves_inbound(netns: u64) -> bool {
+fn served_policy(netns: u64) -> Option<u32> {
     // SAFETY: copied out at once.
-    SERVED_NETNS
-        .get_ptr(netns)
-        .is_some_and(|served| unsafe { (*served).flags } & SERVED_INBOUND != 0)
+    let served = unsafe { *SERVED_NETNS.get_ptr(netns)? };
+    (served.flags & SERVED_INBOUND != 0).then_some(served.policy)
 }
 
 /// Whether a meshed process listens on this port in this namespace, on this address (or on

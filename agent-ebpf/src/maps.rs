@@ -3,9 +3,9 @@
 
 use agent_common::{
     AgentLiveness, ConnTuple, FWD_MAP_ENTRIES, InboundAddr, InboundPort, InboundSock,
-    KernelCounters, MAX_INBOUND_ADDRS, MAX_INBOUND_PORTS, MAX_INBOUND_SOCKS, MAX_SERVED_NETNS,
-    MAX_SKIP_NETWORKS, MAX_TRACKED_CONNECTIONS, MeshedListener, OriginalDst, ProxyConfig,
-    SKIP_PORT_WORDS, ServedNetns, skip_port_slot,
+    KernelCounters, KernelPolicy, MAX_INBOUND_ADDRS, MAX_INBOUND_PORTS, MAX_INBOUND_SOCKS,
+    MAX_POLICIES, MAX_POLICY_CGROUPS, MAX_SERVED_NETNS, MAX_SKIP_NETWORKS, MAX_TRACKED_CONNECTIONS,
+    MeshedListener, OriginalDst, ProxyConfig, SKIP_PORT_WORDS, ServedNetns, skip_port_slot,
 };
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
@@ -82,11 +82,37 @@ pub static INBOUND_ADDRS: HashMap<InboundAddr, u64, { MAX_INBOUND_ADDRS as usize
 #[btf_map]
 pub static SKIP_IN_PORTS: Array<u64, { SKIP_PORT_WORDS as usize }> = Array::new();
 
+/// Per-workload policies, by id (`ServedNetns::policy`, `CGROUP_POLICY`).
+#[btf_map]
+pub static POLICIES: HashMap<u32, KernelPolicy, { MAX_POLICIES as usize }> = HashMap::new();
+
+/// Host mode: cgroup id -> policy id, for the cgroups a policy entry selects.
+#[btf_map]
+pub static CGROUP_POLICY: HashMap<u64, u32, { MAX_POLICY_CGROUPS as usize }> = HashMap::new();
+
 /// Whether `port` has its bit set in a skip-port bitmap.
 #[inline(always)]
 pub fn port_in(bitmap: &Array<u64, { SKIP_PORT_WORDS as usize }>, port: u16) -> bool {
     let (word, bit) = skip_port_slot(port);
     bitmap.get(word).is_some_and(|bits| bits & bit != 0)
+}
+
+/// Whether `port` has its bit set in a policy's bitmap.
+#[inline(always)]
+pub fn port_in_words(words: &[u64; SKIP_PORT_WORDS as usize], port: u16) -> bool {
+    let (word, bit) = skip_port_slot(port);
+    words.get(word as usize).is_some_and(|bits| bits & bit != 0)
+}
+
+/// A policy by id; None for 0 (no policy) or an id the agent has not written.
+#[inline(always)]
+pub fn policy(id: u32) -> Option<&'static KernelPolicy> {
+    if id == 0 {
+        return None;
+    }
+    // SAFETY: the value lives in the map for as long as the map; the agent writes a changed
+    // policy under a new id and removes the old one only after no namespace or cgroup names it.
+    POLICIES.get_ptr(id).map(|policy| unsafe { &*policy })
 }
 
 /// Slot 0: the agent's heartbeat and budget, rewritten by the agent every 100 ms.

@@ -1,19 +1,24 @@
 //! connect4/connect6: decide whether a TCP connect goes to the proxy, and if so remember where
 //! it was going and rewrite it. Every path returns "allow": the hooks never refuse a connect.
 
-use agent_common::{AF_INET, AF_INET6, KernelCounters, OriginalDst, ProxyConfig, ServedNetns};
+use agent_common::{
+    AF_INET, AF_INET6, KernelCounters, OriginalDst, POLICY_INJECT_DISABLED, ProxyConfig,
+    ServedNetns,
+};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, bpf_sock_addr},
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::generated::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 
 use crate::access::read_words;
 use crate::maps::{
-    LIVENESS, ORIG_BY_COOKIE, SERVED_NETNS, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS, count,
-    count_open_redirects, open_redirects, port_in, proxy_config,
+    CGROUP_POLICY, LIVENESS, ORIG_BY_COOKIE, SERVED_NETNS, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS,
+    count, count_open_redirects, open_redirects, policy, port_in, port_in_words, proxy_config,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -22,6 +27,7 @@ const IPPROTO_TCP: u32 = 6;
 pub(crate) enum Decision {
     Redirect,
     BypassUnservedNetns,
+    BypassUnmeshedWorkload,
     BypassAgentUnresponsive,
     BypassOverCapacity,
     BypassSelf,
@@ -112,6 +118,18 @@ fn served_netns(ctx: &SockAddrContext) -> Option<ServedNetns> {
     SERVED_NETNS.get_ptr(netns).map(|served| unsafe { *served })
 }
 
+/// The caller's policy: its cgroup's (host mode: a policy entry selected it), else its
+/// namespace's (pod mode).
+#[inline(always)]
+fn workload_policy(served: &ServedNetns) -> u32 {
+    // SAFETY: bpf_get_current_cgroup_id is allowed in sock_addr programs.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: copied out at once.
+    CGROUP_POLICY
+        .get_ptr(cgroup)
+        .map_or(served.policy, |id| unsafe { *id })
+}
+
 #[inline(always)]
 fn is_tcp(sa: &bpf_sock_addr) -> bool {
     sa.type_ == SOCK_STREAM && sa.protocol == IPPROTO_TCP
@@ -136,6 +154,14 @@ fn decide(
     if port_in(&SKIP_PORTS, dst.port) {
         return Decision::BypassPort;
     }
+    if let Some(policy) = policy(workload_policy(&served)) {
+        if policy.flags & POLICY_INJECT_DISABLED != 0 {
+            return Decision::BypassUnmeshedWorkload;
+        }
+        if port_in_words(&policy.skip_outbound, dst.port) {
+            return Decision::BypassPort;
+        }
+    }
     if skip_network() {
         return Decision::BypassNetwork;
     }
@@ -149,6 +175,9 @@ fn record(ctx: &SockAddrContext, decision: Decision, dst: &OriginalDst) -> bool 
     match decision {
         Decision::BypassUnservedNetns => {
             count(|c: &mut KernelCounters| &mut c.bypassed_unserved_netns)
+        }
+        Decision::BypassUnmeshedWorkload => {
+            count(|c: &mut KernelCounters| &mut c.bypassed_unmeshed_workload)
         }
         Decision::BypassAgentUnresponsive => {
             count(|c: &mut KernelCounters| &mut c.bypassed_agent_unresponsive)

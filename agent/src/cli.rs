@@ -33,6 +33,8 @@ pub enum Command {
     Tap(TapArgs),
     /// Check that this node can run the agent (kernel, cgroup v2, bpffs, BTF, privileges).
     Check(CheckArgs),
+    /// Check a policy file (`run --policy`) and print what it selects, without an agent.
+    CheckPolicy(CheckPolicyArgs),
     /// Install sockmesh-cni on the node and chain it into the node's CNI network config; keep
     /// it chained, and undo both on SIGTERM/SIGINT (the DaemonSet's install-cni container).
     InstallCni(InstallCniArgs),
@@ -121,6 +123,12 @@ pub struct CheckArgs {
     /// Also check the cgroup the agent would mesh.
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckPolicyArgs {
+    /// The policy file.
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -232,6 +240,10 @@ pub struct RunArgs {
     /// [default: (open-file limit - 256) / 4, printed at start].
     #[arg(long, env = "SOCKMESH_MAX_CONNECTIONS")]
     pub max_connections: Option<u64>,
+    /// Per-workload policy file (YAML, Linkerd's annotation names; see README), reloaded when
+    /// its contents change; a bad file keeps the last good policy.
+    #[arg(long, env = "SOCKMESH_POLICY")]
+    pub policy: Option<PathBuf>,
     /// Unix socket where `sockmesh-cni` registers pods (pod mode); the pod registry is kept
     /// beside it, in `pods/`. An empty value turns pod mode off.
     #[arg(long, env = "SOCKMESH_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
@@ -287,6 +299,7 @@ impl RunArgs {
             serve_host_netns: self.serve_host_netns,
             liveness_timeout: self.liveness_timeout,
             max_connections: self.max_connections,
+            policy: self.policy,
             cni_socket: (!self.cni_socket.as_os_str().is_empty()).then_some(self.cni_socket),
         }
     }

@@ -282,6 +282,8 @@ pub struct Config {
     pub liveness_timeout: Duration,
     /// The connection budget; None: derived from the open-file limit.
     pub max_connections: Option<u64>,
+    /// The per-workload policy file, if any.
+    pub policy: Option<PathBuf>,
     /// The unix socket `sockmesh-cni` registers pods on (pod mode); None: no pod mode.
     pub cni_socket: Option<PathBuf>,
 }

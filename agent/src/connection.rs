@@ -180,7 +180,7 @@ async fn forward(
     counters: ByteCounters,
     proxy: &Proxy,
 ) -> (&'static str, CloseReason) {
-    let classified = if proxy.opaque_ports.contains(labels.target_port) {
+    let classified = if proxy.is_opaque(&conn.origin, labels.target_port) {
         Classified {
             protocol: Protocol::Opaque(OpaqueReason::OpaquePort),
             elapsed: Duration::ZERO,
@@ -224,7 +224,7 @@ async fn answer_unreachable(
     labels: &TcpLabels,
     proxy: &Proxy,
 ) -> &'static str {
-    if proxy.opaque_ports.contains(labels.target_port) {
+    if proxy.is_opaque(&conn.origin, labels.target_port) {
         opaque::reset(&client);
         return Protocol::Opaque(OpaqueReason::OpaquePort).result_label();
     }
@@ -265,6 +265,11 @@ impl Proxy {
             })
             .inc();
         dst
+    }
+
+    /// Opaque ports: the node-wide list plus the workload's policy.
+    fn is_opaque(&self, origin: &Origin, port: u16) -> bool {
+        self.opaque_ports.contains(port) || origin.policy_opaque(port)
     }
 
     /// Where an inbound connection was going: sk_lookup keeps its addresses, so the accepted

@@ -12,8 +12,8 @@ use std::{
 
 use agent_common::{
     AF_INET, AF_INET6, AgentLiveness, ConnTuple, INBOUND_PASSTHROUGH_IP4, InboundAddr, InboundSock,
-    KernelCounters, OriginalDst, ProxyConfig, SERVED_INBOUND, SKIP_PORT_WORDS, ServedNetns,
-    map_names, program_names, skip_port_slot,
+    KernelCounters, KernelPolicy, OriginalDst, ProxyConfig, SERVED_INBOUND, SKIP_PORT_WORDS,
+    ServedNetns, map_names, program_names, skip_port_slot,
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -139,6 +139,20 @@ pub enum InterceptError {
         #[source]
         source: std::io::Error,
     },
+    #[error("writing policy {id} to POLICIES")]
+    Policy {
+        id: u32,
+        #[source]
+        source: MapError,
+    },
+    #[error("setting the policy of cgroup {cgroup_id} in CGROUP_POLICY")]
+    CgroupPolicy {
+        cgroup_id: u64,
+        #[source]
+        source: MapError,
+    },
+    #[error("setting the policy of a namespace in SERVED_NETNS")]
+    NetnsPolicy(#[source] MapError),
     #[error("reading an inbound listener's address")]
     ListenerAddr(#[source] std::io::Error),
     #[error("registering an inbound listener in INBOUND_SOCKS")]
@@ -345,6 +359,13 @@ impl Intercept {
 
     pub fn kernel_counter_map(&mut self) -> Result<KernelCounterMap> {
         self.typed_map(map_names::COUNTERS).map(KernelCounterMap)
+    }
+
+    pub fn policy_maps(&mut self) -> Result<PolicyMaps> {
+        Ok(PolicyMaps {
+            policies: self.typed_map(map_names::POLICIES)?,
+            cgroups: self.typed_map(map_names::CGROUP_POLICY)?,
+        })
     }
 
     /// Loads the two sk_lookup programs and opens the inbound maps. Nothing is attached:
@@ -659,20 +680,65 @@ fn inbound_addr(ip: IpAddr) -> InboundAddr {
     }
 }
 
+/// The per-workload policy maps. A policy id names one content for its whole life: a changed
+/// policy is written under a new id, so a program never reads a half-written one.
+pub struct PolicyMaps {
+    policies: HashMap<MapData, u32, KernelPolicy>,
+    cgroups: HashMap<MapData, u64, u32>,
+}
+
+impl PolicyMaps {
+    pub fn write(&mut self, id: u32, policy: &KernelPolicy) -> Result<()> {
+        self.policies
+            .insert(id, *policy, 0)
+            .map_err(|source| InterceptError::Policy { id, source })
+    }
+
+    pub fn remove(&mut self, id: u32) {
+        let _ = self.policies.remove(&id);
+    }
+
+    /// Host mode: connects from processes in this cgroup follow policy `id`.
+    pub fn set_cgroup(&mut self, cgroup_id: u64, id: u32) -> Result<()> {
+        self.cgroups
+            .insert(cgroup_id, id, 0)
+            .map_err(|source| InterceptError::CgroupPolicy { cgroup_id, source })
+    }
+
+    pub fn cgroups(&self) -> Vec<u64> {
+        self.cgroups.keys().filter_map(Result::ok).collect()
+    }
+
+    pub fn remove_cgroup(&mut self, cgroup_id: u64) {
+        let _ = self.cgroups.remove(&cgroup_id);
+    }
+}
+
 impl ServedNetnsMap {
     /// From now on, TCP connects in this namespace go to `proxy_port` there, and connections
     /// to its meshed listeners go through the agent (the namespace's sk_lookup link and
-    /// inbound listeners must be in place).
-    pub fn serve(&self, netns_cookie: u64, proxy_port: u16) -> Result<()> {
+    /// inbound listeners must be in place), under policy `policy` (0: none).
+    pub fn serve(&self, netns_cookie: u64, proxy_port: u16, policy: u32) -> Result<()> {
         let served = ServedNetns {
             proxy_port,
             flags: SERVED_INBOUND,
-            policy: 0,
+            policy,
         };
         self.0
             .lock()
             .insert(netns_cookie, served, 0)
             .map_err(InterceptError::Serve)
+    }
+
+    /// Switches a served namespace to policy `policy`; nothing for one not served.
+    pub fn set_policy(&self, netns_cookie: u64, policy: u32) -> Result<()> {
+        let mut map = self.0.lock();
+        let Ok(mut served) = map.get(&netns_cookie, 0) else {
+            return Ok(());
+        };
+        served.policy = policy;
+        map.insert(netns_cookie, served, 0)
+            .map_err(InterceptError::NetnsPolicy)
     }
 
     /// Connects in this namespace go direct again.
@@ -700,6 +766,7 @@ impl KernelCounterMap {
                 sum.inbound_bypassed_port += cpu.inbound_bypassed_port;
                 sum.inbound_bypassed_agent_unresponsive += cpu.inbound_bypassed_agent_unresponsive;
                 sum.inbound_bypassed_over_capacity += cpu.inbound_bypassed_over_capacity;
+                sum.bypassed_unmeshed_workload += cpu.bypassed_unmeshed_workload;
                 sum
             }))
     }

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Command::Status(args) => ops::status::run(args.admin.admin_addr, args.interval),
         Command::Tap(args) => ops::tap::run(args.admin.admin_addr, &tap_request(args)),
         Command::Check(args) => ops::check::run(args.cgroup.as_deref()),
+        Command::CheckPolicy(args) => ops::check::policy(&args.path),
         Command::InstallCni(args) => {
             init_logging(&args.log);
             ops::install_cni::run(&args)

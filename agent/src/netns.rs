@@ -16,6 +16,7 @@ use std::{
 use socket2::{Domain, Socket, Type};
 
 use crate::{
+    config::PortSet,
     metrics::WorkloadLabels,
     sys::{self, netns_cookie},
 };
@@ -128,6 +129,8 @@ pub struct Origin {
     pub netns_cookie: u64,
     /// Namespace and pod name labels (empty in host mode).
     pub workload: WorkloadLabels,
+    /// Opaque ports of this pod's policy, added to the node-wide ones (rewritten on reload).
+    pub policy_opaque_ports: parking_lot::RwLock<PortSet>,
 }
 
 impl Origin {
@@ -136,7 +139,13 @@ impl Origin {
             netns: None,
             netns_cookie: cookie,
             workload: WorkloadLabels::default(),
+            policy_opaque_ports: Default::default(),
         })
+    }
+
+    /// Whether this origin's policy makes `port` opaque.
+    pub fn policy_opaque(&self, port: u16) -> bool {
+        self.policy_opaque_ports.read().contains(port)
     }
 
     /// Creates a socket (or anything else namespace-bound) in this origin's namespace.

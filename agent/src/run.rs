@@ -21,18 +21,24 @@ use crate::{
     forward::kernel::KernelForwarder,
     intercept::{Inbound, InboundScope, Intercept},
     liveness::{HEARTBEAT_PERIOD, Heartbeats, Publisher},
-    metrics::{Direction, Metrics},
+    metrics::{Direction, Metrics, ReloadLabels},
     netns::{Netns, Origin},
     pod::{Pods, PodsConfig, server::CniSocket, store::Store},
+    policy::{Policy, PolicyWatcher, enforce::Enforcer},
     tap::Tap,
 };
 
 /// How often the agent looks for pods whose namespace vanished without a DEL.
 const VANISHED_POD_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the policy file is read for changes.
+const POLICY_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long after detaching the programs the listeners keep accepting before they close.
 const REDIRECT_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub fn run(mut args: RunArgs) -> Result<()> {
+    // The policy file is input like the flags: a bad one stops the start before anything
+    // touches the kernel (there is no last good policy yet).
+    let policy = load_policy(args.policy.as_deref())?;
     raise_fd_limit();
     let cgroup = cgroup::resolve(args.cgroup.cgroup.take())?;
     let config = args.into_config(cgroup);
@@ -47,10 +53,13 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         "starting"
     );
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, policy))
 }
 
-async fn serve(config: Config) -> Result<()> {
+/// The policy file's watcher and first content, loaded and logged.
+type LoadedPolicy = Option<(PolicyWatcher, Arc<Policy>)>;
+
+async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
     let host = Netns::current().context("opening the agent's network namespace")?;
     let mut intercept = Intercept::load(&config, config.serve_host_netns.then(|| host.cookie()))?;
     let inbound = Arc::new(intercept.inbound()?);
@@ -58,6 +67,20 @@ async fn serve(config: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::new(Box::new(move || Ok(kernel_counters.read()?))));
     let served = Arc::new(intercept.served_netns_map()?);
     let tap = Arc::new(Tap::default());
+    let (watcher, policy) = match loaded {
+        Some((watcher, policy)) => {
+            count_reload(&metrics, true);
+            (Some(watcher), policy)
+        }
+        None => (None, Arc::new(Policy::default())),
+    };
+    let mount = cgroup::cgroup2_mount()?;
+    let enforcer = Arc::new(Enforcer::new(
+        intercept.policy_maps()?,
+        Arc::clone(&policy),
+        &config.cgroup,
+        &mount,
+    ));
     let kernel = kernel_forwarder(&config, &mut intercept, &metrics);
     // Cancelled at shutdown: listeners stop accepting, HTTP keep-alive connections wind down.
     let proxy_shutdown = CancellationToken::new();
@@ -77,6 +100,7 @@ async fn serve(config: Config) -> Result<()> {
         tap,
         ready: false.into(),
         config_json: config.to_json(),
+        policy: Some(Arc::clone(&enforcer)),
         shutdown_enabled: config.enable_shutdown_endpoint,
         shutdown_requested: Notify::new(),
     });
@@ -101,7 +125,7 @@ async fn serve(config: Config) -> Result<()> {
     if config.serve_host_netns {
         threads.listen(&host_scope, config.outbound_port)?;
         listen_inbound(&threads, &host_scope, &host, &inbound, config.inbound_port)?;
-        served.serve(host.cookie(), config.outbound_port)?;
+        served.serve(host.cookie(), config.outbound_port, 0)?;
     }
     let (cni, pods) = match &config.cni_socket {
         Some(socket) => {
@@ -110,6 +134,7 @@ async fn serve(config: Config) -> Result<()> {
                 proxy: Arc::clone(&proxy),
                 served: Arc::clone(&served),
                 inbound: Arc::clone(&inbound),
+                enforcer: Arc::clone(&enforcer),
                 connections: connections.clone(),
                 stop_accepting: proxy_shutdown.clone(),
                 abort: shutdown.clone(),
@@ -124,6 +149,22 @@ async fn serve(config: Config) -> Result<()> {
         }
         None => (None, None),
     };
+    let workloads = pods
+        .as_ref()
+        .map(|pods| pods.workloads())
+        .unwrap_or_default();
+    enforcer.apply(Arc::clone(&policy), &workloads, &served)?;
+    if let Some(watcher) = watcher {
+        tokio::spawn(watch_policy(
+            watcher,
+            policy,
+            Arc::clone(&enforcer),
+            pods.clone(),
+            Arc::clone(&served),
+            Arc::clone(&admin_state.metrics),
+            shutdown.child_token(),
+        ));
+    }
     let publisher = liveness_publisher(&config, &mut intercept, &threads, pods, &admin_state)?;
     start_heartbeat(publisher, &threads.heartbeats, &shutdown).await?;
     intercept.attach(&config.cgroup)?;
@@ -157,6 +198,83 @@ async fn serve(config: Config) -> Result<()> {
     drop(intercept);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the policy file, if one is given.
+fn load_policy(path: Option<&std::path::Path>) -> Result<LoadedPolicy> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let (watcher, policy, ignored) =
+        PolicyWatcher::start(path.to_path_buf()).context("loading the policy file")?;
+    log_loaded(&policy, &ignored, path);
+    Ok(Some((watcher, policy)))
+}
+
+fn count_reload(metrics: &Metrics, ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    metrics
+        .policy_reload_total
+        .get_or_create(&ReloadLabels { result })
+        .inc();
+}
+
+fn log_loaded(policy: &Policy, ignored: &[String], path: &std::path::Path) {
+    tracing::info!(path = %path.display(), entries = policy.entries(), "policy loaded");
+    if !ignored.is_empty() {
+        tracing::info!(
+            annotations = ignored.join(","),
+            "policy: ignored annotations"
+        );
+    }
+}
+
+/// Reads the policy file every second; applies a changed good one, keeps the last good one
+/// (and says why) when it turns bad. With cgroup selectors, re-applies on every check, as
+/// cgroups come and go.
+async fn watch_policy(
+    mut watcher: PolicyWatcher,
+    initial: Arc<Policy>,
+    enforcer: Arc<Enforcer>,
+    pods: Option<Arc<Pods>>,
+    served: Arc<crate::intercept::ServedNetnsMap>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(POLICY_CHECK);
+    let mut current = initial;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let changed = match watcher.check() {
+            Ok(Some((policy, ignored))) => {
+                count_reload(&metrics, true);
+                log_loaded(&policy, &ignored, watcher.path());
+                Some(policy)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                count_reload(&metrics, false);
+                tracing::warn!(%error, "policy file rejected; the last good policy stays");
+                None
+            }
+        };
+        let policy = match changed {
+            Some(policy) => policy,
+            None if enforcer.selects_cgroups() => Arc::clone(&current),
+            None => continue,
+        };
+        current = Arc::clone(&policy);
+        let workloads = pods
+            .as_ref()
+            .map(|pods| pods.workloads())
+            .unwrap_or_default();
+        if let Err(error) = enforcer.apply(policy, &workloads, &served) {
+            tracing::warn!(error = %crate::metrics::ErrorChain(&error), "applying the policy");
+        }
+    }
 }
 
 /// The host's inbound listeners, registered with the kernel, and the host's sk_lookup program.

@@ -584,3 +584,56 @@ fn the_cni_plugin_is_statically_linked() {
         plugin.display()
     );
 }
+
+/// The policy ConfigMap is mounted as a directory (kubelet never updates a subPath mount), the
+/// agent is pointed at its file, and its content is a policy the agent accepts.
+#[test]
+fn the_policy_config_map_is_mounted_and_valid() {
+    let documents = yaml_documents(&repo_path("deploy/daemonset.yaml"));
+    let config_map = documents
+        .iter()
+        .find(|document| document["kind"] == "ConfigMap")
+        .expect("a ConfigMap in deploy/daemonset.yaml");
+    let policy = config_map["data"]["policy.yaml"]
+        .as_str()
+        .expect("a policy.yaml key");
+    let daemonset = daemonset();
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let agent = container(pod, "agent");
+    assert_eq!(
+        env(agent, "SOCKMESH_POLICY"),
+        Some("/etc/sockmesh/policy.yaml")
+    );
+    let mount = agent["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|mount| mount["mountPath"] == "/etc/sockmesh")
+        .expect("the policy mount");
+    assert!(
+        mount.get("subPath").is_none(),
+        "a subPath mount is never updated"
+    );
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|volume| volume["name"] == mount["name"])
+        .expect("the policy volume");
+    assert_eq!(volume["configMap"]["name"], config_map["metadata"]["name"]);
+
+    let dir = integration_tests::temp_dir("configmap");
+    let file = dir.join("policy.yaml");
+    fs::write(&file, policy).unwrap();
+    let checked = run(
+        Command::new(integration_tests::sockmesh_bin())
+            .arg("check-policy")
+            .arg(&file),
+        LIMIT,
+    );
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}

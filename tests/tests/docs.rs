@@ -94,3 +94,33 @@ fn the_grafana_dashboard_queries_only_exposed_metrics() {
         "the dashboard queries metrics the agent does not expose: {unknown:?}"
     );
 }
+
+/// The README's policy example is a policy the agent accepts, as written.
+#[test]
+fn the_readme_policy_example_is_valid() {
+    let readme = repo_file("README.md");
+    let section = readme
+        .split("## Per-workload policy")
+        .nth(1)
+        .expect("a Per-workload policy section");
+    let example = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a ```yaml block in the policy section");
+    let file = integration_tests::temp_dir("readme-policy").join("policy.yaml");
+    std::fs::write(&file, example).unwrap();
+    let output = integration_tests::process::run(
+        std::process::Command::new(integration_tests::sockmesh_bin())
+            .arg("check-policy")
+            .arg(&file),
+        std::time::Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("with 2 workload entries"), "{stdout}");
+}

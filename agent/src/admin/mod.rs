@@ -37,9 +37,25 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// The effective configuration, rendered once at start-up.
     pub config_json: String,
+    /// The effective per-workload policy now (`effective_policy` in /config.json).
+    pub policy: Option<Arc<crate::policy::enforce::Enforcer>>,
     pub shutdown_enabled: bool,
     /// Notified by POST /shutdown.
     pub shutdown_requested: Notify,
+}
+
+impl AdminState {
+    /// The configuration, with the per-workload policy in force now.
+    fn config_json(&self) -> String {
+        let Some(policy) = &self.policy else {
+            return self.config_json.clone();
+        };
+        let Ok(mut config) = serde_json::from_str::<serde_json::Value>(&self.config_json) else {
+            return self.config_json.clone();
+        };
+        config["effective_policy"] = policy.effective();
+        serde_json::to_string_pretty(&config).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +118,7 @@ async fn route(
         }
         (_, "/ready") if read => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         (_, "/live") if read => text(StatusCode::OK, "live\n"),
-        (_, "/config.json") if read => json(state.config_json.clone()),
+        (_, "/config.json") if read => json(state.config_json()),
         (&Method::GET, "/tap") if !peer.ip().is_loopback() => text(
             StatusCode::FORBIDDEN,
             "/tap is served to loopback clients only\n",

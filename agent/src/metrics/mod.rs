@@ -165,6 +165,12 @@ pub struct AcceptErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpaqueModeLabels {
     /// sockmap, splice or userspace
     pub mode: &'static str,
@@ -203,6 +209,8 @@ pub struct Metrics {
     pub connection_budget: Gauge,
     pub open_redirects: Gauge,
     pub accept_errors_total: Family<AcceptErrorLabels, Counter>,
+    /// Loads of the policy file (the first at start included), by result.
+    pub policy_reload_total: Family<ReloadLabels, Counter>,
     pub http: HttpMetrics,
     snis: BoundedLabel,
     /// Brings counters kept elsewhere (the kernel's) up to date before each render.
@@ -230,6 +238,7 @@ impl Metrics {
             connection_budget: Gauge::default(),
             open_redirects: Gauge::default(),
             accept_errors_total: Family::default(),
+            policy_reload_total: Family::default(),
             http: HttpMetrics::register(&mut registry),
             snis: BoundedLabel::new(MAX_SNIS),
             registry: Registry::default(),
@@ -289,6 +298,11 @@ impl Metrics {
             "sockmesh_opaque_connections",
             "Opaque connections by how their bytes were forwarded (sockmap, splice, userspace)",
             metrics.opaque_connections_total.clone(),
+        );
+        registry.register(
+            "sockmesh_policy_reload",
+            "Loads of the policy file (--policy) by result: a bad file keeps the last good policy",
+            metrics.policy_reload_total.clone(),
         );
         registry.register(
             "sockmesh_served_pods",
@@ -376,6 +390,10 @@ impl Collector for KernelCollector {
                 counters.bypassed_agent_unresponsive,
             ),
             ("bypassed_over_capacity", counters.bypassed_over_capacity),
+            (
+                "bypassed_unmeshed_workload",
+                counters.bypassed_unmeshed_workload,
+            ),
         ];
         let probe = ConstCounter::new(0u64);
         let mut family = encoder.encode_descriptor(

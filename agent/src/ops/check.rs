@@ -21,6 +21,21 @@ pub struct Check {
     pub fix: &'static str,
 }
 
+/// `sockmesh check-policy FILE`: parses a policy file as the agent would and prints its
+/// entries' count and the annotations it ignores; an error names what is wrong.
+pub fn policy(path: &Path) -> Result<()> {
+    let (policy, ignored) = crate::policy::Policy::load(path)?;
+    println!(
+        "ok: {} with {} workload entries",
+        path.display(),
+        policy.entries()
+    );
+    if !ignored.is_empty() {
+        println!("ignored annotations: {}", ignored.join(", "));
+    }
+    Ok(())
+}
+
 /// Runs every check; `cgroup` is the --cgroup the agent would be given, if any.
 pub fn run(cgroup: Option<&Path>) -> Result<()> {
     let checks = all(cgroup);

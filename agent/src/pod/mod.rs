@@ -23,6 +23,7 @@ use crate::{
     intercept::{Inbound, InboundScope, InterceptError, ServedNetnsMap},
     metrics::{Direction, ErrorChain, SharedLabel, WorkloadLabels},
     netns::{Netns, Origin},
+    policy::enforce::{Enforcer, PodWorkload},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,7 @@ pub struct PodsConfig {
     pub proxy: Arc<Proxy>,
     pub served: Arc<ServedNetnsMap>,
     pub inbound: Arc<Inbound>,
+    pub enforcer: Arc<Enforcer>,
     /// Every connection of the agent runs on this tracker.
     pub connections: TaskTracker,
     /// Cancelled at agent shutdown: every pod stops accepting.
@@ -200,6 +202,18 @@ impl Pods {
         self.lock().len()
     }
 
+    /// The served pods, for applying a policy.
+    pub fn workloads(&self) -> Vec<PodWorkload> {
+        self.lock()
+            .values()
+            .map(|pod| PodWorkload {
+                namespace: pod.info.namespace.clone(),
+                name: pod.info.name.clone(),
+                origin: Arc::clone(&pod.origin),
+            })
+            .collect()
+    }
+
     /// Re-adopts every pod in the registry whose namespace still exists and still holds the
     /// pod's addresses; forgets the others. Returns (adopted, dropped).
     pub fn adopt_registered(&self) -> (usize, usize) {
@@ -252,7 +266,13 @@ impl Pods {
                 namespace: SharedLabel::new(&pod.namespace),
                 pod: SharedLabel::new(&pod.name),
             },
+            policy_opaque_ports: Default::default(),
         });
+        let workload = PodWorkload {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            origin: Arc::clone(&origin),
+        };
         let entry = ServedPod {
             info: pod,
             origin: Arc::clone(&origin),
@@ -274,8 +294,13 @@ impl Pods {
             .listen(&scope, &entry.info)
             .and_then(|()| {
                 config
-                    .served
-                    .serve(netns_cookie, config.outbound_port)
+                    .enforcer
+                    .for_new_pod(&workload)
+                    .and_then(|policy| {
+                        config
+                            .served
+                            .serve(netns_cookie, config.outbound_port, policy)
+                    })
                     .map_err(PodError::Kernel)
             })
             .and_then(|()| config.store.save(&entry.info).map_err(PodError::Store));

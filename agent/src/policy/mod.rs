@@ -37,6 +37,7 @@
 //! pod's own annotations from the Kubernetes API later ([`WorkloadPolicy::from_annotations`]).
 //! [`PolicyWatcher`] reloads the file when its content changes.
 
+pub mod enforce;
 mod glob;
 mod watch;
 
@@ -358,6 +359,13 @@ impl Policy {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Whether any entry selects host cgroups.
+    pub fn has_cgroup_entries(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|entry| matches!(entry.selector, Selector::Cgroup(_)))
     }
 
     /// The number of workload entries.
