@@ -90,6 +90,38 @@ pub fn resolve(given: Option<PathBuf>) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Cgroups walked at most below the meshed one.
+const MAX_CGROUPS_WALKED: usize = 4096;
+
+/// `root` and the cgroups below it: (cgroup id, path under the cgroup2 mount `mount`). On
+/// cgroup v2 a cgroup's id (what bpf_get_current_cgroup_id and sock_diag report) is its
+/// directory's inode number.
+pub fn subtree(root: &Path, mount: &Path) -> Vec<(u64, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        if found.len() >= MAX_CGROUPS_WALKED {
+            tracing::warn!(root = %root.display(), "more than {MAX_CGROUPS_WALKED} cgroups below the meshed one; the rest are not looked at");
+            break;
+        }
+        let Ok(meta) = fs::metadata(&dir) else {
+            continue;
+        };
+        let relative = dir.strip_prefix(mount).unwrap_or(&dir);
+        found.push((meta.ino(), format!("/{}", relative.display())));
+        if let Ok(entries) = fs::read_dir(&dir) {
+            pending.extend(
+                entries
+                    .filter_map(std::result::Result::ok)
+                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                    .map(|entry| entry.path()),
+            );
+        }
+    }
+    found
+}
+
 /// Moves the calling process into `cgroup`.
 pub fn enter(cgroup: &Path) -> Result<()> {
     let procs = cgroup.join("cgroup.procs");

@@ -11,9 +11,9 @@ use std::{
 };
 
 use agent_common::{
-    AF_INET, AF_INET6, AgentLiveness, ConnTuple, INBOUND_PASSTHROUGH_IP4, InboundAddr, InboundSock,
-    KernelCounters, KernelPolicy, OriginalDst, ProxyConfig, SERVED_INBOUND, SKIP_PORT_WORDS,
-    ServedNetns, map_names, program_names, skip_port_slot,
+    AF_INET, AF_INET6, AgentLiveness, ConnTuple, INBOUND_PASSTHROUGH_IP4, InboundAddr, InboundPort,
+    InboundSock, KernelCounters, KernelPolicy, MeshedListener, OriginalDst, ProxyConfig,
+    SERVED_INBOUND, SKIP_PORT_WORDS, ServedNetns, map_names, program_names, skip_port_slot,
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -153,6 +153,12 @@ pub enum InterceptError {
     },
     #[error("setting the policy of a namespace in SERVED_NETNS")]
     NetnsPolicy(#[source] MapError),
+    #[error("listing the TCP listeners of namespace {netns} (sock_diag)")]
+    Listeners {
+        netns: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading an inbound listener's address")]
     ListenerAddr(#[source] std::io::Error),
     #[error("registering an inbound listener in INBOUND_SOCKS")]
@@ -394,6 +400,7 @@ impl Intercept {
             pod_program,
             socks: Mutex::new(self.typed_map(map_names::INBOUND_SOCKS)?),
             addrs: Mutex::new(self.typed_map(map_names::INBOUND_ADDRS)?),
+            ports: Mutex::new(self.typed_map(map_names::INBOUND_PORTS)?),
             links: Mutex::new(Vec::new()),
         })
     }
@@ -566,6 +573,9 @@ pub struct Inbound {
     pod_program: ProgramFd,
     socks: Mutex<SockHash<MapData, InboundSock>>,
     addrs: Mutex<HashMap<MapData, InboundAddr, u64>>,
+    /// The meshed listening ports (sockops writes them; the agent reconciles them with what
+    /// the kernel reports, for listeners sockops never saw).
+    ports: Mutex<HashMap<MapData, InboundPort, MeshedListener>>,
     /// (netns cookie, link): closing a link detaches the program from that namespace.
     links: Mutex<Vec<(u64, OwnedFd)>>,
 }
@@ -656,6 +666,53 @@ impl Inbound {
         self.links
             .lock()
             .retain(|(cookie, _)| *cookie != netns_cookie);
+    }
+
+    /// The meshed listening ports recorded in one namespace.
+    pub fn ports_of(&self, netns_cookie: u64) -> Vec<(InboundPort, MeshedListener)> {
+        let ports = self.ports.lock();
+        let keys: Vec<InboundPort> = ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.netns == netns_cookie)
+            .collect();
+        keys.into_iter()
+            .filter_map(|key| ports.get(&key, 0).ok().map(|value| (key, value)))
+            .collect()
+    }
+
+    /// Records a meshed listener unless the port already has one.
+    pub fn add_port(&self, key: InboundPort, listener: MeshedListener) -> Result<()> {
+        const BPF_NOEXIST: u64 = 1;
+        match self.ports.lock().insert(key, listener, BPF_NOEXIST) {
+            Err(MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            other => other.map_err(|source| InterceptError::FillMap {
+                map: map_names::INBOUND_PORTS,
+                source,
+            }),
+        }
+    }
+
+    /// Removes every port entry of a namespace the agent stopped serving.
+    pub fn forget_ports(&self, netns_cookie: u64) {
+        for (key, value) in self.ports_of(netns_cookie) {
+            self.remove_port(&key, value.cookie);
+        }
+    }
+
+    /// Removes a port's entry if it still names the listener `cookie`.
+    pub fn remove_port(&self, key: &InboundPort, cookie: u64) {
+        let mut ports = self.ports.lock();
+        if ports
+            .get(key, 0)
+            .is_ok_and(|listener| listener.cookie == cookie)
+        {
+            let _ = ports.remove(key);
+        }
     }
 
     /// Detaches from every namespace (shutdown).

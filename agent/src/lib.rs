@@ -21,6 +21,7 @@ pub mod connection;
 pub mod detect;
 pub mod forward;
 pub mod intercept;
+pub mod listeners;
 pub mod liveness;
 pub mod metrics;
 pub mod netns;

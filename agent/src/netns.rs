@@ -75,13 +75,7 @@ impl Netns {
     /// Runs `f` on this thread inside this namespace, then returns to the thread's own one.
     /// Fails (without running `f`) when the file is not a network namespace.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        HOME.with(|home| -> io::Result<()> {
-            let mut home = home.borrow_mut();
-            if home.is_none() {
-                *home = Some(File::open("/proc/thread-self/ns/net")?);
-            }
-            Ok(())
-        })?;
+        remember_home()?;
         sys::enter_network_namespace(self.file.as_fd())?;
         let _return_home = ReturnHome;
         Ok(f())
@@ -99,6 +93,19 @@ impl Netns {
         })
         .is_ok_and(|bound| bound.is_ok())
     }
+}
+
+/// Opens this thread's own namespace (once per thread) so `Netns::run` can return to it. A
+/// long-lived thread that will enter namespaces calls it at start, so the file it holds is
+/// there from the beginning and not opened midway.
+pub fn remember_home() -> io::Result<()> {
+    HOME.with(|home| -> io::Result<()> {
+        let mut home = home.borrow_mut();
+        if home.is_none() {
+            *home = Some(File::open("/proc/thread-self/ns/net")?);
+        }
+        Ok(())
+    })
 }
 
 /// Returns the thread to its own namespace when dropped, even if the closure panicked.

@@ -20,6 +20,7 @@ use crate::{
     connection::Proxy,
     forward::kernel::KernelForwarder,
     intercept::{Inbound, InboundScope, Intercept},
+    listeners,
     liveness::{HEARTBEAT_PERIOD, Heartbeats, Publisher},
     metrics::{Direction, Metrics, ReloadLabels},
     netns::{Netns, Origin},
@@ -30,6 +31,8 @@ use crate::{
 
 /// How often the agent looks for pods whose namespace vanished without a DEL.
 const VANISHED_POD_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the meshed listening ports are reconciled with the kernel's listeners.
+const LISTENER_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often the policy file is read for changes.
 const POLICY_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long after detaching the programs the listeners keep accepting before they close.
@@ -125,6 +128,10 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
     if config.serve_host_netns {
         threads.listen(&host_scope, config.outbound_port)?;
         listen_inbound(&threads, &host_scope, &host, &inbound, config.inbound_port)?;
+        // Servers already listening are captured from the first connection on.
+        let meshed = crate::cgroup::subtree(&config.cgroup, &mount);
+        let meshed = meshed.into_iter().map(|(id, _)| id).collect();
+        listeners::reconcile(&inbound, &host_scope.origin, &meshed)?;
         served.serve(host.cookie(), config.outbound_port, 0)?;
     }
     let (cni, pods) = match &config.cni_socket {
@@ -165,6 +172,18 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
             shutdown.child_token(),
         ));
     }
+    start_listener_scan(
+        ListenerScan {
+            inbound: Arc::clone(&inbound),
+            host: config
+                .serve_host_netns
+                .then(|| Arc::clone(&host_scope.origin)),
+            pods: pods.clone(),
+            cgroup: config.cgroup.clone(),
+            mount: mount.clone(),
+        },
+        shutdown.child_token(),
+    )?;
     let publisher = liveness_publisher(&config, &mut intercept, &threads, pods, &admin_state)?;
     start_heartbeat(publisher, &threads.heartbeats, &shutdown).await?;
     intercept.attach(&config.cgroup)?;
@@ -275,6 +294,86 @@ async fn watch_policy(
             tracing::warn!(error = %crate::metrics::ErrorChain(&error), "applying the policy");
         }
     }
+}
+
+/// What the listener reconcile looks at.
+struct ListenerScan {
+    inbound: Arc<Inbound>,
+    /// The host's origin, when the agent serves it.
+    host: Option<Arc<Origin>>,
+    pods: Option<Arc<Pods>>,
+    cgroup: std::path::PathBuf,
+    mount: std::path::PathBuf,
+}
+
+impl ListenerScan {
+    /// One pass over every served namespace (blocking: it enters namespaces and reads /sys).
+    fn pass(&self) {
+        let meshed = crate::cgroup::subtree(&self.cgroup, &self.mount)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let pods = self
+            .pods
+            .as_ref()
+            .map(|pods| pods.workloads())
+            .unwrap_or_default();
+        let origins = self
+            .host
+            .iter()
+            .cloned()
+            .chain(pods.into_iter().map(|pod| pod.origin));
+        for origin in origins {
+            match listeners::reconcile(&self.inbound, &origin, &meshed) {
+                Ok(done) if done != listeners::Reconciled::default() => {
+                    tracing::debug!(
+                        netns = origin.netns_cookie,
+                        added = done.added,
+                        removed = done.removed,
+                        "meshed listeners reconciled"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(
+                        error = %crate::metrics::ErrorChain(&error),
+                        "reconciling meshed listeners"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every few seconds, reconciles the meshed listening ports with the kernel's listeners, on
+/// a thread of its own (it enters pods' namespaces: a pooled thread would hold its way home
+/// open for as long as the pool keeps it). The thread ends when the ticker stops at shutdown.
+fn start_listener_scan(scan: ListenerScan, shutdown: CancellationToken) -> Result<()> {
+    let (tick_tx, tick_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("listener-scan".into())
+        .spawn(move || {
+            if let Err(error) = crate::netns::remember_home() {
+                tracing::warn!(%error, "the listener scan cannot enter namespaces");
+                return;
+            }
+            while tick_rx.recv().is_ok() {
+                scan.pass();
+            }
+        })
+        .context("starting the listener-scan thread")?;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LISTENER_CHECK);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            // A scan still running skips this tick.
+            let _ = tick_tx.try_send(());
+        }
+    });
+    Ok(())
 }
 
 /// The host's inbound listeners, registered with the kernel, and the host's sk_lookup program.

@@ -20,7 +20,9 @@ const LIMIT: Duration = Duration::from_secs(60);
 fn meshed_http_server(cgroup: &TestCgroup, dir: &std::path::Path) -> ServerProcess {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut command = cgroup.wrap(&ServerProcess::http_command(dir, addr));
-    command.stderr(fs::File::create(dir.join("server.log")).expect("server log"));
+    command
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(dir.join("server.log")).expect("server log"));
     ServerProcess::start_checked(command, addr, |addr| {
         std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
     })
@@ -286,4 +288,37 @@ fn inbound_fails_open_when_the_agent_is_killed() {
         fs::read(dir.join("after")).unwrap(),
         fs::read(dir.join("blob")).unwrap()
     );
+}
+
+/// A server that was listening before the agent started (an agent restart, a rolling update)
+/// never passed through sockops: the agent finds it in the kernel's socket list at start, and
+/// forgets it once it stops listening.
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn servers_listening_before_the_agent_started_are_captured_too() {
+    require_privileged!();
+    let dir = temp_dir("inboundearly");
+    write_file(&dir.join("blob"), 30_000);
+    let cgroup = TestCgroup::new("inboundearly");
+    let server = meshed_http_server(&cgroup, &dir);
+    let agent = Agent::start(&cgroup);
+    assert_eq!(agent.map_entries("INBOUND_PORTS"), 1);
+
+    let url = format!("http://{}/blob", server.addr);
+    let out = dir.join("got");
+    assert_eq!(curl_download(&url, &out), "200");
+    assert_eq!(fs::read(&out).unwrap(), fs::read(dir.join("blob")).unwrap());
+    let port = server.addr.port().to_string();
+    agent.assert_metric(
+        "request_total",
+        &[("direction", "inbound"), ("target_port", port.as_str())],
+        1,
+    );
+
+    // Its close was never reported to sockops: the agent's reconcile removes the entry.
+    drop(server);
+    let forgotten = eventually(Duration::from_secs(15), || {
+        agent.map_entries("INBOUND_PORTS") == 0
+    });
+    assert!(forgotten, "the stopped server's port is still captured");
 }

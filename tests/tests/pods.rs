@@ -384,10 +384,20 @@ fn a_restarted_agent_readopts_its_pods_and_a_killed_one_fails_open() {
     // A new agent, the same registry: no new ADD, and the pods are proxied again.
     let second = agent_with_opaque_redis(&cgroup, Some(&cni_dir));
     second.assert_metric("sockmesh_served_pods", &[], 2);
+    // redis in b listened before this agent started: found in the kernel's socket list.
+    let found = eventually(Duration::from_secs(15), || {
+        second.map_entries("INBOUND_PORTS") == 1
+    });
+    assert!(found, "the re-adopted pod's listener is not captured");
     assert_eq!(ping().trim(), "PONG");
     second.assert_metric(
         "tcp_open_total",
         &[("pod", "a"), ("namespace", "test-ns")],
+        1,
+    );
+    second.assert_metric(
+        "tcp_open_total",
+        &[("pod", "b"), ("direction", "inbound")],
         1,
     );
 

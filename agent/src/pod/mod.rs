@@ -363,6 +363,7 @@ impl Pods {
         config
             .inbound
             .remove_addresses(pod.netns_cookie(), &pod.info.ips);
+        config.inbound.forget_ports(pod.netns_cookie());
         pod.stop_accepting.cancel();
         let stale = config.proxy.forget_netns(pod.netns_cookie());
         config.proxy.metrics.served_pods.dec();

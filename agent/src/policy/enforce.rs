@@ -5,7 +5,6 @@
 //! policy gets a new id, namespaces and cgroups switch to it, then the old id is removed.
 
 use std::{
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -19,9 +18,6 @@ use crate::{
     intercept::{InterceptError, PolicyMaps, ServedNetnsMap},
     netns::Origin,
 };
-
-/// Cgroups below the meshed one walked at most when matching cgroup selectors.
-const MAX_CGROUPS_WALKED: usize = 4096;
 
 /// A served pod, as the enforcer sees it.
 pub struct PodWorkload {
@@ -135,30 +131,8 @@ impl Enforcer {
         self.state.lock().policy.has_cgroup_entries()
     }
 
-    /// (cgroup id, path under the cgroup2 mount) of the meshed cgroup and those below it.
     fn cgroups_below_root(&self) -> Vec<(u64, String)> {
-        let mut found = Vec::new();
-        let mut pending = vec![self.cgroup_root.clone()];
-        while let Some(dir) = pending.pop() {
-            if found.len() >= MAX_CGROUPS_WALKED {
-                break;
-            }
-            let Ok(meta) = std::fs::metadata(&dir) else {
-                continue;
-            };
-            let relative = dir.strip_prefix(&self.cgroup_mount).unwrap_or(&dir);
-            // On cgroup v2 a cgroup's id is its directory's inode number.
-            found.push((meta.ino(), format!("/{}", relative.display())));
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                pending.extend(
-                    entries
-                        .filter_map(Result::ok)
-                        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
-                        .map(|entry| entry.path()),
-                );
-            }
-        }
-        found
+        crate::cgroup::subtree(&self.cgroup_root, &self.cgroup_mount)
     }
 }
 

@@ -24,6 +24,8 @@ pub enum Setup {
     Sockmesh,
     SockmeshSplice,
     SockmeshCopy,
+    /// The server runs in an agent's meshed cgroup, the client outside: inbound capture.
+    SockmeshInbound,
     Haproxy,
     NginxStream,
     NginxHttp,
@@ -36,6 +38,7 @@ impl Setup {
             Self::Sockmesh => "sockmesh",
             Self::SockmeshSplice => "sockmesh-splice-only",
             Self::SockmeshCopy => "sockmesh-userspace-copy",
+            Self::SockmeshInbound => "sockmesh-inbound",
             Self::Haproxy => "haproxy-tcp-splice",
             Self::NginxStream => "nginx-stream",
             Self::NginxHttp => "nginx-http-proxy",
@@ -68,7 +71,12 @@ pub struct Env {
     haproxy: BTreeMap<Backend, SocketAddr>,
     nginx_stream: BTreeMap<Backend, SocketAddr>,
     nginx_http: BTreeMap<Backend, SocketAddr>,
+    /// Servers inside the inbound agent's meshed cgroup (their clients stay outside).
+    inbound_backends: BTreeMap<Backend, SocketAddr>,
+    /// Agents whose clients run in their cgroup (outbound).
     pub agents: BTreeMap<Setup, Agent>,
+    /// The agent whose servers run in its cgroup (inbound).
+    pub inbound_agent: Option<Agent>,
     sockmesh: PathBuf,
 }
 
@@ -88,7 +96,9 @@ impl Env {
             haproxy: BTreeMap::new(),
             nginx_stream: BTreeMap::new(),
             nginx_http: BTreeMap::new(),
+            inbound_backends: BTreeMap::new(),
             agents: BTreeMap::new(),
+            inbound_agent: None,
             sockmesh: sockmesh.to_path_buf(),
         };
         env.start_backends()?;
@@ -102,6 +112,9 @@ impl Env {
             let agent = env.start_agent(setup, extra)?;
             env.agents.insert(setup, agent);
         }
+        let inbound = env.start_agent(Setup::SockmeshInbound, None)?;
+        env.start_inbound_backends(&inbound)?;
+        env.inbound_agent = Some(inbound);
         Ok(env)
     }
 
@@ -111,6 +124,7 @@ impl Env {
             Setup::Direct | Setup::Sockmesh | Setup::SockmeshSplice | Setup::SockmeshCopy => {
                 self.backends.get(&backend).copied()
             }
+            Setup::SockmeshInbound => self.inbound_backends.get(&backend).copied(),
             Setup::Haproxy => self.haproxy.get(&backend).copied(),
             Setup::NginxStream => self.nginx_stream.get(&backend).copied(),
             Setup::NginxHttp => self.nginx_http.get(&backend).copied(),
@@ -195,12 +209,56 @@ impl Env {
         Ok(())
     }
 
+    /// redis and an HTTP/1 nginx origin inside the inbound agent's cgroup, started after it
+    /// (either order works: the agent also finds listeners that were there first).
+    fn start_inbound_backends(&mut self, agent: &Agent) -> Result<()> {
+        let sockmesh = self.sockmesh.clone();
+        let in_cgroup = |program: &str| {
+            let mut command = Command::new(&sockmesh);
+            command
+                .arg("exec")
+                .arg("--cgroup")
+                .arg(&agent.cgroup)
+                .arg("--")
+                .arg(program);
+            command
+        };
+        let redis = free_addr()?;
+        let mut redis_command = in_cgroup("redis-server");
+        redis_command
+            .args(["--bind", "127.0.0.1", "--port", &redis.port().to_string()])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
+        self.spawn("redis-inbound", &mut redis_command)?;
+        let h1 = free_addr()?;
+        let www = self.dir.join("www");
+        let dir = self.dir.join("origin-inbound");
+        let config = nginx_config(
+            &dir,
+            &format!(
+                "http {{ access_log off; {temps} keepalive_requests 1000000;\n\
+                 server {{ listen {h1}; root {www}; }} }}\n",
+                temps = nginx_temps(&dir),
+                www = www.display()
+            ),
+        )?;
+        let mut nginx = in_cgroup("nginx");
+        nginx.arg("-c").arg(config).arg("-p").arg(&self.dir);
+        self.spawn("nginx-origin-inbound", &mut nginx)?;
+        self.inbound_backends =
+            BTreeMap::from([(Backend::Redis, redis), (Backend::OriginHttp1, h1)]);
+        for addr in self.inbound_backends.clone().values() {
+            wait_listening(*addr)?;
+        }
+        Ok(())
+    }
+
     fn start_haproxy(&mut self) -> Result<()> {
         let mut config = String::from(
             "global\n  maxconn 7000\ndefaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
              timeout client 120s\n  timeout server 120s\n",
         );
-        for backend in TCP_BACKENDS {
+        // The HTTP/1 origin too, as a TCP proxy: the inbound HTTP row compares against it.
+        for backend in TCP_BACKENDS.into_iter().chain([Backend::OriginHttp1]) {
             let listen = free_addr()?;
             let server = self.backends[&backend];
             config.push_str(&format!(
@@ -276,7 +334,8 @@ impl Env {
             setup.name()
         ));
         fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
-        let (outbound, admin) = (free_addr()?, free_addr()?);
+        // Every agent has its own ports: they share the host's namespace.
+        let (outbound, inbound, admin) = (free_addr()?, free_addr()?, free_addr()?);
         let pin_dir = format!(
             "/sys/fs/bpf/sockmesh-bench-{}-{}",
             std::process::id(),
@@ -290,6 +349,8 @@ impl Env {
             .args([
                 "--outbound-port",
                 &outbound.port().to_string(),
+                "--inbound-port",
+                &inbound.port().to_string(),
                 "--admin-addr",
                 &admin.to_string(),
             ])
@@ -329,7 +390,7 @@ impl Drop for Env {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for agent in self.agents.values() {
+        for agent in self.agents.values().chain(&self.inbound_agent) {
             let _ = fs::write(agent.cgroup.join("cgroup.kill"), "1");
             let deadline = Instant::now() + Duration::from_secs(10);
             while fs::remove_dir(&agent.cgroup).is_err() && Instant::now() < deadline {

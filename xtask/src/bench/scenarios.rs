@@ -69,12 +69,16 @@ pub enum Scenario {
     Http1Wrk,
     Http2H2load,
     Greeting,
+    /// redis GET -c 50 to a server in the inbound agent's cgroup.
+    InboundRedisGet,
+    /// wrk to an HTTP/1 origin in the inbound agent's cgroup.
+    InboundHttp1Wrk,
     IdleMemory,
     /// Idle keep-alive connections that have each carried one HTTP/1.1 request.
     IdleHttpMemory,
 }
 
-pub const ALL: [Scenario; 10] = [
+pub const ALL: [Scenario; 12] = [
     Scenario::Iperf {
         streams: 1,
         reverse: false,
@@ -97,6 +101,8 @@ pub const ALL: [Scenario; 10] = [
     Scenario::Http1Wrk,
     Scenario::Http2H2load,
     Scenario::Greeting,
+    Scenario::InboundRedisGet,
+    Scenario::InboundHttp1Wrk,
 ];
 
 const TCP_SETUPS: [Setup; 6] = [
@@ -108,11 +114,27 @@ const TCP_SETUPS: [Setup; 6] = [
     Setup::NginxStream,
 ];
 const HTTP_SETUPS: [Setup; 3] = [Setup::Direct, Setup::Sockmesh, Setup::NginxHttp];
+/// Inbound rows: the same servers reached directly, through the agent's inbound capture, and
+/// through the TCP proxies.
+const INBOUND_TCP_SETUPS: [Setup; 4] = [
+    Setup::Direct,
+    Setup::SockmeshInbound,
+    Setup::Haproxy,
+    Setup::NginxStream,
+];
+const INBOUND_HTTP_SETUPS: [Setup; 4] = [
+    Setup::Direct,
+    Setup::SockmeshInbound,
+    Setup::Haproxy,
+    Setup::NginxHttp,
+];
 
 impl Scenario {
     pub fn setups(self) -> &'static [Setup] {
         match self {
             Self::Http1Wrk | Self::Http2H2load => &HTTP_SETUPS,
+            Self::InboundRedisGet => &INBOUND_TCP_SETUPS,
+            Self::InboundHttp1Wrk => &INBOUND_HTTP_SETUPS,
             Self::IdleMemory => &[Setup::Sockmesh, Setup::SockmeshSplice, Setup::SockmeshCopy],
             Self::IdleHttpMemory => &[Setup::Sockmesh],
             _ => &TCP_SETUPS,
@@ -147,6 +169,8 @@ impl Scenario {
             Self::Http1Wrk => vec![metric("HTTP/1.1 wrk -c 32", "req/s", true)],
             Self::Http2H2load => vec![metric("HTTP/2 h2load -c 8 -m 10", "req/s", true)],
             Self::Greeting => vec![metric("server-first greeting", "us", false)],
+            Self::InboundRedisGet => vec![metric("inbound: redis GET -c 50", "req/s", true)],
+            Self::InboundHttp1Wrk => vec![metric("inbound: HTTP/1.1 wrk -c 32", "req/s", true)],
             Self::IdleMemory => vec![metric("agent memory per idle connection", "KiB", false)],
             Self::IdleHttpMemory => vec![metric(
                 "agent memory per idle HTTP/1.1 keep-alive connection",
@@ -161,6 +185,8 @@ impl Scenario {
         match self {
             Self::Iperf { streams, reverse } => iperf(env, setup, scale, streams, reverse),
             Self::RedisGet { clients } => redis(env, setup, scale, clients),
+            Self::InboundRedisGet => redis(env, setup, scale, 50),
+            Self::InboundHttp1Wrk => wrk(env, setup, scale),
             Self::ConnectionRate => {
                 let target = target(env, setup, Backend::Pong)?;
                 let out = output(env.client(setup, &xtask_exe()?).args([
@@ -171,23 +197,7 @@ impl Scenario {
                 ]))?;
                 Ok(vec![Some(parse_number(&out)?)])
             }
-            Self::Http1Wrk => {
-                let url = format!(
-                    "http://{}/index.html",
-                    target(env, setup, Backend::OriginHttp1)?
-                );
-                let out = output(env.client(setup, "wrk").args([
-                    "-t2",
-                    "-c32",
-                    &format!("-d{}s", scale.seconds),
-                    &url,
-                ]))?;
-                let rps = out
-                    .lines()
-                    .find_map(|line| line.strip_prefix("Requests/sec:"))
-                    .context("wrk output")?;
-                Ok(vec![Some(parse_number(rps)?)])
-            }
+            Self::Http1Wrk => wrk(env, setup, scale),
             Self::Http2H2load => {
                 let url = format!(
                     "http://{}/index.html",
@@ -267,6 +277,24 @@ fn iperf(
     } else {
         vec![Some(bits_per_second / 1e9)]
     })
+}
+
+fn wrk(env: &Env, setup: Setup, scale: Scale) -> Result<Vec<Option<f64>>> {
+    let url = format!(
+        "http://{}/index.html",
+        target(env, setup, Backend::OriginHttp1)?
+    );
+    let out = output(env.client(setup, "wrk").args([
+        "-t2",
+        "-c32",
+        &format!("-d{}s", scale.seconds),
+        &url,
+    ]))?;
+    let rps = out
+        .lines()
+        .find_map(|line| line.strip_prefix("Requests/sec:"))
+        .context("wrk output")?;
+    Ok(vec![Some(parse_number(rps)?)])
 }
 
 fn redis(env: &Env, setup: Setup, scale: Scale, clients: u32) -> Result<Vec<Option<f64>>> {

@@ -1,0 +1,309 @@
+//! Meshed listeners the kernel did not see start: sockops records a meshed process's
+//! `listen(2)` as it happens, but a server that was already listening when the agent started
+//! (a restart, a rolling update, a re-adopted pod) never passes through it, and the close of
+//! such a listener is never reported either. This module asks the kernel instead: a
+//! `sock_diag` dump of the TCP listeners in a namespace, each with its socket cookie and the
+//! cgroup of the process that made it. The agent reconciles `INBOUND_PORTS` with it every few
+//! seconds: listeners of processes in the meshed cgroup are added, entries whose listener is
+//! gone are removed.
+
+use std::{
+    collections::HashSet,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use agent_common::{AF_INET, AF_INET6, InboundPort, MeshedListener};
+
+use crate::{intercept::Inbound, netns::Origin};
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const TCP_LISTEN: u32 = 10;
+const IPPROTO_TCP: u8 = 6;
+/// `INET_DIAG_CGROUP_ID` (linux/inet_diag.h): the socket's cgroup v2 id, a u64.
+const INET_DIAG_CGROUP_ID: u16 = 21;
+const NLMSG_HEADER: usize = 16;
+/// `struct inet_diag_msg`: family, state, timer, retrans, sockid (48 bytes), expires, rqueue,
+/// wqueue, uid, inode.
+const INET_DIAG_MSG: usize = 72;
+/// Bound on one dump's replies read (a namespace with this many listeners is not a pod).
+const MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
+
+/// One TCP listener, as sock_diag reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub port: u16,
+    pub addr: IpAddr,
+    pub cookie: u64,
+    pub cgroup_id: u64,
+}
+
+impl Listener {
+    /// The `INBOUND_PORTS` value for this listener.
+    pub fn meshed(&self) -> MeshedListener {
+        let (addr, family) = match self.addr {
+            IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], AF_INET),
+            IpAddr::V6(v6) => (crate::intercept::ipv6_words(v6), AF_INET6),
+        };
+        MeshedListener {
+            cookie: self.cookie,
+            addr,
+            family: u32::from(family),
+        }
+    }
+}
+
+/// What one reconcile changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub added: usize,
+    pub removed: usize,
+}
+
+/// Brings `INBOUND_PORTS` of `origin`'s namespace in line with its listeners: a listener of a
+/// process in `meshed_cgroups` whose port has no live entry is added; an entry whose listener
+/// is gone is removed. Entries recorded while this runs are left alone (the snapshot is taken
+/// before the dump, and additions never overwrite).
+pub fn reconcile(
+    inbound: &Inbound,
+    origin: &Origin,
+    meshed_cgroups: &HashSet<u64>,
+) -> Result<Reconciled, crate::intercept::InterceptError> {
+    let netns = origin.netns_cookie;
+    let recorded = inbound.ports_of(netns);
+    let listeners = origin
+        .within(tcp_listeners)
+        .map_err(|source| crate::intercept::InterceptError::Listeners { netns, source })?;
+    let listening: HashSet<u64> = listeners.iter().map(|listener| listener.cookie).collect();
+    let mut done = Reconciled::default();
+    for (key, value) in &recorded {
+        if !listening.contains(&value.cookie) {
+            inbound.remove_port(key, value.cookie);
+            done.removed += 1;
+        }
+    }
+    for listener in listeners
+        .iter()
+        .filter(|listener| meshed_cgroups.contains(&listener.cgroup_id))
+    {
+        let key = InboundPort {
+            netns,
+            port: listener.port,
+            pad: [0; 3],
+        };
+        let live = recorded
+            .iter()
+            .any(|(k, v)| *k == key && listening.contains(&v.cookie));
+        if !live {
+            inbound.add_port(key, listener.meshed())?;
+            done.added += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// The TCP listeners of the calling thread's network namespace (run it inside
+/// `Origin::within` for a pod's).
+pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
+    let socket = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::DGRAM,
+        Some(Protocol::from(NETLINK_SOCK_DIAG)),
+    )?;
+    let mut listeners = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        socket.send(&dump_request(family as u8))?;
+        listeners.extend(read_dump(&socket)?);
+    }
+    Ok(listeners)
+}
+
+/// A `SOCK_DIAG_BY_FAMILY` dump request for listening TCP sockets of `family`.
+fn dump_request(family: u8) -> Vec<u8> {
+    let mut request = Vec::with_capacity(NLMSG_HEADER + 56);
+    request.extend_from_slice(&((NLMSG_HEADER + 56) as u32).to_ne_bytes());
+    request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    request.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    request.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    request.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    // struct inet_diag_req_v2: family, protocol, ext, pad, states, then a zero sockid.
+    request.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
+    request.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    request.extend_from_slice(&[0u8; 48]);
+    request
+}
+
+fn read_dump(socket: &Socket) -> io::Result<Vec<Listener>> {
+    use std::io::Read;
+    let mut listeners = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = (&*socket).read(&mut buf)?;
+        total += n;
+        match parse_messages(&buf[..n], &mut listeners)? {
+            Parsed::Done => return Ok(listeners),
+            Parsed::More if total > MAX_REPLY_BYTES || n == 0 => {
+                return Err(io::Error::other("sock_diag dump did not end"));
+            }
+            Parsed::More => {}
+        }
+    }
+}
+
+enum Parsed {
+    Done,
+    More,
+}
+
+/// Parses one datagram of netlink messages into `listeners`.
+fn parse_messages(mut bytes: &[u8], listeners: &mut Vec<Listener>) -> io::Result<Parsed> {
+    while bytes.len() >= NLMSG_HEADER {
+        let len = u32::from_ne_bytes(bytes[0..4].try_into().unwrap_or_default()) as usize;
+        let kind = u16::from_ne_bytes(bytes[4..6].try_into().unwrap_or_default());
+        if len < NLMSG_HEADER || len > bytes.len() {
+            return Err(io::Error::other("truncated sock_diag reply"));
+        }
+        let payload = &bytes[NLMSG_HEADER..len];
+        match kind {
+            NLMSG_DONE => return Ok(Parsed::Done),
+            NLMSG_ERROR => {
+                let errno = payload
+                    .get(0..4)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, i32::from_ne_bytes);
+                return Err(io::Error::from_raw_os_error(-errno));
+            }
+            SOCK_DIAG_BY_FAMILY => {
+                if let Some(listener) = parse_listener(payload) {
+                    listeners.push(listener);
+                }
+            }
+            _ => {}
+        }
+        bytes = &bytes[align4(len).min(bytes.len())..];
+    }
+    Ok(Parsed::More)
+}
+
+/// One `inet_diag_msg` and its attributes.
+fn parse_listener(payload: &[u8]) -> Option<Listener> {
+    if payload.len() < INET_DIAG_MSG {
+        return None;
+    }
+    let family = u16::from(payload[0]);
+    let port = u16::from_be_bytes([payload[4], payload[5]]);
+    let src = &payload[8..24];
+    let addr = if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(src[0], src[1], src[2], src[3]))
+    } else {
+        let octets: [u8; 16] = src.try_into().ok()?;
+        IpAddr::V6(Ipv6Addr::from(octets))
+    };
+    let low = u32::from_ne_bytes(payload[44..48].try_into().ok()?);
+    let high = u32::from_ne_bytes(payload[48..52].try_into().ok()?);
+    let cgroup_id = attribute_u64(&payload[INET_DIAG_MSG..], INET_DIAG_CGROUP_ID)?;
+    Some(Listener {
+        port,
+        addr,
+        cookie: u64::from(low) | (u64::from(high) << 32),
+        cgroup_id,
+    })
+}
+
+/// The u64 value of the first attribute of `kind` in a run of rtattrs.
+fn attribute_u64(mut attrs: &[u8], kind: u16) -> Option<u64> {
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let this = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if this == kind && len >= 12 {
+            return Some(u64::from_ne_bytes(attrs[4..12].try_into().ok()?));
+        }
+        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    None
+}
+
+fn align4(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply as the kernel builds it: one listener (127.0.0.1:8080, cookie 7, cgroup 42)
+    /// with an unrelated attribute before the cgroup id, then DONE.
+    fn reply() -> Vec<u8> {
+        let mut msg = vec![AF_INET as u8, TCP_LISTEN as u8, 0, 0];
+        msg.extend_from_slice(&8080u16.to_be_bytes());
+        msg.extend_from_slice(&0u16.to_be_bytes());
+        let mut src = [0u8; 16];
+        src[..4].copy_from_slice(&[127, 0, 0, 1]);
+        msg.extend_from_slice(&src);
+        msg.extend_from_slice(&[0u8; 16]); // dst
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // if
+        msg.extend_from_slice(&7u32.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(&[0u8; 20]); // expires .. inode
+        // An attribute of 5 bytes (padded to 8), then the cgroup id.
+        msg.extend_from_slice(&5u16.to_ne_bytes());
+        msg.extend_from_slice(&1u16.to_ne_bytes());
+        msg.extend_from_slice(&[9, 0, 0, 0]);
+        msg.extend_from_slice(&12u16.to_ne_bytes());
+        msg.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        msg.extend_from_slice(&42u64.to_ne_bytes());
+        let mut out = header(NLMSG_HEADER + msg.len(), SOCK_DIAG_BY_FAMILY);
+        out.extend_from_slice(&msg);
+        out.extend(header(NLMSG_HEADER + 4, NLMSG_DONE));
+        out.extend_from_slice(&0u32.to_ne_bytes());
+        out
+    }
+
+    fn header(len: usize, kind: u16) -> Vec<u8> {
+        let mut out = (len as u32).to_ne_bytes().to_vec();
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(&[0u8; 10]);
+        out
+    }
+
+    #[test]
+    fn parses_a_listener_and_the_end_of_the_dump() {
+        let mut listeners = Vec::new();
+        assert!(matches!(
+            parse_messages(&reply(), &mut listeners).unwrap(),
+            Parsed::Done
+        ));
+        assert_eq!(
+            listeners,
+            [Listener {
+                port: 8080,
+                addr: "127.0.0.1".parse().unwrap(),
+                cookie: 7,
+                cgroup_id: 42,
+            }]
+        );
+    }
+
+    #[test]
+    fn truncated_or_hostile_replies_are_errors_not_panics() {
+        let full = reply();
+        for cut in 0..full.len() {
+            let mut listeners = Vec::new();
+            let _ = parse_messages(&full[..cut], &mut listeners);
+        }
+        let mut bogus = header(4, SOCK_DIAG_BY_FAMILY);
+        bogus.extend_from_slice(&[0u8; 8]);
+        assert!(parse_messages(&bogus, &mut Vec::new()).is_err());
+    }
+}
