@@ -285,11 +285,7 @@ impl Intercept {
 
     /// Sets one bit per port of `ports` in a skip-port bitmap map.
     fn fill_port_bitmap(&mut self, name: &'static str, ports: &PortSet) -> Result<()> {
-        let mut words = [0u64; SKIP_PORT_WORDS as usize];
-        for port in ports.ports() {
-            let (word, bit) = skip_port_slot(port);
-            words[word as usize] |= bit;
-        }
+        let words = port_bitmap(ports);
         let mut bitmap: Array<_, u64> = self.typed_map(name)?;
         for (index, bits) in words.iter().enumerate() {
             if *bits != 0 {
@@ -835,6 +831,16 @@ fn program_named<'a>(
 ) -> Result<&'a mut aya::programs::Program> {
     ebpf.program_mut(name)
         .ok_or(InterceptError::ProgramMissing(name))
+}
+
+/// One bit per port of `ports`, in the kernel's skip-port layout (`skip_port_slot`).
+pub fn port_bitmap(ports: &PortSet) -> [u64; SKIP_PORT_WORDS as usize] {
+    let mut words = [0u64; SKIP_PORT_WORDS as usize];
+    for port in ports.ports() {
+        let (word, bit) = skip_port_slot(port);
+        words[word as usize] |= bit;
+    }
+    words
 }
 
 /// Network-order words of an IPv6 address, as the kernel's `user_ip6` holds them.

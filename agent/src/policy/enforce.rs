@@ -9,13 +9,12 @@ use std::{
     sync::Arc,
 };
 
-use agent_common::{KernelPolicy, POLICY_INJECT_DISABLED, SKIP_PORT_WORDS, skip_port_slot};
+use agent_common::{KernelPolicy, POLICY_INJECT_DISABLED};
 use parking_lot::Mutex;
 
 use super::{Policy, WorkloadPolicy};
 use crate::{
-    config::PortSet,
-    intercept::{InterceptError, PolicyMaps, ServedNetnsMap},
+    intercept::{InterceptError, PolicyMaps, ServedNetnsMap, port_bitmap},
     netns::Origin,
 };
 
@@ -171,18 +170,9 @@ fn kernel_policy(workload: &WorkloadPolicy) -> KernelPolicy {
             0
         },
         pad: 0,
-        skip_outbound: bitmap(&workload.skip_outbound_ports),
-        skip_inbound: bitmap(&workload.skip_inbound_ports),
+        skip_outbound: port_bitmap(&workload.skip_outbound_ports),
+        skip_inbound: port_bitmap(&workload.skip_inbound_ports),
     }
-}
-
-fn bitmap(ports: &PortSet) -> [u64; SKIP_PORT_WORDS as usize] {
-    let mut words = [0u64; SKIP_PORT_WORDS as usize];
-    for port in ports.ports() {
-        let (word, bit) = skip_port_slot(port);
-        words[word as usize] |= bit;
-    }
-    words
 }
 
 fn json(workload: &WorkloadPolicy) -> serde_json::Value {
@@ -191,12 +181,16 @@ fn json(workload: &WorkloadPolicy) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
+    use agent_common::skip_port_slot;
+
+    use crate::config::PortSet;
+
     use super::*;
 
     #[test]
     fn bitmaps_hold_every_port_of_the_set() {
         let ports: PortSet = "1,64,65535,100-101".parse().unwrap();
-        let words = bitmap(&ports);
+        let words = port_bitmap(&ports);
         for port in [1u16, 64, 65535, 100, 101] {
             let (word, bit) = skip_port_slot(port);
             assert_ne!(words[word as usize] & bit, 0, "{port}");

@@ -134,18 +134,21 @@ impl Env {
     /// A command for `program` as a client of `setup`: inside the agent's cgroup for sockmesh.
     pub fn client(&self, setup: Setup, program: &str) -> Command {
         match self.agents.get(&setup) {
-            Some(agent) => {
-                let mut command = Command::new(&self.sockmesh);
-                command
-                    .arg("exec")
-                    .arg("--cgroup")
-                    .arg(&agent.cgroup)
-                    .arg("--")
-                    .arg(program);
-                command
-            }
+            Some(agent) => self.in_cgroup(agent, program),
             None => Command::new(program),
         }
+    }
+
+    /// `program` run inside `agent`'s meshed cgroup, through `sockmesh exec`.
+    fn in_cgroup(&self, agent: &Agent, program: &str) -> Command {
+        let mut command = Command::new(&self.sockmesh);
+        command
+            .arg("exec")
+            .arg("--cgroup")
+            .arg(&agent.cgroup)
+            .arg("--")
+            .arg(program);
+        command
     }
 
     fn spawn(&mut self, name: &str, command: &mut Command) -> Result<()> {
@@ -212,19 +215,8 @@ impl Env {
     /// redis and an HTTP/1 nginx origin inside the inbound agent's cgroup, started after it
     /// (either order works: the agent also finds listeners that were there first).
     fn start_inbound_backends(&mut self, agent: &Agent) -> Result<()> {
-        let sockmesh = self.sockmesh.clone();
-        let in_cgroup = |program: &str| {
-            let mut command = Command::new(&sockmesh);
-            command
-                .arg("exec")
-                .arg("--cgroup")
-                .arg(&agent.cgroup)
-                .arg("--")
-                .arg(program);
-            command
-        };
         let redis = free_addr()?;
-        let mut redis_command = in_cgroup("redis-server");
+        let mut redis_command = self.in_cgroup(agent, "redis-server");
         redis_command
             .args(["--bind", "127.0.0.1", "--port", &redis.port().to_string()])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"]);
@@ -241,7 +233,7 @@ impl Env {
                 www = www.display()
             ),
         )?;
-        let mut nginx = in_cgroup("nginx");
+        let mut nginx = self.in_cgroup(agent, "nginx");
         nginx.arg("-c").arg(config).arg("-p").arg(&self.dir);
         self.spawn("nginx-origin-inbound", &mut nginx)?;
         self.inbound_backends =
