@@ -29,7 +29,8 @@ pub mod map_names {
     /// The agent's heartbeat and connection budget: connect4/6 redirect only while it is fresh
     /// and the budget has room.
     pub const LIVENESS: &str = "LIVENESS";
-    /// Redirected client sockets still open (kept by the kernel programs).
+    /// Redirected client sockets still open (slot `OPEN_REDIRECTS_SLOT`, kept by connect4/6
+    /// and sockops) and inbound connections steered to the agent (`INBOUND_STEERED_SLOT`).
     pub const OPEN_REDIRECTS: &str = "OPEN_REDIRECTS";
     /// Inbound: the TCP ports meshed processes listen on, per network namespace (kept by
     /// sockops at listen(2) and close).
@@ -192,9 +193,23 @@ pub struct AgentLiveness {
     pub heartbeat_ns: u64,
     /// A heartbeat older than this means the agent cannot serve.
     pub timeout_ns: u64,
-    /// Redirected connections the agent takes at most at once (`OPEN_REDIRECTS` counts them).
+    /// Connections the agent takes at most at once: redirected connects (`OPEN_REDIRECTS`
+    /// counts them) and inbound connections together.
     pub max_connections: u64,
+    /// Inbound connections the agent holds now, as it counted them at its latest publication
+    /// (sk_lookup sees a connection's SYN, never its close, so the kernel cannot count them).
+    pub open_inbound: u64,
+    /// `INBOUND_STEERED_SLOT` as the agent read it just before counting `open_inbound`: the
+    /// connections steered since then count against the budget too, so a burst between two
+    /// publications cannot overrun it.
+    pub inbound_steered: u64,
 }
+
+/// OPEN_REDIRECTS slot 0: redirected client sockets still open.
+pub const OPEN_REDIRECTS_SLOT: u32 = 0;
+/// OPEN_REDIRECTS slot 1: inbound connections sk_lookup has steered to the agent since the
+/// programs loaded (it only grows).
+pub const INBOUND_STEERED_SLOT: u32 = 1;
 
 /// The destination an application asked for before connect4/6 rewrote it.
 #[repr(C)]
@@ -360,7 +375,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<ConnTuple>(), 32 + 8 + 8);
         assert_eq!(core::mem::size_of::<KernelCounters>(), 13 * 8);
         assert_eq!(core::mem::size_of::<KernelPolicy>(), 8 + 2 * 8 * 1024);
-        assert_eq!(core::mem::size_of::<AgentLiveness>(), 3 * 8);
+        assert_eq!(core::mem::size_of::<AgentLiveness>(), 5 * 8);
         assert_eq!(core::mem::size_of::<ServedNetns>(), 8);
     }
 

@@ -9,7 +9,7 @@
 //! address the connection arrives at (pod addresses are unique on a node).
 
 use agent_common::{
-    AF_INET, AF_INET6, InboundAddr, InboundPort, InboundSock, KernelCounters,
+    AF_INET, AF_INET6, INBOUND_STEERED_SLOT, InboundAddr, InboundPort, InboundSock, KernelCounters,
     POLICY_INJECT_DISABLED, ProxyConfig, SERVED_INBOUND,
 };
 use aya_ebpf::{bindings::bpf_sk_lookup, programs::SkLookupContext};
@@ -17,8 +17,8 @@ use aya_ebpf::{bindings::bpf_sk_lookup, programs::SkLookupContext};
 use crate::{
     access::{read_field, read_words},
     maps::{
-        INBOUND_ADDRS, INBOUND_PORTS, INBOUND_SOCKS, SERVED_NETNS, SKIP_IN_PORTS, count, policy,
-        port_in, port_in_words, proxy_config,
+        INBOUND_ADDRS, INBOUND_PORTS, INBOUND_SOCKS, SERVED_NETNS, SKIP_IN_PORTS,
+        add_to_open_count, count, policy, port_in, port_in_words, proxy_config,
     },
     redirect::{Decision, agent_can_serve},
 };
@@ -179,7 +179,10 @@ fn assign(ctx: &SkLookupContext, netns: u64, family: u32) {
         pad: 0,
     };
     match INBOUND_SOCKS.redirect_sk_lookup(ctx, key, 0) {
-        Ok(()) => count(|c: &mut KernelCounters| &mut c.inbound_redirected),
+        Ok(()) => {
+            add_to_open_count(INBOUND_STEERED_SLOT, 1);
+            count(|c: &mut KernelCounters| &mut c.inbound_redirected)
+        }
         // No listener (the agent is stopping or has not opened it): the workload answers.
         Err(_) => count(|c: &mut KernelCounters| &mut c.errors),
     }

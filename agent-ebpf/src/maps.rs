@@ -119,16 +119,17 @@ pub fn policy(id: u32) -> Option<&'static KernelPolicy> {
 #[btf_map]
 pub static LIVENESS: Array<AgentLiveness, 1> = Array::new();
 
-/// Slot 0: redirected client sockets still open. connect4/6 add one for every redirect,
-/// sockops takes it off again when that socket closes.
+/// Slot `OPEN_REDIRECTS_SLOT`: redirected client sockets still open. connect4/6 add one for
+/// every redirect, sockops takes it off again when that socket closes. Slot
+/// `INBOUND_STEERED_SLOT`: inbound connections sk_lookup steered to the agent, ever.
 #[btf_map]
-pub static OPEN_REDIRECTS: Array<u64, 1> = Array::new();
+pub static OPEN_REDIRECTS: Array<u64, 2> = Array::new();
 
-/// Adds `delta` (wrapping: -1 is u64::MAX) to the open-redirect count, atomically: connects
+/// Adds `delta` (wrapping: -1 is u64::MAX) to an OPEN_REDIRECTS slot, atomically: connects
 /// and closes run on every CPU at once.
 #[inline(always)]
-pub fn count_open_redirects(delta: u64) {
-    if let Some(open) = OPEN_REDIRECTS.get_ptr_mut(0) {
+pub fn add_to_open_count(slot: u32, delta: u64) {
+    if let Some(open) = OPEN_REDIRECTS.get_ptr_mut(slot) {
         // SAFETY: `open` points at the map's u64 value, valid for as long as the map. BPF's
         // atomic add (the instruction behind __sync_fetch_and_add with an unused result);
         // core's AtomicU64 has no fetch_add on this target.
@@ -142,10 +143,10 @@ pub fn count_open_redirects(delta: u64) {
     }
 }
 
-/// The open-redirect count now.
+/// An OPEN_REDIRECTS slot now.
 #[inline(always)]
-pub fn open_redirects() -> u64 {
-    OPEN_REDIRECTS.get(0).copied().unwrap_or(0)
+pub fn open_count(slot: u32) -> u64 {
+    OPEN_REDIRECTS.get(slot).copied().unwrap_or(0)
 }
 
 /// Adds one to a kernel counter on this CPU.

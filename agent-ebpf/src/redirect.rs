@@ -2,8 +2,8 @@
 //! it was going and rewrite it. Every path returns "allow": the hooks never refuse a connect.
 
 use agent_common::{
-    AF_INET, AF_INET6, KernelCounters, OriginalDst, POLICY_INJECT_DISABLED, ProxyConfig,
-    ServedNetns,
+    AF_INET, AF_INET6, INBOUND_STEERED_SLOT, KernelCounters, OPEN_REDIRECTS_SLOT, OriginalDst,
+    POLICY_INJECT_DISABLED, ProxyConfig, ServedNetns,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -18,7 +18,7 @@ use aya_ebpf::{
 use crate::access::read_words;
 use crate::maps::{
     CGROUP_POLICY, LIVENESS, ORIG_BY_COOKIE, SERVED_NETNS, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS,
-    count, count_open_redirects, open_redirects, policy, port_in, port_in_words, proxy_config,
+    add_to_open_count, count, open_count, policy, port_in, port_in_words, proxy_config,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -103,7 +103,9 @@ pub(crate) fn agent_can_serve() -> Decision {
     {
         return Decision::BypassAgentUnresponsive;
     }
-    if open_redirects() >= liveness.max_connections {
+    let steered_since = open_count(INBOUND_STEERED_SLOT).saturating_sub(liveness.inbound_steered);
+    let inbound = liveness.open_inbound.saturating_add(steered_since);
+    if open_count(OPEN_REDIRECTS_SLOT).saturating_add(inbound) >= liveness.max_connections {
         return Decision::BypassOverCapacity;
     }
     Decision::Redirect
@@ -199,7 +201,7 @@ fn record(ctx: &SockAddrContext, decision: Decision, dst: &OriginalDst) -> bool 
                 return false;
             }
             count(|c: &mut KernelCounters| &mut c.redirected);
-            count_open_redirects(1);
+            add_to_open_count(OPEN_REDIRECTS_SLOT, 1);
             return true;
         }
     }

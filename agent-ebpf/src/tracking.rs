@@ -4,7 +4,9 @@
 //! its cookie entry. And for inbound: every listen(2) of a meshed process records its port
 //! (what sk_lookup captures), which the listener's close removes again.
 
-use agent_common::{AF_INET, ConnTuple, InboundPort, KernelCounters, MeshedListener};
+use agent_common::{
+    AF_INET, ConnTuple, InboundPort, KernelCounters, MeshedListener, OPEN_REDIRECTS_SLOT,
+};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
@@ -18,7 +20,7 @@ use aya_ebpf::{
 
 use crate::{
     access::{read_field, read_words},
-    maps::{INBOUND_PORTS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, count, count_open_redirects},
+    maps::{INBOUND_PORTS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, add_to_open_count, count},
 };
 
 #[inline(always)]
@@ -137,7 +139,7 @@ fn on_established(ctx: &SockOpsContext) {
 fn on_close(ctx: &SockOpsContext) {
     if ORIG_BY_COOKIE.remove(cookie(ctx)).is_ok() {
         // This socket was counted when connect4/6 redirected it.
-        count_open_redirects(u64::MAX);
+        add_to_open_count(OPEN_REDIRECTS_SLOT, u64::MAX);
     }
 }
 

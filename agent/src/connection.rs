@@ -24,6 +24,7 @@ use crate::{
         opaque,
     },
     intercept::OriginalDstMap,
+    liveness::OpenInbound,
     metrics::{
         ConnectErrorLabels, DetectLabels, Direction, LookupLabels, Metrics, OpaqueModeLabels,
         TcpCloseLabels, TcpLabels, TlsLabels, errno_name,
@@ -51,6 +52,9 @@ pub struct Proxy {
     /// The inbound listener's own port: a connection addressed to it came straight to the
     /// agent, not steered by sk_lookup, and has no workload behind it.
     inbound_port: u16,
+    /// Inbound connections open now: they count against the same budget as redirected
+    /// connects (the liveness publisher hands the count to the kernel).
+    pub open_inbound: OpenInbound,
 }
 
 impl Proxy {
@@ -86,6 +90,7 @@ impl Proxy {
             detect_timeout: config.detect_timeout,
             dialer,
             inbound_port: config.inbound_port,
+            open_inbound: OpenInbound::default(),
         }
     }
 }
@@ -99,6 +104,7 @@ pub async fn handle(
     proxy: Arc<Proxy>,
     direction: Direction,
 ) {
+    let _counted = (direction == Direction::Inbound).then(|| proxy.open_inbound.hold());
     let found = match direction {
         Direction::Outbound => proxy.original_dst(&client, peer, &origin),
         Direction::Inbound => proxy.inbound_dst(&client),

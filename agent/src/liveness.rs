@@ -4,6 +4,8 @@
 //! dead agent stops ticking) and while `OPEN_REDIRECTS` (kept by the kernel itself, so a burst
 //! of connects cannot overrun it between two publications) is under the budget. Otherwise the
 //! connect goes straight to its destination: the agent is never why a connection fails.
+//! sk_lookup applies the same gate to inbound connections, which share the budget: the agent
+//! counts the inbound connections it holds (`OpenInbound`) and publishes that count.
 
 use std::{
     sync::{
@@ -13,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use agent_common::AgentLiveness;
+use agent_common::{AgentLiveness, INBOUND_STEERED_SLOT, OPEN_REDIRECTS_SLOT};
 use aya::maps::{Array, MapData, MapError};
 use tokio_util::sync::CancellationToken;
 
@@ -66,6 +68,33 @@ impl Heartbeats {
     }
 }
 
+/// Inbound connections the agent holds now. The kernel counts redirected connects itself;
+/// sk_lookup sees an inbound connection's SYN but never its close, so the agent counts those
+/// and publishes the count with the heartbeat: both kinds share one budget.
+#[derive(Clone, Default)]
+pub struct OpenInbound(Arc<AtomicU64>);
+
+impl OpenInbound {
+    /// Counts one connection until the returned guard drops.
+    pub fn hold(&self) -> HeldInbound {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        HeldInbound(Arc::clone(&self.0))
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One inbound connection counted in `OpenInbound`, for as long as it lives.
+pub struct HeldInbound(Arc<AtomicU64>);
+
+impl Drop for HeldInbound {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What the publisher needs: the map, the timeout, how the budget is derived.
 pub struct Publisher {
     pub map: Array<MapData, AgentLiveness>,
@@ -78,6 +107,8 @@ pub struct Publisher {
     pub other_reserved: Box<dyn Fn() -> u64 + Send + Sync>,
     /// The kernel's count of redirected connections still open, read for /metrics.
     pub open_redirects: Array<MapData, u64>,
+    /// The agent's count of inbound connections, published for the kernel's budget check.
+    pub open_inbound: OpenInbound,
     /// Told the budget and the open count at every publication (for /metrics).
     pub report: Box<dyn Fn(u64, u64) + Send + Sync>,
 }
@@ -96,12 +127,23 @@ impl Publisher {
     /// finds a fresh heartbeat.
     pub fn publish(&mut self) -> Result<(), LivenessError> {
         let budget = self.budget();
-        let open = self.open_redirects.get(&0, 0).unwrap_or(0);
+        let open = self
+            .open_redirects
+            .get(&OPEN_REDIRECTS_SLOT, 0)
+            .unwrap_or(0);
         (self.report)(budget, open);
+        // Read before counting: a connection steered in between is counted twice (briefly
+        // conservative), never missed.
+        let inbound_steered = self
+            .open_redirects
+            .get(&INBOUND_STEERED_SLOT, 0)
+            .unwrap_or(0);
         let liveness = AgentLiveness {
             heartbeat_ns: self.heartbeats.oldest(),
             timeout_ns: u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX),
             max_connections: budget,
+            open_inbound: self.open_inbound.get(),
+            inbound_steered,
         };
         self.map.set(0, liveness, 0).map_err(LivenessError::Write)
     }
@@ -134,6 +176,18 @@ mod tests {
         assert_eq!(budget_for(300, 0), 11);
         assert_eq!(budget_for(300, 8), 9);
         assert_eq!(budget_for(100, 0), 0);
+    }
+
+    #[test]
+    fn an_inbound_connection_is_counted_while_it_lives() {
+        let open = OpenInbound::default();
+        let first = open.hold();
+        let second = open.hold();
+        assert_eq!(open.get(), 2);
+        drop(first);
+        assert_eq!(open.get(), 1);
+        drop(second);
+        assert_eq!(open.get(), 0);
     }
 
     #[test]

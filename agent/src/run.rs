@@ -184,7 +184,14 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
         },
         shutdown.child_token(),
     )?;
-    let publisher = liveness_publisher(&config, &mut intercept, &threads, pods, &admin_state)?;
+    let publisher = liveness_publisher(
+        &config,
+        &mut intercept,
+        &threads,
+        pods,
+        &admin_state,
+        &proxy,
+    )?;
     start_heartbeat(publisher, &threads.heartbeats, &shutdown).await?;
     intercept.attach(&config.cgroup)?;
     admin_state.ready.store(true, Ordering::SeqCst);
@@ -422,6 +429,7 @@ fn liveness_publisher(
     threads: &ProxyThreads,
     pods: Option<Arc<Pods>>,
     admin: &Arc<AdminState>,
+    proxy: &Proxy,
 ) -> Result<Publisher> {
     // An outbound and an inbound pair per proxy thread.
     let listeners_per_pod = 4 * threads.handles.len() as u64;
@@ -436,6 +444,7 @@ fn liveness_publisher(
                 .map_or(0, |pods| pods.count() as u64 * listeners_per_pod)
         }),
         open_redirects: intercept.open_redirects_map()?,
+        open_inbound: proxy.open_inbound.clone(),
         report: Box::new(move |budget, open| {
             metrics
                 .connection_budget

@@ -252,6 +252,11 @@ impl ServerProcess {
     /// A test peer from tests/peers, run with Debian's python3 (which sees python3-grpcio and
     /// friends), that prints "READY <port>" once it listens on 127.0.0.1.
     pub fn peer(script: &str, args: &[&str]) -> Self {
+        Self::announced(Self::peer_command(script, args))
+    }
+
+    /// The command that runs test peer `script` as a server on a free loopback port.
+    pub fn peer_command(script: &str, args: &[&str]) -> Command {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("peers")
             .join(script);
@@ -260,6 +265,12 @@ impl ServerProcess {
             .arg(&path)
             .args(["server", "--bind", "127.0.0.1", "--port", "0"])
             .args(args);
+        command
+    }
+
+    /// Starts `command`, a server that prints "READY <port>" once it listens on 127.0.0.1
+    /// (a test peer, or `meshprobe echo-server`).
+    pub fn announced(mut command: Command) -> Self {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

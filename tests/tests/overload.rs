@@ -1,6 +1,6 @@
 //! The agent is never why a connection fails: a stopped agent and an agent at its connection
 //! budget send new connects direct, decided in the kernel per connect; both recover by
-//! themselves.
+//! themselves. Inbound connections (steered by sk_lookup) draw on the same budget.
 
 use std::{process::Command, thread, time::Duration};
 
@@ -8,7 +8,7 @@ use integration_tests::{
     Agent, AgentOptions, TestCgroup, meshprobe_bin,
     process::{eventually, run_ok},
     require_privileged,
-    servers::{EchoServer, PatternServer},
+    servers::{EchoServer, PatternServer, ServerProcess},
 };
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -125,4 +125,54 @@ fn an_agent_at_its_budget_sends_the_rest_direct_and_every_connection_succeeds() 
     assert_eq!(metrics.count("sockmesh_accept_errors_total", &[]), 0);
     // When they are closed, the budget is free again.
     agent.assert_metric("sockmesh_open_redirects", &[], 0);
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn inbound_connections_draw_on_the_same_budget_and_the_rest_reach_the_server_direct() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("inboundbudget");
+    let agent = Agent::start(&cgroup);
+    // An echo server in the meshed cgroup (started after the agent, which learns its port
+    // when it listens); its clients connect from outside the cgroup, so only inbound counts.
+    let mut echo_server = cgroup.command(meshprobe_bin());
+    echo_server.args(["echo-server", "127.0.0.1:0"]);
+    let server = ServerProcess::announced(echo_server);
+    run_ok(
+        Command::new("prlimit")
+            .arg(format!("--pid={}", agent.pid()))
+            .arg("--nofile=300:300"),
+        LIMIT,
+    );
+    agent.assert_metric("sockmesh_connection_budget", &[], 11);
+
+    let report = run_ok(
+        Command::new(meshprobe_bin()).args(["echo", &server.addr.to_string(), "300", "10000"]),
+        LIMIT,
+    );
+    assert!(report.starts_with("ok connections=300"), "{report}");
+    let metrics = agent.metrics();
+    let inbound =
+        |decision: &str| metrics.count("sockmesh_kernel_inbound_total", &[("decision", decision)]);
+    let (redirected, over) = (inbound("redirected"), inbound("bypassed_over_capacity"));
+    let cpus = thread::available_parallelism().map_or(1, usize::from) as u64;
+    assert!(
+        (1..=11 + cpus).contains(&redirected),
+        "redirected {redirected}"
+    );
+    assert_eq!(
+        redirected + over,
+        300,
+        "redirected {redirected}, over capacity {over}"
+    );
+    assert_eq!(metrics.count("sockmesh_accept_errors_total", &[]), 0);
+    let port = server.addr.port().to_string();
+    assert_eq!(
+        metrics.count(
+            "tcp_open_total",
+            &[("direction", "inbound"), ("target_port", port.as_str())]
+        ),
+        redirected,
+        "every steered connection was proxied"
+    );
 }

@@ -12,10 +12,14 @@
 //!   meshprobe peer ADDR                 print getpeername() after connecting
 //!   meshprobe expect-close ADDR         connect and wait for the connection to be closed
 //!   meshprobe churn ADDR COUNT          COUNT connections (4 threads), each reset at once
+//!   meshprobe echo-server ADDR          listen on ADDR (port 0: any), print "READY <port>",
+//!                                       echo every connection until its EOF (a server for
+//!                                       inside the meshed cgroup)
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     process::ExitCode,
     sync::{Arc, Barrier},
     thread,
@@ -61,7 +65,10 @@ fn main() -> ExitCode {
         ["peer", addr] => peer(parse(addr)),
         ["expect-close", addr] => expect_close(parse(addr)),
         ["churn", addr, count] => churn(parse(addr), num(count)),
-        _ => Err("usage: meshprobe bulk|echo|chat|peer|expect-close|churn ...".to_string()),
+        ["echo-server", addr] => echo_server(parse(addr)),
+        _ => Err(
+            "usage: meshprobe bulk|echo|chat|peer|expect-close|churn|echo-server ...".to_string(),
+        ),
     };
     match result {
         Ok(report) => {
@@ -166,6 +173,40 @@ fn echo(addr: SocketAddr, conns: u64, bytes: u64) -> Result<String, String> {
         echo_one(stream, bytes).map(|()| String::new())
     })?;
     Ok(format!("ok connections={conns} bytes={bytes}"))
+}
+
+/// Serves until killed: one thread per connection copies what it reads back until EOF, then
+/// half-closes.
+fn echo_server(addr: SocketAddr) -> Result<String, String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    // std listens with a backlog of 128: a burst of clients would overflow it, and every
+    // retransmitted SYN (or syncookie ACK) is one more lookup for sk_lookup to count.
+    // SAFETY: listen(2) on a socket this function owns; calling it again only sets the backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+        return Err(format!("listen: {}", std::io::Error::last_os_error()));
+    }
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    println!("READY {port}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+        thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || echo_until_eof(stream))
+            .map_err(|e| format!("spawning an echo thread: {e}"))?;
+    }
+    Ok(String::new())
+}
+
+fn echo_until_eof(stream: TcpStream) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = stream;
+    if std::io::copy(&mut reader, &mut writer).is_ok() {
+        let _ = writer.shutdown(Shutdown::Write);
+    }
 }
 
 /// Runs `work` on `conns` connections at once (every connection is open before any starts,
