@@ -221,6 +221,10 @@ pub struct OriginalDst {
     pub port: u16,
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
+    pub pad: u32,
+    /// cgroup v2 id of the process that connected: in host mode its cgroup's policy decides
+    /// the connection's opaque ports in the agent.
+    pub cgroup: u64,
 }
 
 /// A redirected connection as the client socket sees it: client address -> proxy listener, in
@@ -274,6 +278,10 @@ pub struct MeshedListener {
     pub addr: [u32; 4],
     /// `AF_INET` or `AF_INET6`.
     pub family: u32,
+    pub pad: u32,
+    /// cgroup v2 id of the process that listened: in host mode its cgroup's policy applies to
+    /// the connections it gets (skip-inbound-ports in sk_lookup, opaque-ports in the agent).
+    pub cgroup: u64,
 }
 
 /// `INBOUND_SOCKS` key: the agent's inbound listener of one family in one namespace.
@@ -369,9 +377,9 @@ mod tests {
         );
         assert_eq!(core::mem::size_of::<InboundPort>(), 16);
         assert_eq!(core::mem::size_of::<InboundSock>(), 16);
-        assert_eq!(core::mem::size_of::<MeshedListener>(), 32);
+        assert_eq!(core::mem::size_of::<MeshedListener>(), 40);
         assert_eq!(core::mem::size_of::<InboundAddr>(), 20);
-        assert_eq!(core::mem::size_of::<OriginalDst>(), 16 + 2 + 2);
+        assert_eq!(core::mem::size_of::<OriginalDst>(), 16 + 2 + 2 + 4 + 8);
         assert_eq!(core::mem::size_of::<ConnTuple>(), 32 + 8 + 8);
         assert_eq!(core::mem::size_of::<KernelCounters>(), 13 * 8);
         assert_eq!(core::mem::size_of::<KernelPolicy>(), 8 + 2 * 8 * 1024);

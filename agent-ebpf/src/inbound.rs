@@ -10,7 +10,7 @@
 
 use agent_common::{
     AF_INET, AF_INET6, INBOUND_STEERED_SLOT, InboundAddr, InboundPort, InboundSock, KernelCounters,
-    POLICY_INJECT_DISABLED, ProxyConfig, SERVED_INBOUND,
+    MeshedListener, POLICY_INJECT_DISABLED, ProxyConfig, SERVED_INBOUND,
 };
 use aya_ebpf::{bindings::bpf_sk_lookup, programs::SkLookupContext};
 
@@ -18,7 +18,7 @@ use crate::{
     access::{read_field, read_words},
     maps::{
         INBOUND_ADDRS, INBOUND_PORTS, INBOUND_SOCKS, SERVED_NETNS, SKIP_IN_PORTS,
-        add_to_open_count, count, policy, port_in, port_in_words, proxy_config,
+        add_to_open_count, count, policy, port_in, port_in_words, proxy_config, workload_policy,
     },
     redirect::{Decision, agent_can_serve},
 };
@@ -62,13 +62,13 @@ pub fn lookup(ctx: &SkLookupContext, attached: Attached) {
     let Some(netns) = namespace_of(config, &conn, attached) else {
         return;
     };
-    let Some(policy_id) = served_policy(netns) else {
+    let Some(netns_policy) = served_policy(netns) else {
         return;
     };
-    if !is_meshed_listener(netns, &conn) {
+    let Some(listener) = meshed_listener(netns, &conn) else {
         return;
-    }
-    let policy = policy(policy_id);
+    };
+    let policy = policy(workload_policy(listener.cgroup, netns_policy));
     if policy.is_some_and(|p| p.flags & POLICY_INJECT_DISABLED != 0) {
         return;
     }
@@ -154,21 +154,19 @@ fn served_policy(netns: u64) -> Option<u32> {
     (served.flags & SERVED_INBOUND != 0).then_some(served.policy)
 }
 
-/// Whether a meshed process listens on this port in this namespace, on this address (or on
-/// every address).
+/// The meshed process's listener on this port in this namespace, if it listens on this
+/// address (or on every address).
 #[inline(always)]
-fn is_meshed_listener(netns: u64, conn: &Lookup) -> bool {
+fn meshed_listener(netns: u64, conn: &Lookup) -> Option<MeshedListener> {
     let key = InboundPort {
         netns,
         port: conn.local_port,
         pad: [0; 3],
     };
-    let Some(listener) = INBOUND_PORTS.get_ptr(key) else {
-        return false;
-    };
     // SAFETY: copied out at once.
-    let listener = unsafe { *listener };
-    listener.addr == [0; 4] || (listener.family == conn.family && listener.addr == conn.local)
+    let listener = unsafe { *INBOUND_PORTS.get_ptr(key)? };
+    (listener.addr == [0; 4] || (listener.family == conn.family && listener.addr == conn.local))
+        .then_some(listener)
 }
 
 #[inline(always)]

@@ -104,6 +104,16 @@ pub fn port_in_words(words: &[u64; SKIP_PORT_WORDS as usize], port: u16) -> bool
     words.get(word as usize).is_some_and(|bits| bits & bit != 0)
 }
 
+/// The policy id of a workload in `cgroup`: its cgroup's (host mode: a policy entry selected
+/// it), else `netns_policy`, its namespace's (pod mode).
+#[inline(always)]
+pub fn workload_policy(cgroup: u64, netns_policy: u32) -> u32 {
+    // SAFETY: copied out at once.
+    CGROUP_POLICY
+        .get_ptr(cgroup)
+        .map_or(netns_policy, |id| unsafe { *id })
+}
+
 /// A policy by id; None for 0 (no policy) or an id the agent has not written.
 #[inline(always)]
 pub fn policy(id: u32) -> Option<&'static KernelPolicy> {

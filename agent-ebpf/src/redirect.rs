@@ -17,8 +17,9 @@ use aya_ebpf::{
 
 use crate::access::read_words;
 use crate::maps::{
-    CGROUP_POLICY, LIVENESS, ORIG_BY_COOKIE, SERVED_NETNS, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS,
+    LIVENESS, ORIG_BY_COOKIE, SERVED_NETNS, SKIP_NETS_V4, SKIP_NETS_V6, SKIP_PORTS,
     add_to_open_count, count, open_count, policy, port_in, port_in_words, proxy_config,
+    workload_policy,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -47,6 +48,8 @@ pub fn connect4(ctx: &SockAddrContext) {
         addr: [sa.user_ip4, 0, 0, 0],
         port: u16::from_be(sa.user_port as u16),
         family: AF_INET,
+        pad: 0,
+        cgroup: current_cgroup(),
     };
     let served = served_netns(ctx);
     let decision = decide(sa, config, served, &dst, || skip_network_v4(sa.user_ip4));
@@ -71,6 +74,8 @@ pub fn connect6(ctx: &SockAddrContext) {
         addr: ip6,
         port: u16::from_be(sa.user_port as u16),
         family: AF_INET6,
+        pad: 0,
+        cgroup: current_cgroup(),
     };
     let served = served_netns(ctx);
     let decision = decide(sa, config, served, &dst, || skip_network_v6(ip6));
@@ -120,16 +125,10 @@ fn served_netns(ctx: &SockAddrContext) -> Option<ServedNetns> {
     SERVED_NETNS.get_ptr(netns).map(|served| unsafe { *served })
 }
 
-/// The caller's policy: its cgroup's (host mode: a policy entry selected it), else its
-/// namespace's (pod mode).
 #[inline(always)]
-fn workload_policy(served: &ServedNetns) -> u32 {
+fn current_cgroup() -> u64 {
     // SAFETY: bpf_get_current_cgroup_id is allowed in sock_addr programs.
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: copied out at once.
-    CGROUP_POLICY
-        .get_ptr(cgroup)
-        .map_or(served.policy, |id| unsafe { *id })
+    unsafe { bpf_get_current_cgroup_id() }
 }
 
 #[inline(always)]
@@ -156,7 +155,7 @@ fn decide(
     if port_in(&SKIP_PORTS, dst.port) {
         return Decision::BypassPort;
     }
-    if let Some(policy) = policy(workload_policy(&served)) {
+    if let Some(policy) = policy(workload_policy(dst.cgroup, served.policy)) {
         if policy.flags & POLICY_INJECT_DISABLED != 0 {
             return Decision::BypassUnmeshedWorkload;
         }

@@ -14,7 +14,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
         BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
 
@@ -49,6 +49,10 @@ fn on_listen(ctx: &SockOpsContext) {
         addr: local_addr(ctx),
         // SAFETY: ops is the kernel's bpf_sock_ops for this call.
         family: unsafe { read_field(&raw const (*ctx.ops).family) },
+        pad: 0,
+        // listen(2) runs in the listening process: its cgroup is the workload's.
+        // SAFETY: bpf_get_current_cgroup_id takes no arguments.
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
     };
     if INBOUND_PORTS
         .insert(listening_port(ctx), listener, u64::from(BPF_ANY))

@@ -23,7 +23,7 @@ use crate::{
         kernel::KernelForwarder,
         opaque,
     },
-    intercept::OriginalDstMap,
+    intercept::{Inbound, OriginalDstMap},
     liveness::OpenInbound,
     metrics::{
         ConnectErrorLabels, DetectLabels, Direction, LookupLabels, Metrics, OpaqueModeLabels,
@@ -43,6 +43,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub tap: Arc<Tap>,
     original_dsts: OriginalDstMap,
+    /// The meshed listeners: which cgroup an inbound connection's workload is in.
+    inbound: Arc<Inbound>,
     /// How opaque connections move their bytes.
     opaque: OpaqueForwarding,
     http: Arc<HttpProxy>,
@@ -61,7 +63,7 @@ impl Proxy {
     pub fn new(
         metrics: Arc<Metrics>,
         tap: Arc<Tap>,
-        original_dsts: OriginalDstMap,
+        maps: KernelMaps,
         kernel: Option<Arc<KernelForwarder>>,
         config: &Config,
         draining: CancellationToken,
@@ -83,7 +85,8 @@ impl Proxy {
         Self {
             metrics,
             tap,
-            original_dsts,
+            original_dsts: maps.original_dsts,
+            inbound: maps.inbound,
             opaque: OpaqueForwarding::new(config.copy_mode, kernel),
             http: Arc::new(http),
             opaque_ports: config.opaque_ports.clone(),
@@ -93,6 +96,19 @@ impl Proxy {
             open_inbound: OpenInbound::default(),
         }
     }
+}
+
+/// The maps the proxy reads about each connection it accepts.
+pub struct KernelMaps {
+    pub original_dsts: OriginalDstMap,
+    pub inbound: Arc<Inbound>,
+}
+
+/// Where an accepted connection goes, and for whom.
+struct Target {
+    dst: SocketAddr,
+    /// cgroup v2 id of the workload (the client outbound, the server inbound), when known.
+    workload_cgroup: Option<u64>,
 }
 
 /// One proxied connection, start to finish. `origin` is the namespace (host or pod) whose
@@ -107,13 +123,18 @@ pub async fn handle(
     let _counted = (direction == Direction::Inbound).then(|| proxy.open_inbound.hold());
     let found = match direction {
         Direction::Outbound => proxy.original_dst(&client, peer, &origin),
-        Direction::Inbound => proxy.inbound_dst(&client),
+        Direction::Inbound => proxy.inbound_target(&client, &origin),
     };
-    let Some(dst) = found else {
+    let Some(Target {
+        dst,
+        workload_cgroup,
+    }) = found
+    else {
         tracing::debug!(%peer, ?direction, "no original destination; not a proxied connection");
         opaque::reset(&client);
         return;
     };
+    let opaque_port = proxy.is_opaque(&origin, workload_cgroup, dst.port());
     let started = Instant::now();
     let conn = ConnInfo {
         id: proxy.tap.connection_id(),
@@ -144,10 +165,21 @@ pub async fn handle(
 
     // Connect before detecting: a server that speaks first must be heard at once.
     let (protocol, reason) = match proxy.dialer.connect(dst, &origin, direction).await {
-        Ok(server) => forward(client, server, conn, &labels, counters.clone(), &proxy).await,
+        Ok(server) => {
+            let streams = (client, server);
+            forward(
+                streams,
+                conn,
+                opaque_port,
+                &labels,
+                counters.clone(),
+                &proxy,
+            )
+            .await
+        }
         Err(error) => {
             proxy.count_connect_error(&labels, &error);
-            let protocol = answer_unreachable(client, conn, &labels, &proxy).await;
+            let protocol = answer_unreachable(client, conn, opaque_port, &labels, &proxy).await;
             (protocol, CloseReason::ConnectFailed(error))
         }
     };
@@ -179,14 +211,14 @@ pub async fn handle(
 /// Detects the protocol and forwards accordingly. Returns the detection result and how the
 /// connection ended.
 async fn forward(
-    client: TcpStream,
-    server: TcpStream,
+    (client, server): (TcpStream, TcpStream),
     conn: ConnInfo,
+    opaque_port: bool,
     labels: &TcpLabels,
     counters: ByteCounters,
     proxy: &Proxy,
 ) -> (&'static str, CloseReason) {
-    let classified = if proxy.is_opaque(&conn.origin, labels.target_port) {
+    let classified = if opaque_port {
         Classified {
             protocol: Protocol::Opaque(OpaqueReason::OpaquePort),
             elapsed: Duration::ZERO,
@@ -227,10 +259,11 @@ fn http_version(protocol: &Protocol) -> Option<Version> {
 async fn answer_unreachable(
     client: TcpStream,
     conn: ConnInfo,
+    opaque_port: bool,
     labels: &TcpLabels,
     proxy: &Proxy,
 ) -> &'static str {
-    if proxy.is_opaque(&conn.origin, labels.target_port) {
+    if opaque_port {
         opaque::reset(&client);
         return Protocol::Opaque(OpaqueReason::OpaquePort).result_label();
     }
@@ -256,35 +289,53 @@ impl Proxy {
         client: &TcpStream,
         peer: SocketAddr,
         origin: &Origin,
-    ) -> Option<SocketAddr> {
+    ) -> Option<Target> {
         let local = client.local_addr().ok()?;
         let accepted = original_dst::Accepted {
             peer,
             local,
             netns_cookie: origin.netns_cookie,
         };
-        let (dst, lookup) = original_dst::lookup(client, &accepted, &self.original_dsts);
+        let (found, lookup) = original_dst::lookup(client, &accepted, &self.original_dsts);
         self.metrics
             .original_dst_lookups_total
             .get_or_create(&LookupLabels {
                 result: lookup.as_str(),
             })
             .inc();
-        dst
+        found.map(|found| Target {
+            dst: found.dst,
+            workload_cgroup: Some(found.cgroup).filter(|&cgroup| cgroup != 0),
+        })
     }
 
-    /// Opaque ports: the node-wide list plus the workload's policy.
-    fn is_opaque(&self, origin: &Origin, port: u16) -> bool {
-        self.opaque_ports.contains(port) || origin.policy_opaque(port)
+    /// Opaque ports: the node-wide list plus the workload's policy (its pod's, or in host mode
+    /// its cgroup's).
+    fn is_opaque(&self, origin: &Origin, workload_cgroup: Option<u64>, port: u16) -> bool {
+        self.opaque_ports.contains(port) || origin.policy_opaque(port, workload_cgroup)
     }
 
     /// Where an inbound connection was going: sk_lookup keeps its addresses, so the accepted
     /// socket's own address is the workload's. None for one addressed to the inbound port
-    /// itself, which would only loop back to the agent.
-    fn inbound_dst(&self, client: &TcpStream) -> Option<SocketAddr> {
+    /// itself, which would only loop back to the agent. The workload's cgroup is its
+    /// listener's, looked up only where some cgroup has a policy of its own.
+    fn inbound_target(&self, client: &TcpStream, origin: &Origin) -> Option<Target> {
         let local = client.local_addr().ok()?;
-        let local = SocketAddr::new(local.ip().to_canonical(), local.port());
-        (local.port() != self.inbound_port).then_some(local)
+        let dst = SocketAddr::new(local.ip().to_canonical(), local.port());
+        if dst.port() == self.inbound_port {
+            return None;
+        }
+        let workload_cgroup = origin
+            .has_cgroup_opaque_ports()
+            .then(|| {
+                self.inbound
+                    .listener_cgroup(origin.netns_cookie, dst.port())
+            })
+            .flatten();
+        Some(Target {
+            dst,
+            workload_cgroup,
+        })
     }
 
     fn count_connect_error(&self, labels: &TcpLabels, error: &std::io::Error) {

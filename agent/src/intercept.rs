@@ -525,11 +525,15 @@ impl OriginalDstMap {
         .flatten()
     }
 
-    /// Removes the entry of a connection whose destination came another way (SO_ORIGINAL_DST).
-    pub fn forget(&self, tuple: &ConnTuple) {
-        self.with(|map| {
-            let _ = map.remove(tuple);
-        });
+    /// Every connection with an entry (the sweep of connections never accepted reads them).
+    pub fn tuples(&self) -> Vec<ConnTuple> {
+        self.with(|map| map.keys().filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+
+    /// Removes the entry of a connection that will never be accepted.
+    pub fn remove(&self, tuple: &ConnTuple) -> bool {
+        self.with(|map| map.remove(tuple).is_ok()).unwrap_or(false)
     }
 
     /// Removes every entry of a namespace the agent stopped serving (connections that were
@@ -675,6 +679,21 @@ impl Inbound {
         keys.into_iter()
             .filter_map(|key| ports.get(&key, 0).ok().map(|value| (key, value)))
             .collect()
+    }
+
+    /// The cgroup of the process listening on `port` in a namespace, as recorded at listen(2)
+    /// (or found by the listener scan).
+    pub fn listener_cgroup(&self, netns_cookie: u64, port: u16) -> Option<u64> {
+        let key = InboundPort {
+            netns: netns_cookie,
+            port,
+            pad: [0; 3],
+        };
+        self.ports
+            .lock()
+            .get(&key, 0)
+            .ok()
+            .map(|listener| listener.cgroup)
     }
 
     /// Records a meshed listener unless the port already has one.

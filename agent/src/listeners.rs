@@ -10,7 +10,7 @@
 use std::{
     collections::HashSet,
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -56,6 +56,8 @@ impl Listener {
             cookie: self.cookie,
             addr,
             family: u32::from(family),
+            pad: 0,
+            cgroup: self.cgroup_id,
         }
     }
 }
@@ -123,6 +125,85 @@ pub fn tcp_listeners() -> io::Result<Vec<Listener>> {
         listeners.extend(read_dump(&socket)?);
     }
     Ok(listeners)
+}
+
+/// Whether a TCP socket with exactly these local and remote addresses exists in the calling
+/// thread's network namespace, in any state (a child still in its listener's accept queue and
+/// a time-wait socket count). One exact `SOCK_DIAG_BY_FAMILY` lookup, no dump.
+pub fn tcp_socket_exists(local: SocketAddr, remote: SocketAddr) -> io::Result<bool> {
+    let socket = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::DGRAM,
+        Some(Protocol::from(NETLINK_SOCK_DIAG)),
+    )?;
+    socket.send(&lookup_request(local, remote))?;
+    let mut buf = vec![0u8; 8 * 1024];
+    let n = std::io::Read::read(&mut &socket, &mut buf)?;
+    lookup_reply_names(&buf[..n], remote.port())
+}
+
+/// An exact `SOCK_DIAG_BY_FAMILY` request for the TCP socket `local` -> `remote`.
+fn lookup_request(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
+    let family = if local.is_ipv4() { AF_INET } else { AF_INET6 } as u8;
+    let mut request = Vec::with_capacity(NLMSG_HEADER + 56);
+    request.extend_from_slice(&((NLMSG_HEADER + 56) as u32).to_ne_bytes());
+    request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    request.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    request.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    request.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    // struct inet_diag_req_v2: family, protocol, ext, pad, states (all), then the sockid:
+    // ports and addresses in network order, no interface, INET_DIAG_NOCOOKIE.
+    request.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
+    request.extend_from_slice(&u32::MAX.to_ne_bytes());
+    request.extend_from_slice(&local.port().to_be_bytes());
+    request.extend_from_slice(&remote.port().to_be_bytes());
+    request.extend_from_slice(&diag_address(local.ip()));
+    request.extend_from_slice(&diag_address(remote.ip()));
+    request.extend_from_slice(&0u32.to_ne_bytes());
+    request.extend_from_slice(&[0xff; 8]);
+    request
+}
+
+/// An address as `inet_diag_sockid` holds it: 16 bytes, IPv4 in the first four.
+fn diag_address(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Reads the answer to an exact lookup: a socket whose remote port is `remote_port` (the
+/// kernel falls back to a listener on the local port, which has none), or ENOENT.
+fn lookup_reply_names(bytes: &[u8], remote_port: u16) -> io::Result<bool> {
+    if bytes.len() < NLMSG_HEADER {
+        return Err(io::Error::other("truncated sock_diag reply"));
+    }
+    let len = u32::from_ne_bytes(bytes[0..4].try_into().unwrap_or_default()) as usize;
+    let kind = u16::from_ne_bytes(bytes[4..6].try_into().unwrap_or_default());
+    if len < NLMSG_HEADER || len > bytes.len() {
+        return Err(io::Error::other("truncated sock_diag reply"));
+    }
+    let payload = &bytes[NLMSG_HEADER..len];
+    match kind {
+        NLMSG_ERROR => {
+            let errno = payload
+                .get(0..4)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, i32::from_ne_bytes);
+            match -errno {
+                0 | libc::ENOENT => Ok(false),
+                errno => Err(io::Error::from_raw_os_error(errno)),
+            }
+        }
+        SOCK_DIAG_BY_FAMILY => Ok(payload
+            .get(6..8)
+            .is_some_and(|port| u16::from_be_bytes([port[0], port[1]]) == remote_port)),
+        _ => Err(io::Error::other("unexpected sock_diag reply")),
+    }
 }
 
 /// A `SOCK_DIAG_BY_FAMILY` dump request for listening TCP sockets of `family`.

@@ -5,6 +5,7 @@
 
 use std::{
     cell::RefCell,
+    collections::HashMap,
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
@@ -138,6 +139,9 @@ pub struct Origin {
     pub workload: WorkloadLabels,
     /// Opaque ports of this pod's policy, added to the node-wide ones (rewritten on reload).
     pub policy_opaque_ports: parking_lot::RwLock<PortSet>,
+    /// Host mode: opaque ports of the cgroups a policy entry selects, by cgroup id (rewritten
+    /// on reload and as cgroups come and go; empty in a pod's origin).
+    pub cgroup_opaque_ports: parking_lot::RwLock<HashMap<u64, PortSet>>,
 }
 
 impl Origin {
@@ -147,12 +151,26 @@ impl Origin {
             netns_cookie: cookie,
             workload: WorkloadLabels::default(),
             policy_opaque_ports: Default::default(),
+            cgroup_opaque_ports: Default::default(),
         })
     }
 
-    /// Whether this origin's policy makes `port` opaque.
-    pub fn policy_opaque(&self, port: u16) -> bool {
+    /// Whether this origin's policy, or the policy of the workload's cgroup (host mode), makes
+    /// `port` opaque.
+    pub fn policy_opaque(&self, port: u16, workload_cgroup: Option<u64>) -> bool {
         self.policy_opaque_ports.read().contains(port)
+            || workload_cgroup.is_some_and(|cgroup| {
+                self.cgroup_opaque_ports
+                    .read()
+                    .get(&cgroup)
+                    .is_some_and(|ports| ports.contains(port))
+            })
+    }
+
+    /// Whether any cgroup here has opaque ports of its own (else finding a connection's
+    /// workload cgroup is not worth a lookup).
+    pub fn has_cgroup_opaque_ports(&self) -> bool {
+        !self.cgroup_opaque_ports.read().is_empty()
     }
 
     /// Creates a socket (or anything else namespace-bound) in this origin's namespace.

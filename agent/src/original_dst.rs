@@ -45,19 +45,37 @@ pub struct Accepted {
     pub netns_cookie: u64,
 }
 
+/// Where a redirected connection was going, and who made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub dst: SocketAddr,
+    /// cgroup v2 id of the connecting process (0 if unknown): host mode's per-cgroup policy.
+    pub cgroup: u64,
+}
+
 /// Resolves the original destination of an accepted connection.
 pub fn lookup(
     socket: &impl AsFd,
     accepted: &Accepted,
     map: &OriginalDstMap,
-) -> (Option<SocketAddr>, Lookup) {
+) -> (Option<Found>, Lookup) {
     let tuple = conn_tuple(accepted);
-    if let Ok(addr) = so_original_dst(socket, accepted.local.is_ipv4()) {
-        map.forget(&tuple);
-        return (Some(addr), Lookup::Getsockopt);
+    // SO_ORIGINAL_DST is answered from the map entry, so the entry is taken after it. It goes
+    // either way (the proxy is its only reader), and it names the cgroup.
+    let answered = so_original_dst(socket, accepted.local.is_ipv4());
+    let entry = map.take(&tuple);
+    if let Ok(dst) = answered {
+        let cgroup = entry.map_or(0, |entry| entry.cgroup);
+        return (Some(Found { dst, cgroup }), Lookup::Getsockopt);
     }
-    match map.take(&tuple) {
-        Some(dst) => (Some(to_socket_addr(&dst)), Lookup::Map),
+    match entry {
+        Some(entry) => (
+            Some(Found {
+                dst: to_socket_addr(&entry),
+                cgroup: entry.cgroup,
+            }),
+            Lookup::Map,
+        ),
         None => (None, Lookup::NotFound),
     }
 }
@@ -129,12 +147,14 @@ mod tests {
             addr: [u32::from_ne_bytes([10, 1, 2, 3]), 0, 0, 0],
             port: 8080,
             family: AF_INET,
+            ..OriginalDst::default()
         };
         assert_eq!(to_socket_addr(&v4), "10.1.2.3:8080".parse().unwrap());
         let v6 = OriginalDst {
             addr: crate::intercept::ipv6_words("fd00::1".parse().unwrap()),
             port: 443,
             family: AF_INET6,
+            ..OriginalDst::default()
         };
         assert_eq!(to_socket_addr(&v6), "[fd00::1]:443".parse().unwrap());
     }
@@ -145,6 +165,7 @@ mod tests {
             addr: crate::intercept::ipv6_words("::ffff:127.0.0.1".parse().unwrap()),
             port: 6379,
             family: AF_INET6,
+            ..OriginalDst::default()
         };
         assert_eq!(to_socket_addr(&mapped), "127.0.0.1:6379".parse().unwrap());
     }

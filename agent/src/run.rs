@@ -17,7 +17,7 @@ use crate::{
     cgroup,
     cli::RunArgs,
     config::{Config, CopyMode},
-    connection::Proxy,
+    connection::{KernelMaps, Proxy},
     forward::kernel::KernelForwarder,
     intercept::{Inbound, InboundScope, Intercept},
     listeners,
@@ -78,11 +78,12 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
         None => (None, Arc::new(Policy::default())),
     };
     let mount = cgroup::cgroup2_mount()?;
+    let host_origin = Origin::host(host.cookie());
     let enforcer = Arc::new(Enforcer::new(
         intercept.policy_maps()?,
         Arc::clone(&policy),
-        &config.cgroup,
-        &mount,
+        (&config.cgroup, &mount),
+        Arc::clone(&host_origin),
     ));
     let kernel = kernel_forwarder(&config, &mut intercept, &metrics);
     // Cancelled at shutdown: listeners stop accepting, HTTP keep-alive connections wind down.
@@ -92,7 +93,10 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&metrics),
         Arc::clone(&tap),
-        intercept.original_dst_map()?,
+        KernelMaps {
+            original_dsts: intercept.original_dst_map()?,
+            inbound: Arc::clone(&inbound),
+        },
         kernel,
         &config,
         proxy_shutdown.clone(),
@@ -118,7 +122,7 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
     ));
     let threads = start_proxy_threads(&shutdown)?;
     let host_scope = Scope {
-        origin: Origin::host(host.cookie()),
+        origin: host_origin,
         proxy: Arc::clone(&proxy),
         direction: Direction::Outbound,
         connections: connections.clone(),

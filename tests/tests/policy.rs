@@ -1,12 +1,13 @@
-//! Per-workload policy (`--policy`, Linkerd's annotation names) in pod mode: one pod's opaque
+//! Per-workload policy (`--policy`, Linkerd's annotation names). In pod mode: one pod's opaque
 //! and skipped ports leave another pod's defaults alone; a ConfigMap-style update (kubelet's
 //! atomic swap of the `..data` symlink) takes effect without a restart; `linkerd.io/inject:
-//! disabled` leaves a pod unmeshed; a broken file keeps the last good policy.
+//! disabled` leaves a pod unmeshed; a broken file keeps the last good policy. In host mode: a
+//! cgroup's skip-inbound-ports and opaque-ports apply to that cgroup's listeners and clients only.
 
-use std::{fs, net::SocketAddr, path::Path, time::Duration};
+use std::{fs, net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use integration_tests::{
-    Agent, AgentOptions, TestCgroup,
+    Agent, AgentOptions, TestCgroup, free_port,
     pod::{Pod, PodNetwork},
     process::run_ok,
     require_privileged,
@@ -282,4 +283,115 @@ fn host_mode_policy_selects_cgroups_by_path() {
     );
     assert!(cgroups.get(relative(&plain)).is_none(), "{config}");
     drop((legacy, app, plain));
+}
+
+/// python3's http.server on `addr`, started inside `cgroup` (after the agent: it learns a
+/// meshed port, and the listener's cgroup, when the server listens).
+fn http_server_in(cgroup: &TestCgroup, dir: &Path, addr: SocketAddr) -> ServerProcess {
+    ServerProcess::command(cgroup.wrap(&ServerProcess::http_command(dir, addr)), addr)
+}
+
+/// Host mode: a cgroup's skip-inbound-ports and opaque-ports apply to its own servers
+/// (inbound) and its own clients (outbound); a sibling cgroup keeps the defaults.
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn host_mode_cgroup_policy_skips_inbound_and_makes_ports_opaque_both_ways() {
+    require_privileged!();
+    let dir = temp_dir("policyhostports");
+    write_file(&dir.join("blob"), 1000);
+    let meshed = TestCgroup::new("policyhostports");
+    let db = TestCgroup::child_of(&meshed, "db");
+    let web = TestCgroup::child_of(&meshed, "web");
+    let mount = integration_tests::cgroup::cgroup2_mount().unwrap();
+    let relative =
+        |cgroup: &TestCgroup| format!("/{}", cgroup.path().strip_prefix(&mount).unwrap().display());
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let (db_opaque, db_skipped, web_plain) = (free_port(), free_port(), free_port());
+    // Outside every test cgroup: reached outbound by both db and web.
+    let outside = ServerProcess::http(&dir);
+    let file = dir.join("policy.yaml");
+    fs::write(
+        &file,
+        format!(
+            "workloads:\n\
+             \x20 - cgroup: \"{}\"\n    annotations:\n\
+             \x20     config.linkerd.io/opaque-ports: \"{db_opaque},{outside}\"\n\
+             \x20     config.linkerd.io/skip-inbound-ports: \"{db_skipped}\"\n",
+            relative(&db),
+            outside = outside.addr.port(),
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start_with(
+        &meshed,
+        AgentOptions {
+            args: vec![format!("--policy={}", file.display())],
+            ..AgentOptions::default()
+        },
+    );
+    let servers = [
+        http_server_in(&db, &dir, loopback(db_opaque)),
+        http_server_in(&db, &dir, loopback(db_skipped)),
+        http_server_in(&web, &dir, loopback(web_plain)),
+    ];
+    let curl = |command: &mut Command, addr: SocketAddr| {
+        let code = run_ok(
+            command.args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{addr}/blob"),
+            ]),
+            LIMIT,
+        );
+        assert_eq!(code, "200", "{addr}");
+    };
+    // Inbound: clients outside the meshed cgroup.
+    for server in &servers {
+        curl(&mut Command::new("curl"), server.addr);
+    }
+    // Outbound: a client in each cgroup.
+    for cgroup in [&db, &web] {
+        curl(&mut cgroup.command("curl"), outside.addr);
+    }
+
+    let count = |name: &str, direction: &str, port: u16| {
+        let port = port.to_string();
+        agent.metrics().count(
+            name,
+            &[("direction", direction), ("target_port", port.as_str())],
+        )
+    };
+    // Each server had two inbound connections: the readiness probe and curl's.
+    // db's opaque port: both proxied, without detection.
+    agent.assert_metric(
+        "tcp_detect_total",
+        &[
+            ("direction", "inbound"),
+            ("target_port", &db_opaque.to_string()),
+            ("result", "opaque_port"),
+        ],
+        2,
+    );
+    assert_eq!(count("request_total", "inbound", db_opaque), 0);
+    // db's skipped port: never reached the agent; the kernel counted the bypass.
+    assert_eq!(count("tcp_open_total", "inbound", db_skipped), 0);
+    let metrics = agent.metrics();
+    assert_eq!(
+        metrics.count(
+            "sockmesh_kernel_inbound_total",
+            &[("decision", "bypassed_port")]
+        ),
+        2
+    );
+    // web keeps the defaults: an HTTP request, inbound.
+    assert_eq!(count("request_total", "inbound", web_plain), 1);
+    // Outbound to the same server: opaque for db's client, HTTP for web's.
+    let outside_port = outside.addr.port();
+    assert_eq!(count("tcp_open_total", "outbound", outside_port), 2);
+    assert_eq!(count("request_total", "outbound", outside_port), 1);
+    drop(servers);
+    drop((db, web));
 }

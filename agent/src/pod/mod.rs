@@ -267,6 +267,7 @@ impl Pods {
                 pod: SharedLabel::new(&pod.name),
             },
             policy_opaque_ports: Default::default(),
+            cgroup_opaque_ports: Default::default(),
         });
         let workload = PodWorkload {
             namespace: pod.namespace.clone(),

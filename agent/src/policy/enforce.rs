@@ -5,6 +5,7 @@
 //! policy gets a new id, namespaces and cgroups switch to it, then the old id is removed.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -14,6 +15,7 @@ use parking_lot::Mutex;
 
 use super::{Policy, WorkloadPolicy};
 use crate::{
+    config::PortSet,
     intercept::{InterceptError, PolicyMaps, ServedNetnsMap, port_bitmap},
     netns::Origin,
 };
@@ -31,6 +33,8 @@ pub struct Enforcer {
     cgroup_root: PathBuf,
     /// The cgroup2 mount: selector paths are relative to it.
     cgroup_mount: PathBuf,
+    /// The agent's own namespace: host-mode connections find their cgroup's opaque ports here.
+    host: Arc<Origin>,
 }
 
 struct State {
@@ -44,7 +48,13 @@ struct State {
 }
 
 impl Enforcer {
-    pub fn new(maps: PolicyMaps, policy: Arc<Policy>, cgroup_root: &Path, mount: &Path) -> Self {
+    /// `cgroups`: the meshed cgroup and the cgroup2 mount.
+    pub fn new(
+        maps: PolicyMaps,
+        policy: Arc<Policy>,
+        (cgroup_root, mount): (&Path, &Path),
+        host: Arc<Origin>,
+    ) -> Self {
         Self {
             state: Mutex::new(State {
                 maps,
@@ -55,6 +65,7 @@ impl Enforcer {
             }),
             cgroup_root: cgroup_root.to_path_buf(),
             cgroup_mount: mount.to_path_buf(),
+            host,
         }
     }
 
@@ -96,6 +107,7 @@ impl Enforcer {
         }
         let mut effective_cgroups = serde_json::Map::new();
         let mut selected = Vec::new();
+        let mut opaque_by_cgroup = HashMap::new();
         for (cgroup_id, path) in self.cgroups_below_root() {
             let workload = state.policy.for_cgroup(&path);
             if workload == WorkloadPolicy::default() {
@@ -105,8 +117,12 @@ impl Enforcer {
             state.maps.set_cgroup(cgroup_id, id)?;
             selected.push(cgroup_id);
             used.push(id);
+            if workload.opaque_ports != PortSet::default() {
+                opaque_by_cgroup.insert(cgroup_id, workload.opaque_ports.clone());
+            }
             effective_cgroups.insert(path, json(&workload));
         }
+        *self.host.cgroup_opaque_ports.write() = opaque_by_cgroup;
         for stale in state.maps.cgroups() {
             if !selected.contains(&stale) {
                 state.maps.remove_cgroup(stale);
