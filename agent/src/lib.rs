@@ -32,3 +32,4 @@ pub mod policy;
 pub mod run;
 pub mod sys;
 pub mod tap;
+pub mod unaccepted;

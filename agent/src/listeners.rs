@@ -387,4 +387,58 @@ mod tests {
         bogus.extend_from_slice(&[0u8; 8]);
         assert!(parse_messages(&bogus, &mut Vec::new()).is_err());
     }
+
+    #[test]
+    // A bounded wait for the reset to be processed (it usually is before close returns).
+    #[allow(clippy::disallowed_methods)]
+    fn exact_lookup_finds_queued_and_accepted_connections_but_not_reset_ones() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(server).unwrap();
+        let local = client.local_addr().unwrap();
+        // Still in the accept queue: both ends are sockets.
+        assert!(tcp_socket_exists(local, server).unwrap());
+        assert!(tcp_socket_exists(server, local).unwrap());
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(tcp_socket_exists(server, local).unwrap());
+        // A reset (SO_LINGER 0) leaves no time-wait socket on either side.
+        socket2::SockRef::from(&client)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(client);
+        drop(accepted);
+        let gone = (0..100).any(|_| {
+            let gone = !tcp_socket_exists(local, server).unwrap()
+                && !tcp_socket_exists(server, local).unwrap();
+            if !gone {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            gone
+        });
+        assert!(gone, "the reset connection is still reported");
+        // The listener itself is not mistaken for a connection to it.
+        assert!(
+            tcp_socket_exists(server, "127.0.0.1:1".parse().unwrap()).is_ok_and(|found| !found)
+        );
+    }
+
+    #[test]
+    fn lookup_replies_are_read_strictly() {
+        let error = |errno: i32| {
+            let mut out = header(NLMSG_HEADER + 4, NLMSG_ERROR);
+            out.extend_from_slice(&(-errno).to_ne_bytes());
+            out
+        };
+        assert!(!lookup_reply_names(&error(libc::ENOENT), 8080).unwrap());
+        assert!(lookup_reply_names(&error(libc::EPERM), 8080).is_err());
+        // The dump reply's listener has remote port 0: not the connection asked for.
+        assert!(!lookup_reply_names(&reply(), 8080).unwrap());
+        let mut connection = reply();
+        connection[NLMSG_HEADER + 6..NLMSG_HEADER + 8].copy_from_slice(&40000u16.to_be_bytes());
+        assert!(lookup_reply_names(&connection, 40000).unwrap());
+        for cut in 0..NLMSG_HEADER + 8 {
+            let _ = lookup_reply_names(&connection[..cut], 40000);
+        }
+        assert!(lookup_reply_names(&connection[..NLMSG_HEADER - 1], 40000).is_err());
+    }
 }

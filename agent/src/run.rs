@@ -19,7 +19,7 @@ use crate::{
     config::{Config, CopyMode},
     connection::{KernelMaps, Proxy},
     forward::kernel::KernelForwarder,
-    intercept::{Inbound, InboundScope, Intercept},
+    intercept::{Inbound, InboundScope, Intercept, OriginalDstMap},
     listeners,
     liveness::{HEARTBEAT_PERIOD, Heartbeats, Publisher},
     metrics::{Direction, Metrics, ReloadLabels},
@@ -27,6 +27,7 @@ use crate::{
     pod::{Pods, PodsConfig, server::CniSocket, store::Store},
     policy::{Policy, PolicyWatcher, enforce::Enforcer},
     tap::Tap,
+    unaccepted::Sweep,
 };
 
 /// How often the agent looks for pods whose namespace vanished without a DEL.
@@ -176,9 +177,12 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
             shutdown.child_token(),
         ));
     }
-    start_listener_scan(
-        ListenerScan {
+    start_kernel_scan(
+        KernelScan {
             inbound: Arc::clone(&inbound),
+            original_dsts: intercept.original_dst_map()?,
+            unaccepted: Sweep::default(),
+            unaccepted_removed: admin_state.metrics.unaccepted_removed_total.clone(),
             host: config
                 .serve_host_netns
                 .then(|| Arc::clone(&host_scope.origin)),
@@ -307,9 +311,13 @@ async fn watch_policy(
     }
 }
 
-/// What the listener reconcile looks at.
-struct ListenerScan {
+/// What the periodic kernel scan looks at: the meshed listeners (reconciled with the
+/// kernel's) and the original destinations of connections that ended before an accept.
+struct KernelScan {
     inbound: Arc<Inbound>,
+    original_dsts: OriginalDstMap,
+    unaccepted: Sweep,
+    unaccepted_removed: prometheus_client::metrics::counter::Counter,
     /// The host's origin, when the agent serves it.
     host: Option<Arc<Origin>>,
     pods: Option<Arc<Pods>>,
@@ -317,9 +325,9 @@ struct ListenerScan {
     mount: std::path::PathBuf,
 }
 
-impl ListenerScan {
+impl KernelScan {
     /// One pass over every served namespace (blocking: it enters namespaces and reads /sys).
-    fn pass(&self) {
+    fn pass(&mut self) {
         let meshed = crate::cgroup::subtree(&self.cgroup, &self.mount)
             .into_iter()
             .map(|(id, _)| id)
@@ -329,13 +337,14 @@ impl ListenerScan {
             .as_ref()
             .map(|pods| pods.workloads())
             .unwrap_or_default();
-        let origins = self
+        let origins: Vec<Arc<Origin>> = self
             .host
             .iter()
             .cloned()
-            .chain(pods.into_iter().map(|pod| pod.origin));
-        for origin in origins {
-            match listeners::reconcile(&self.inbound, &origin, &meshed) {
+            .chain(pods.into_iter().map(|pod| pod.origin))
+            .collect();
+        for origin in &origins {
+            match listeners::reconcile(&self.inbound, origin, &meshed) {
                 Ok(done) if done != listeners::Reconciled::default() => {
                     tracing::debug!(
                         netns = origin.netns_cookie,
@@ -353,26 +362,34 @@ impl ListenerScan {
                 }
             }
         }
+        let removed = self.unaccepted.pass(&self.original_dsts, &origins);
+        if removed > 0 {
+            tracing::debug!(
+                removed,
+                "original destinations of unaccepted connections removed"
+            );
+            self.unaccepted_removed.inc_by(removed as u64);
+        }
     }
 }
 
-/// Every few seconds, reconciles the meshed listening ports with the kernel's listeners, on
-/// a thread of its own (it enters pods' namespaces: a pooled thread would hold its way home
+/// Every few seconds, reconciles the meshed listening ports with the kernel's listeners and
+/// sweeps the entries of connections never accepted, on a thread of its own (it enters pods' namespaces: a pooled thread would hold its way home
 /// open for as long as the pool keeps it). The thread ends when the ticker stops at shutdown.
-fn start_listener_scan(scan: ListenerScan, shutdown: CancellationToken) -> Result<()> {
+fn start_kernel_scan(mut scan: KernelScan, shutdown: CancellationToken) -> Result<()> {
     let (tick_tx, tick_rx) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::Builder::new()
-        .name("listener-scan".into())
+        .name("kernel-scan".into())
         .spawn(move || {
             if let Err(error) = crate::netns::remember_home() {
-                tracing::warn!(%error, "the listener scan cannot enter namespaces");
+                tracing::warn!(%error, "the kernel scan cannot enter namespaces");
                 return;
             }
             while tick_rx.recv().is_ok() {
                 scan.pass();
             }
         })
-        .context("starting the listener-scan thread")?;
+        .context("starting the kernel-scan thread")?;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(LISTENER_CHECK);
         loop {

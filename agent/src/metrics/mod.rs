@@ -209,6 +209,8 @@ pub struct Metrics {
     pub connection_budget: Gauge,
     pub open_redirects: Gauge,
     pub accept_errors_total: Family<AcceptErrorLabels, Counter>,
+    /// Original destinations of connections that ended before the agent accepted them, removed.
+    pub unaccepted_removed_total: Counter,
     /// Loads of the policy file (the first at start included), by result.
     pub policy_reload_total: Family<ReloadLabels, Counter>,
     pub http: HttpMetrics,
@@ -238,6 +240,7 @@ impl Metrics {
             connection_budget: Gauge::default(),
             open_redirects: Gauge::default(),
             accept_errors_total: Family::default(),
+            unaccepted_removed_total: Counter::default(),
             policy_reload_total: Family::default(),
             http: HttpMetrics::register(&mut registry),
             snis: BoundedLabel::new(MAX_SNIS),
@@ -323,6 +326,11 @@ impl Metrics {
             "sockmesh_accept_errors",
             "Failed accepts on the proxy listeners, by errno (retried with a capped backoff)",
             metrics.accept_errors_total.clone(),
+        );
+        registry.register(
+            "sockmesh_unaccepted_removed",
+            "Original destinations of redirected connections that ended before the agent accepted them, removed from ORIG_BY_TUPLE",
+            metrics.unaccepted_removed_total.clone(),
         );
         registry.register_collector(Box::new(KernelCollector(kernel)));
         registry.register_collector(Box::new(process::ProcessCollector));
