@@ -36,10 +36,12 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run `sockmesh run` as root with the given arguments.
+    /// Build (release, as users run it), then run `sockmesh run` as root with the given
+    /// arguments.
     Run {
+        /// Build and run the debug agent instead (development: about 10x slower under load).
         #[arg(long)]
-        release: bool,
+        debug: bool,
         /// Arguments for `sockmesh run`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -106,8 +108,8 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup => EbpfToolchain::ensure().map(|_| ()),
         Task::Build { release } => build(&root, release).map(|_| ()),
-        Task::Run { release, args } => {
-            let agent = build(&root, release)?;
+        Task::Run { debug, args } => {
+            let agent = build(&root, !debug)?;
             run_agent(&agent, &args)
         }
         Task::Test { args } => test(&root, &args),
