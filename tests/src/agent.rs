@@ -172,6 +172,19 @@ impl Agent {
         }
     }
 
+    /// The agent's resident memory now (`VmRSS`) and at its peak (`VmHWM`), in KiB.
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
     /// Open descriptors of the agent process.
     pub fn fd_count(&self) -> usize {
         fs::read_dir(format!("/proc/{}/fd", self.pid()))

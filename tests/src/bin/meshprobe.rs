@@ -12,6 +12,9 @@
 //!   meshprobe peer ADDR                 print getpeername() after connecting
 //!   meshprobe expect-close ADDR         connect and wait for the connection to be closed
 //!   meshprobe churn ADDR COUNT          COUNT connections (4 threads), each reset at once
+//!   meshprobe hold ADDR COUNT           COUNT connections to an echo server, each echoes one
+//!                                       message, then all stay open and idle: prints "held",
+//!                                       waits for a line on stdin, closes them
 //!   meshprobe echo-server ADDR          listen on ADDR (port 0: any), print "READY <port>",
 //!                                       echo every connection until its EOF (a server for
 //!                                       inside the meshed cgroup)
@@ -65,9 +68,11 @@ fn main() -> ExitCode {
         ["peer", addr] => peer(parse(addr)),
         ["expect-close", addr] => expect_close(parse(addr)),
         ["churn", addr, count] => churn(parse(addr), num(count)),
+        ["hold", addr, count] => hold(parse(addr), num(count)),
         ["echo-server", addr] => echo_server(parse(addr)),
         _ => Err(
-            "usage: meshprobe bulk|echo|chat|peer|expect-close|churn|echo-server ...".to_string(),
+            "usage: meshprobe bulk|echo|chat|peer|expect-close|churn|hold|echo-server ..."
+                .to_string(),
         ),
     };
     match result {
@@ -109,6 +114,41 @@ fn churn(addr: SocketAddr, count: u64) -> Result<String, String> {
         worker.join().map_err(|_| "panicked".to_string())??;
     }
     Ok(format!("ok connections={}", count / THREADS * THREADS))
+}
+
+/// Idle connections: each opened and echoed once (so the proxy has its destination connection
+/// and has forwarded both ways), then held until stdin has a line (or ends).
+fn hold(addr: SocketAddr, count: u64) -> Result<String, String> {
+    const THREADS: u64 = 4;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|worker| {
+            let share = count / THREADS + u64::from(worker < count % THREADS);
+            thread::spawn(move || -> Result<Vec<TcpStream>, String> {
+                (0..share).map(|_| echo_once(addr)).collect()
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for worker in workers {
+        held.extend(worker.join().map_err(|_| "panicked".to_string())??);
+    }
+    println!("held {}", held.len());
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    Ok(format!("ok held={}", held.len()))
+}
+
+fn echo_once(addr: SocketAddr) -> Result<TcpStream, String> {
+    let mut stream = connect(addr)?;
+    let message = b"idle connection\n";
+    stream.write_all(message).map_err(|e| e.to_string())?;
+    let mut back = [0u8; 16];
+    stream.read_exact(&mut back).map_err(|e| e.to_string())?;
+    if &back != message {
+        return Err("the echo differs".to_string());
+    }
+    Ok(stream)
 }
 
 /// SO_LINGER with a zero timeout: close(2) sends a reset.
