@@ -185,6 +185,26 @@ impl Agent {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
+    /// Runs `work`, sampling the agent's resident memory every 20 ms meanwhile; returns its
+    /// result and the largest sample in KiB. (The kernel's own peak, VmHWM, is set at start,
+    /// when the eBPF objects are parsed, and would hide what `work` costs.)
+    pub fn peak_rss_during<T>(&self, work: impl FnOnce() -> T) -> (T, u64) {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let sampler = scope.spawn(|| {
+                let mut peak = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak = peak.max(self.rss_kib().0);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                peak
+            });
+            let result = work();
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            (result, sampler.join().expect("the sampler"))
+        })
+    }
+
     /// Open descriptors of the agent process.
     pub fn fd_count(&self) -> usize {
         fs::read_dir(format!("/proc/{}/fd", self.pid()))

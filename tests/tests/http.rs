@@ -453,7 +453,7 @@ fn a_stalled_request_head_gets_408() {
     assert_eq!(out.trim(), "HTTP/1.1 408 Request Timeout | closed");
     agent.assert_metric(
         "sockmesh_http_errors_total",
-        &[("reason", "bad_request")],
+        &[("reason", "head_timeout")],
         1,
     );
     assert_eq!(

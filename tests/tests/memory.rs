@@ -28,26 +28,6 @@ fn echo_server() -> ServerProcess {
     ServerProcess::announced(command)
 }
 
-/// Runs `work`, sampling the agent's resident memory every 20 ms meanwhile; returns its
-/// result and the largest sample in KiB. (The kernel's own peak, VmHWM, is set at start,
-/// when the eBPF objects are parsed, and would hide what `work` costs.)
-fn peak_rss_during<T>(agent: &Agent, work: impl FnOnce() -> T) -> (T, u64) {
-    let done = std::sync::atomic::AtomicBool::new(false);
-    thread::scope(|scope| {
-        let sampler = scope.spawn(|| {
-            let mut peak = 0;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(agent.rss_kib().0);
-                thread::sleep(Duration::from_millis(20));
-            }
-            peak
-        });
-        let result = work();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        (result, sampler.join().expect("the sampler"))
-    })
-}
-
 /// The idle connections to hold: 10,000, or 90 % of the agent's budget where its open-file
 /// limit allows fewer (two sockets each at least: 10,000 need more than 20,000 descriptors,
 /// and a hard limit of 20,000 cannot be raised without CAP_SYS_RESOURCE, as on this CI).
@@ -129,7 +109,7 @@ fn a_thousand_busy_connections_stay_within_bounded_memory() {
     let (before, _) = agent.rss_kib();
     // Each: 20 round trips, then 256 KiB echoed while sending (byte-exact, checked by
     // meshprobe), all 1,000 at once.
-    let (report, peak) = peak_rss_during(&agent, || {
+    let (report, peak) = agent.peak_rss_during(|| {
         run_ok(
             cgroup.command(meshprobe_bin()).args([
                 "chat",
@@ -178,7 +158,7 @@ fn a_slow_reader_does_not_make_the_agent_buffer_the_response() {
             "--http1.1",
         ),
     ] {
-        let (out, peak) = peak_rss_during(&agent, || {
+        let (out, peak) = agent.peak_rss_during(|| {
             cgroup
                 .command("curl")
                 .args(["-s", "-o", "/dev/null", "-w", "%{size_download}", flag])

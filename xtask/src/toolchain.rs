@@ -43,6 +43,8 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     "nginx-light",
     "prometheus",
+    // slow-loris and friends, for the hostile-client tests.
+    "slowhttptest",
     "fonts-dejavu-core",
 ];
 

@@ -12,9 +12,13 @@
 //!   meshprobe peer ADDR                 print getpeername() after connecting
 //!   meshprobe expect-close ADDR         connect and wait for the connection to be closed
 //!   meshprobe churn ADDR COUNT          COUNT connections (4 threads), each reset at once
-//!   meshprobe hold ADDR COUNT           COUNT connections to an echo server, each echoes one
-//!                                       message, then all stay open and idle: prints "held",
-//!                                       waits for a line on stdin, closes them
+//!   meshprobe hold ADDR COUNT [silent]  COUNT connections to an echo server, each echoes one
+//!                                       message (`silent`: sends nothing), then all stay open
+//!                                       and idle: prints "held", waits for a line on stdin,
+//!                                       closes them
+//!   meshprobe junk ADDR BYTES           start an HTTP/1.1 request whose head never ends: send
+//!                                       up to BYTES of one header value until the connection
+//!                                       closes; print how much went out and the status line
 //!   meshprobe echo-server ADDR          listen on ADDR (port 0: any), print "READY <port>",
 //!                                       echo every connection until its EOF (a server for
 //!                                       inside the meshed cgroup)
@@ -68,10 +72,12 @@ fn main() -> ExitCode {
         ["peer", addr] => peer(parse(addr)),
         ["expect-close", addr] => expect_close(parse(addr)),
         ["churn", addr, count] => churn(parse(addr), num(count)),
-        ["hold", addr, count] => hold(parse(addr), num(count)),
+        ["hold", addr, count] => hold(parse(addr), num(count), echo_once),
+        ["hold", addr, count, "silent"] => hold(parse(addr), num(count), connect),
+        ["junk", addr, bytes] => junk(parse(addr), num(bytes)),
         ["echo-server", addr] => echo_server(parse(addr)),
         _ => Err(
-            "usage: meshprobe bulk|echo|chat|peer|expect-close|churn|hold|echo-server ..."
+            "usage: meshprobe bulk|echo|chat|peer|expect-close|churn|hold|junk|echo-server ..."
                 .to_string(),
         ),
     };
@@ -118,13 +124,17 @@ fn churn(addr: SocketAddr, count: u64) -> Result<String, String> {
 
 /// Idle connections: each opened and echoed once (so the proxy has its destination connection
 /// and has forwarded both ways), then held until stdin has a line (or ends).
-fn hold(addr: SocketAddr, count: u64) -> Result<String, String> {
+fn hold(
+    addr: SocketAddr,
+    count: u64,
+    open: fn(SocketAddr) -> Result<TcpStream, String>,
+) -> Result<String, String> {
     const THREADS: u64 = 4;
     let workers: Vec<_> = (0..THREADS)
         .map(|worker| {
             let share = count / THREADS + u64::from(worker < count % THREADS);
             thread::spawn(move || -> Result<Vec<TcpStream>, String> {
-                (0..share).map(|_| echo_once(addr)).collect()
+                (0..share).map(|_| open(addr)).collect()
             })
         })
         .collect();
@@ -137,6 +147,31 @@ fn hold(addr: SocketAddr, count: u64) -> Result<String, String> {
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     Ok(format!("ok held={}", held.len()))
+}
+
+/// A hostile HTTP/1 client: a request head that never ends. The proxy must answer (431) and
+/// close long before BYTES; the answer is read once a write fails or everything went out.
+fn junk(addr: SocketAddr, bytes: u64) -> Result<String, String> {
+    let mut stream = connect(addr)?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: junk\r\nX-Junk: ")
+        .map_err(|e| e.to_string())?;
+    let chunk = vec![b'a'; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < bytes {
+        match stream.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => sent += n as u64,
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let status = String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    Ok(format!("sent={sent} status={status}"))
 }
 
 fn echo_once(addr: SocketAddr) -> Result<TcpStream, String> {
