@@ -465,3 +465,42 @@ fn a_stalled_request_head_gets_408() {
         "204"
     );
 }
+
+/// nginx closes an HTTP/2 connection after 1,000 requests (its default `keepalive_requests`)
+/// with a GOAWAY. Requests the origin never processed (above the GOAWAY's last stream id, or
+/// sent while it was on its way) are retried on a new connection: h2load sees only 200s and
+/// nothing is counted as a failure.
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn an_origin_closing_http2_connections_after_1000_requests_causes_no_5xx() {
+    require_privileged!();
+    let root = temp_dir("goaway");
+    fs::write(root.join("small"), "a small page\n").unwrap();
+    let nginx = ServerProcess::nginx_h2c(&root);
+    let cgroup = TestCgroup::new("goaway");
+    let agent = Agent::start(&cgroup);
+    let report = run_ok(
+        cgroup
+            .command("h2load")
+            .args(["-n", "20000", "-c", "4", "-m", "10"])
+            .arg(format!("http://{}/small", nginx.addr)),
+        LIMIT,
+    );
+    let statuses = report
+        .lines()
+        .find(|line| line.starts_with("status codes:"))
+        .unwrap_or_default();
+    assert_eq!(
+        statuses.trim(),
+        "status codes: 20000 2xx, 0 3xx, 0 4xx, 0 5xx",
+        "{report}"
+    );
+    let authority = nginx.addr.to_string();
+    agent.assert_metric(
+        "response_total",
+        &[("authority", authority.as_str()), ("status_code", "200")],
+        20000,
+    );
+    let errors = agent.metrics().count("sockmesh_http_errors_total", &[]);
+    assert_eq!(errors, 0, "requests answered by the agent itself");
+}

@@ -1,10 +1,19 @@
 //! The upstream side of an h2c client connection: one HTTP/2 connection to the original
 //! destination, opened at accept and re-opened when the server closes it (GOAWAY), so a
-//! long-lived client connection keeps working.
+//! long-lived client connection keeps working. A request the origin refused unprocessed (above
+//! a GOAWAY's last stream id, REFUSED_STREAM, or never sent because the connection was closing)
+//! is sent once more on a new connection, as RFC 9113 section 8.7 allows, when it has no body
+//! to replay; the client never sees the origin's connection turnover.
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{error::Error as _, io, net::SocketAddr, sync::Arc};
 
-use hyper::{Request, Response, body::Incoming, client::conn::http2 as client_h2};
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
+use hyper::{
+    Request, Response,
+    body::{Body as _, Incoming},
+    client::conn::http2 as client_h2,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpStream, sync::Mutex};
 use tokio_util::task::TaskTracker;
@@ -16,7 +25,9 @@ use crate::{
     netns::Origin,
 };
 
-type Sender = client_h2::SendRequest<Incoming>;
+/// The client's body, or none for a request sent again.
+type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+type Sender = client_h2::SendRequest<UpstreamBody>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -34,8 +45,9 @@ pub struct Upstream {
     counters: ByteCounters,
     /// Where each connection's task runs: the agent's drain.
     tasks: TaskTracker,
-    /// The live sender; held only to (re)open the connection, never across a response.
-    sender: Mutex<Option<Sender>>,
+    /// The live sender and how many connections were opened before it; held only to (re)open
+    /// the connection, never across a response.
+    sender: Mutex<Option<(u64, Sender)>>,
 }
 
 impl Upstream {
@@ -61,7 +73,7 @@ impl Upstream {
     /// Starts with the connection opened at accept.
     pub async fn with_connection(self, server: TcpStream) -> Result<Self, hyper::Error> {
         let sender = handshake(server, &self.counters, &self.tasks).await?;
-        *self.sender.lock().await = Some(sender);
+        *self.sender.lock().await = Some((0, sender));
         Ok(self)
     }
 
@@ -69,22 +81,87 @@ impl Upstream {
         &self,
         request: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let again = request
+            .body()
+            .is_end_stream()
+            .then(|| bodiless_copy(&request));
+        let (used, result) = self.send_on_current(request.map(Either::Left), None).await;
+        match (result, again) {
+            (Err(UpstreamError::Http(error)), Some(again)) if never_processed(&error) => {
+                tracing::debug!(%error, "the origin refused a request unprocessed; sending it again");
+                self.send_on_current(again, used).await.1
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// Sends on the live connection, opening one if there is none, it has closed, or it is the
+    /// one numbered `stale` (which refused a request). Returns the connection's number.
+    async fn send_on_current(
+        &self,
+        request: Request<UpstreamBody>,
+        stale: Option<u64>,
+    ) -> (Option<u64>, Result<Response<Incoming>, UpstreamError>) {
         let mut slot = self.sender.lock().await;
-        if slot.as_ref().is_none_or(Sender::is_closed) {
+        let current = slot.as_ref().map(|(number, _)| *number);
+        let unusable = slot
+            .as_ref()
+            .is_none_or(|(number, sender)| sender.is_closed() || Some(*number) == stale);
+        if unusable {
             // Boxed: re-opening is rare, and its state would otherwise be carried (and
             // copied) by every request's future.
-            *slot = Some(Box::pin(self.reconnect()).await?);
+            match Box::pin(self.reconnect()).await {
+                Ok(sender) => *slot = Some((current.map_or(0, |n| n + 1), sender)),
+                Err(error) => return (current, Err(error)),
+            }
         }
         // HTTP/2 multiplexes: release the lock before waiting for the response.
-        let Some(mut sender) = slot.clone() else {
-            return Err(UpstreamError::Connect(io::Error::other(
-                "no upstream connection",
-            )));
+        let Some((number, mut sender)) = slot.clone() else {
+            return (
+                None,
+                Err(UpstreamError::Connect(io::Error::other(
+                    "no upstream connection",
+                ))),
+            );
         };
         drop(slot);
-        sender.ready().await?;
-        Ok(sender.send_request(request).await?)
+        let result = async {
+            sender.ready().await?;
+            Ok(sender.send_request(request).await?)
+        }
+        .await;
+        (Some(number), result)
     }
+}
+
+/// The same request without a body (it had none), to send again.
+fn bodiless_copy(request: &Request<Incoming>) -> Request<UpstreamBody> {
+    let mut copy = Request::new(Either::Right(Empty::new()));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// Whether the origin is known not to have processed the request: hyper never sent it (the
+/// connection was closing), or the origin's GOAWAY (graceful, NO_ERROR) or REFUSED_STREAM
+/// covered its stream.
+fn never_processed(error: &hyper::Error) -> bool {
+    if error.is_canceled() {
+        return true;
+    }
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = cause.source();
+    }
+    false
 }
 
 impl Upstream {
