@@ -374,8 +374,9 @@ impl KernelScan {
 }
 
 /// Every few seconds, reconciles the meshed listening ports with the kernel's listeners and
-/// sweeps the entries of connections never accepted, on a thread of its own (it enters pods' namespaces: a pooled thread would hold its way home
-/// open for as long as the pool keeps it). The thread ends when the ticker stops at shutdown.
+/// sweeps the entries of connections never accepted, on a thread of its own (it enters pods'
+/// namespaces: a pooled thread would hold its way home open for as long as the pool keeps
+/// it). The thread ends when the ticker stops at shutdown.
 fn start_kernel_scan(mut scan: KernelScan, shutdown: CancellationToken) -> Result<()> {
     let (tick_tx, tick_rx) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::Builder::new()

@@ -88,7 +88,7 @@ impl Upstream {
         let (used, result) = self.send_on_current(request.map(Either::Left), None).await;
         match (result, again) {
             (Err(UpstreamError::Http(error)), Some(again)) if never_processed(&error) => {
-                tracing::debug!(%error, "the origin refused a request unprocessed; sending it again");
+                tracing::debug!(%error, "request refused unprocessed; sending it again");
                 self.send_on_current(again, used).await.1
             }
             (result, _) => result,
