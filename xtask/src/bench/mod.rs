@@ -1,7 +1,7 @@
 //! `cargo xtask bench [--quick]`: sockmesh side by side with a direct connection, HAProxy and
 //! nginx, measured in alternating runs on loopback. Writes target/bench/results.{md,json,png}.
 
-mod env;
+pub(crate) mod env;
 pub mod probe;
 mod report;
 mod scenarios;
@@ -27,6 +27,8 @@ pub const PACKAGES: &[&str] = &[
     "nginx-light",
     "libnginx-mod-stream",
     "fonts-dejavu-core",
+    // The slow-loris attack beside a well-behaved client.
+    "slowhttptest",
 ];
 
 pub struct Options {

@@ -69,6 +69,9 @@ pub enum Scenario {
     Http1Wrk,
     Http2H2load,
     Greeting,
+    /// redis GET -c 1 latency with and without a slow-loris attack on the HTTP origin through
+    /// the same setup: does a hostile client slow the others down?
+    RedisUnderSlowLoris,
     /// redis GET -c 50 to a server in the inbound agent's cgroup.
     InboundRedisGet,
     /// wrk to an HTTP/1 origin in the inbound agent's cgroup.
@@ -78,7 +81,7 @@ pub enum Scenario {
     IdleHttpMemory,
 }
 
-pub const ALL: [Scenario; 12] = [
+pub const ALL: [Scenario; 13] = [
     Scenario::Iperf {
         streams: 1,
         reverse: false,
@@ -101,6 +104,7 @@ pub const ALL: [Scenario; 12] = [
     Scenario::Http1Wrk,
     Scenario::Http2H2load,
     Scenario::Greeting,
+    Scenario::RedisUnderSlowLoris,
     Scenario::InboundRedisGet,
     Scenario::InboundHttp1Wrk,
 ];
@@ -137,6 +141,8 @@ impl Scenario {
             Self::InboundHttp1Wrk => &INBOUND_HTTP_SETUPS,
             Self::IdleMemory => &[Setup::Sockmesh, Setup::SockmeshSplice, Setup::SockmeshCopy],
             Self::IdleHttpMemory => &[Setup::Sockmesh],
+            // The attack needs the HTTP origin, which only these reach.
+            Self::RedisUnderSlowLoris => &[Setup::Direct, Setup::Sockmesh],
             _ => &TCP_SETUPS,
         }
     }
@@ -169,6 +175,14 @@ impl Scenario {
             Self::Http1Wrk => vec![metric("HTTP/1.1 wrk -c 32", "req/s", true)],
             Self::Http2H2load => vec![metric("HTTP/2 h2load -c 8 -m 10", "req/s", true)],
             Self::Greeting => vec![metric("server-first greeting", "us", false)],
+            Self::RedisUnderSlowLoris => vec![
+                metric(
+                    "redis GET -c 1, p99 during a slow-loris attack",
+                    "ms",
+                    false,
+                ),
+                metric("p99 during the attack / p99 without it", "x", false),
+            ],
             Self::InboundRedisGet => vec![metric("inbound: redis GET -c 50", "req/s", true)],
             Self::InboundHttp1Wrk => vec![metric("inbound: HTTP/1.1 wrk -c 32", "req/s", true)],
             Self::IdleMemory => vec![metric("agent memory per idle connection", "KiB", false)],
@@ -231,6 +245,7 @@ impl Scenario {
                 ]))?;
                 Ok(vec![Some(parse_number(&out)?)])
             }
+            Self::RedisUnderSlowLoris => redis_under_slow_loris(env, setup, scale),
             Self::IdleMemory => idle_memory(env, setup, scale, false),
             Self::IdleHttpMemory => idle_memory(env, setup, scale, true),
         }
@@ -335,6 +350,32 @@ fn redis(env: &Env, setup: Setup, scale: Scale, clients: u32) -> Result<Vec<Opti
     } else {
         vec![Some(fields[0])]
     })
+}
+
+/// redis GET -c 1 p99 without, then during, a slowhttptest slow-loris attack (200 connections
+/// each sending a header line a second) on the HTTP/1 origin, both through `setup`.
+fn redis_under_slow_loris(env: &Env, setup: Setup, scale: Scale) -> Result<Vec<Option<f64>>> {
+    let quiet_p99 = redis(env, setup, scale, 1)?[1].context("redis p99")?;
+    let origin = target(env, setup, Backend::OriginHttp1)?;
+    let mut attack = env
+        .client(setup, "slowhttptest")
+        .args([
+            "-H", "-c", "200", "-r", "200", "-i", "1", "-l", "60", "-p", "3",
+        ])
+        .arg("-u")
+        .arg(format!("http://{origin}/"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting slowhttptest")?;
+    // Let the attack open its connections before measuring.
+    thread::sleep(Duration::from_secs(2));
+    let attacked = redis(env, setup, scale, 1);
+    let _ = attack.kill();
+    let _ = attack.wait();
+    let attacked_p99 = attacked?[1].context("redis p99")?;
+    Ok(vec![Some(attacked_p99), Some(attacked_p99 / quiet_p99)])
 }
 
 /// Holds idle connections through the agent; reports the agent's memory growth per connection.
