@@ -149,15 +149,22 @@ impl Agent {
         assert!(reached, "{name}{labels:?} is {last}, expected {expected}");
     }
 
-    /// Entries in one of the agent's pinned maps, per `bpftool map dump`.
+    /// Entries in one of the agent's pinned maps, per `bpftool -j map dump` (the JSON array's
+    /// length: the plain dump prints maps without BTF values, the sockhashes, differently, and
+    /// the JSON one lists each BTF key twice, raw and formatted).
     pub fn map_entries(&self, map: &str) -> usize {
         let dump = crate::process::run_ok(
             Command::new("bpftool")
-                .args(["map", "dump", "pinned"])
+                .args(["-j", "map", "dump", "pinned"])
                 .arg(self.pin_dir.join(map)),
             std::time::Duration::from_secs(30),
         );
-        dump.matches("\"key\":").count()
+        let entries: serde_json::Value = serde_json::from_str(&dump)
+            .unwrap_or_else(|error| panic!("bpftool dump of {map}: {error}: {dump}"));
+        entries
+            .as_array()
+            .unwrap_or_else(|| panic!("bpftool dump of {map} is no array: {dump}"))
+            .len()
     }
 
     /// Waits (bounded) until each of the agent's pinned `maps` is empty, then asserts it.
