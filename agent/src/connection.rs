@@ -228,6 +228,9 @@ async fn forward(
     };
     proxy.record_detection(&classified, labels);
     let protocol = classified.protocol.result_label();
+    if classified.protocol == Protocol::Opaque(OpaqueReason::Error) {
+        return (protocol, pass_on_client_failure(&client, &server));
+    }
     let _ = client.set_nodelay(true);
     let Some(version) = http_version(&classified.protocol) else {
         // Raw bytes both ways, from the first (detection only peeked).
@@ -242,6 +245,21 @@ async fn forward(
     let http = Arc::clone(&proxy.http);
     let result = http::forward(client, server, conn, counters, version, http).await;
     (protocol, result.into())
+}
+
+/// The client's socket failed during detection (a reset before its first byte, typically):
+/// the server gets a reset too, as it would have directly, not a clean end of stream.
+fn pass_on_client_failure(client: &TcpStream, server: &TcpStream) -> CloseReason {
+    crate::forward::opaque::reset(server);
+    let error = client
+        .take_error()
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| std::io::ErrorKind::ConnectionReset.into());
+    CloseReason::Reset(crate::forward::opaque::Failure {
+        step: "detecting",
+        error,
+    })
 }
 
 /// The HTTP version to proxy at request level, or None for opaque forwarding.

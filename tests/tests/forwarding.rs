@@ -17,6 +17,7 @@ use integration_tests::{
 };
 
 const HUNDRED_MB: u64 = 100 * 1024 * 1024;
+const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
@@ -216,4 +217,38 @@ fn a_client_that_closes_right_after_sending_is_still_delivered() {
         &[("result", "not_found")],
         0,
     );
+}
+
+/// A client that resets its connection before sending a byte: the server sees a reset too,
+/// as it would directly, not a clean end of stream.
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn a_client_reset_before_its_first_byte_reaches_the_server_as_a_reset() {
+    require_privileged!();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cgroup = TestCgroup::new("earlyreset");
+    let agent = Agent::start(&cgroup);
+    let script = format!(
+        "import socket, struct\n\
+         s = socket.create_connection(('127.0.0.1', {}))\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n\
+         s.close()\n\
+         print('reset')",
+        addr.port()
+    );
+    let out = integration_tests::clients::python(&cgroup, &["-c", &script], LIMIT);
+    assert_eq!(out.trim(), "reset");
+    listener.set_nonblocking(false).unwrap();
+    let (mut upstream, _) = listener.accept().unwrap();
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let read = upstream.read(&mut byte);
+    assert!(
+        matches!(&read, Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset),
+        "the server saw {read:?}, not a reset"
+    );
+    agent.assert_metric("tcp_detect_total", &[("result", "error")], 1);
 }
