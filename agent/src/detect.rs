@@ -69,6 +69,9 @@ fn detect_http2(buf: &[u8]) -> Option<Detection> {
 fn detect_http1(buf: &[u8]) -> Detection {
     let line_end = buf.iter().position(|&b| b == b'\n');
     let line = match line_end {
+        // As long as when the LF had not come yet: the verdict must not depend on how the
+        // bytes were split into reads.
+        Some(end) if end >= MAX_REQUEST_LINE => return Detection::Opaque,
         Some(end) => buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]),
         None if buf.len() >= MAX_REQUEST_LINE => return Detection::Opaque,
         None => buf,
@@ -78,7 +81,8 @@ fn detect_http1(buf: &[u8]) -> Detection {
     let target = parts.next();
     let version = parts.next();
     let complete = line_end.is_some();
-    if !is_method(method, complete && target.is_some()) {
+    // A space ends the method, complete line or not: " / HTTP/1.1" is no request line.
+    if !is_method(method, target.is_some()) {
         return Detection::Opaque;
     }
     let Some(target) = target else {
@@ -104,6 +108,8 @@ fn detect_http1(buf: &[u8]) -> Detection {
     match (complete, version) {
         (true, b"HTTP/1.0" | b"HTTP/1.1") => Detection::Http1,
         (true, _) => Detection::Opaque,
+        // The whole version and the CR of the line's end; its LF is still to come.
+        (false, b"HTTP/1.0\r" | b"HTTP/1.1\r") => Detection::NeedMore,
         (false, partial)
             if b"HTTP/1.1".starts_with(partial) || b"HTTP/1.0".starts_with(partial) =>
         {
@@ -315,9 +321,39 @@ mod tests {
     #[test]
     fn http1_fragments_need_more() {
         let request = b"GET /index.html HTTP/1.1\r\n";
-        for cut in 1..request.len() - 1 {
+        for cut in 1..request.len() {
             assert_eq!(detect(&request[..cut]), Detection::NeedMore, "cut at {cut}");
         }
+    }
+
+    /// Found by fuzz/ (detect): a read ending between the CR and the LF of the request line
+    /// made the connection opaque, though the next byte would have made it HTTP/1.
+    #[test]
+    fn request_line_cut_between_cr_and_lf_needs_more() {
+        assert_eq!(detect(b"GET / HTTP/1.1\r"), Detection::NeedMore);
+        assert_eq!(detect(b"GET / HTTP/1.0\r"), Detection::NeedMore);
+        assert_eq!(detect(b"GET / HTTP/1.\r"), Detection::Opaque);
+        assert_eq!(detect(b"GET / HTTP/1.1\rX"), Detection::Opaque);
+    }
+
+    /// Found by fuzz/ (detect): a leading space (an empty method) waited for the line's end
+    /// (or the detection timeout) instead of being opaque at once.
+    #[test]
+    fn empty_method_is_opaque_before_the_line_ends() {
+        assert_eq!(detect(b" / HTTP/1.1"), Detection::Opaque);
+        assert_eq!(detect(b" /"), Detection::Opaque);
+        assert_eq!(detect(b" / HTTP/1.1\r\n"), Detection::Opaque);
+    }
+
+    /// Found by fuzz/ (detect): a request line longer than MAX_REQUEST_LINE was HTTP/1 when
+    /// its LF came in the same read, opaque when the first read stopped before it.
+    #[test]
+    fn overlong_request_line_is_opaque_however_it_arrives() {
+        let mut line = b"GET /".to_vec();
+        line.resize(MAX_REQUEST_LINE, b'a');
+        line.extend_from_slice(b" HTTP/1.1\r\n");
+        assert_eq!(detect(&line[..MAX_REQUEST_LINE]), Detection::Opaque);
+        assert_eq!(detect(&line), Detection::Opaque);
     }
 
     #[test]

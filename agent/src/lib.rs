@@ -33,3 +33,13 @@ pub mod run;
 pub mod sys;
 pub mod tap;
 pub mod unaccepted;
+
+/// Entry points for the fuzz targets in `fuzz/`; not an API. The HTTP/1 head and body parsers
+/// live in a private module; everything else the targets use is public already.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::forward::http::h1::body::{ChunkError, Framing, Remaining};
+    pub use crate::forward::http::h1::head::{
+        HeadError, MAX_HEAD_BYTES, RequestHead, ResponseHead, parse_request, parse_response,
+    };
+}

@@ -194,7 +194,7 @@ fn lookup_reply_names(bytes: &[u8], remote_port: u16) -> io::Result<bool> {
                 .get(0..4)
                 .and_then(|b| b.try_into().ok())
                 .map_or(0, i32::from_ne_bytes);
-            match -errno {
+            match errno.wrapping_neg() {
                 0 | libc::ENOENT => Ok(false),
                 errno => Err(io::Error::from_raw_os_error(errno)),
             }
@@ -239,13 +239,13 @@ fn read_dump(socket: &Socket) -> io::Result<Vec<Listener>> {
     }
 }
 
-enum Parsed {
+pub enum Parsed {
     Done,
     More,
 }
 
 /// Parses one datagram of netlink messages into `listeners`.
-fn parse_messages(mut bytes: &[u8], listeners: &mut Vec<Listener>) -> io::Result<Parsed> {
+pub fn parse_messages(mut bytes: &[u8], listeners: &mut Vec<Listener>) -> io::Result<Parsed> {
     while bytes.len() >= NLMSG_HEADER {
         let len = u32::from_ne_bytes(bytes[0..4].try_into().unwrap_or_default()) as usize;
         let kind = u16::from_ne_bytes(bytes[4..6].try_into().unwrap_or_default());
@@ -260,7 +260,7 @@ fn parse_messages(mut bytes: &[u8], listeners: &mut Vec<Listener>) -> io::Result
                     .get(0..4)
                     .and_then(|b| b.try_into().ok())
                     .map_or(0, i32::from_ne_bytes);
-                return Err(io::Error::from_raw_os_error(-errno));
+                return Err(io::Error::from_raw_os_error(errno.wrapping_neg()));
             }
             SOCK_DIAG_BY_FAMILY => {
                 if let Some(listener) = parse_listener(payload) {
@@ -386,6 +386,11 @@ mod tests {
         let mut bogus = header(4, SOCK_DIAG_BY_FAMILY);
         bogus.extend_from_slice(&[0u8; 8]);
         assert!(parse_messages(&bogus, &mut Vec::new()).is_err());
+        // Found by fuzz/ (sock_diag_reply): an errno of i32::MIN overflowed its negation.
+        let mut error = header(20, NLMSG_ERROR);
+        error.extend_from_slice(&i32::MIN.to_ne_bytes());
+        assert!(parse_messages(&error, &mut Vec::new()).is_err());
+        assert!(lookup_reply_names(&error, 1).is_err());
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! what `setup` installs.
 
 mod bench;
+mod fuzz;
 mod image;
+mod soak;
 mod toolchain;
 
 use std::{
@@ -64,6 +66,22 @@ enum Task {
         #[command(subcommand)]
         probe: Probe,
     },
+    /// Drive mixed traffic through a release agent and check that its resources stay flat
+    /// (target/soak/).
+    Soak {
+        /// How long the traffic runs.
+        #[arg(long, default_value_t = 1)]
+        minutes: u64,
+        /// Seconds between two samples of the agent's resources.
+        #[arg(long, default_value_t = 5)]
+        interval: u64,
+    },
+    /// Internal: the soak's clients and servers.
+    #[command(hide = true)]
+    SoakProbe {
+        #[command(subcommand)]
+        probe: soak::Probe,
+    },
     /// Build the OCI image localhost/sockmesh:<version> with buildah (no registry) and check it.
     Image,
     /// Build everything and run the whole test suite, privileged tests included.
@@ -71,6 +89,14 @@ enum Task {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run the fuzz targets in fuzz/ (cargo-fuzz, nightly; installed when missing).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// The targets to run (default: all of them).
+        targets: Vec<String>,
     },
 }
 
@@ -113,6 +139,7 @@ fn run(task: Task) -> Result<()> {
             run_agent(&agent, &args)
         }
         Task::Test { args } => test(&root, &args),
+        Task::Fuzz { seconds, targets } => fuzz::run(&root, seconds, &targets),
         Task::Image => {
             let agent = build(&root, true)?;
             image::run(&root, agent.parent().context("the agent has no directory")?)
@@ -121,6 +148,11 @@ fn run(task: Task) -> Result<()> {
             let agent = build(&root, true)?;
             bench::run(&root, &agent, &bench::Options { quick, runs, only })
         }
+        Task::Soak { minutes, interval } => {
+            let agent = build(&root, true)?;
+            soak::run(&root, &agent, minutes, interval)
+        }
+        Task::SoakProbe { probe } => soak::probe(probe),
         Task::BenchProbe { probe } => match probe {
             Probe::Greeting { addr, count } => bench::probe::greeting(addr, count),
             Probe::Connrate { addr, seconds } => bench::probe::connection_rate(addr, seconds),

@@ -84,6 +84,8 @@ pub struct Agent {
     cgroup: PathBuf,
     pub pid: u32,
     admin: SocketAddr,
+    /// Where its maps are pinned (`bpftool map dump pinned <pin_dir>/<MAP>`).
+    pub pin_dir: PathBuf,
 }
 
 impl Env {
@@ -116,6 +118,33 @@ impl Env {
         env.start_inbound_backends(&inbound)?;
         env.inbound_agent = Some(inbound);
         Ok(env)
+    }
+
+    /// A smaller world for `cargo xtask soak`: the origin servers and one agent
+    /// (`Setup::Sockmesh`), no other proxies.
+    pub fn start_single(dir: &Path, sockmesh: &Path) -> Result<Self> {
+        fs::create_dir_all(dir)?;
+        let mut env = Self {
+            dir: dir.to_path_buf(),
+            children: Vec::new(),
+            backends: BTreeMap::new(),
+            haproxy: BTreeMap::new(),
+            nginx_stream: BTreeMap::new(),
+            nginx_http: BTreeMap::new(),
+            inbound_backends: BTreeMap::new(),
+            agents: BTreeMap::new(),
+            inbound_agent: None,
+            sockmesh: sockmesh.to_path_buf(),
+        };
+        env.start_backends()?;
+        let agent = env.start_agent(Setup::Sockmesh, None)?;
+        env.agents.insert(Setup::Sockmesh, agent);
+        Ok(env)
+    }
+
+    /// The directory of the servers' and agents' logs (`<setup name>.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Where a client of `setup` connects to reach `backend`; None if the setup cannot.
@@ -350,7 +379,12 @@ impl Env {
             .args(extra);
         self.spawn(setup.name(), &mut command)?;
         let pid = self.children.last().map(Child::id).unwrap_or(0);
-        let agent = Agent { cgroup, pid, admin };
+        let agent = Agent {
+            cgroup,
+            pid,
+            admin,
+            pin_dir: PathBuf::from(pin_dir),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !http_ok(admin, "/ready") {
             if Instant::now() > deadline {
@@ -393,6 +427,11 @@ impl Drop for Env {
 }
 
 impl Agent {
+    /// The agent's /metrics page.
+    pub fn metrics(&self) -> Result<String> {
+        http_body(self.admin, "/metrics").context("scraping the agent")
+    }
+
     /// The agent's heap in use (its sockmesh_heap_in_use_bytes gauge), in bytes. Unlike
     /// resident memory it does not keep what earlier connections freed.
     pub fn heap_bytes(&self) -> Result<u64> {

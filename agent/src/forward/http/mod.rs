@@ -8,7 +8,8 @@
 //! when it must: 400 for malformed requests, 502 when the upstream is unreachable or fails,
 //! 504 when its response headers take longer than the upstream timeout.
 
-mod h1;
+// pub(crate) for `crate::fuzzing`: the fuzz targets reach its head and body parsers.
+pub(crate) mod h1;
 mod h2;
 mod observe;
 

@@ -105,6 +105,11 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
         return Err(HeadError::Malformed(httparse::Error::Token));
     };
     let fields = Fields::of(request.headers)?;
+    // HTTP/1.0 has no Transfer-Encoding: its framing is faulty (RFC 9112 6.1), and a server
+    // that ignores the field would end the body elsewhere than a chunked reading.
+    if fields.transfer_encoding && version == 0 {
+        return Err(HeadError::Framing);
+    }
     let framing = if fields.chunked_last {
         // Transfer-Encoding and Content-Length together is how requests are smuggled.
         if fields.content_length.is_some() {
@@ -164,6 +169,9 @@ pub fn parse_response(
         request.is_head() || (100..200).contains(&status) || status == 204 || status == 304;
     let framing = if no_body || tunnel {
         Framing::Empty
+    } else if fields.transfer_encoding && version == 0 {
+        // Faulty framing (RFC 9112 6.1): the connection ends the body, and is not reused.
+        Framing::UntilClose
     } else if fields.chunked_last {
         Framing::Chunked
     } else if fields.transfer_encoding {
@@ -297,9 +305,10 @@ mod tests {
         assert_eq!(post.framing, Framing::Length(12));
         assert!(!post.keep_alive);
 
-        let chunked = request("POST / HTTP/1.0\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        let chunked = request("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
         assert_eq!(chunked.framing, Framing::Chunked);
-        assert!(!chunked.keep_alive, "HTTP/1.0 closes by default");
+        let old = request("POST / HTTP/1.0\r\nContent-Length: 2\r\n\r\n");
+        assert!(!old.keep_alive, "HTTP/1.0 closes by default");
 
         let absolute = request("GET http://other.test:81/x?y HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!(absolute.authority, "other.test:81");
@@ -326,6 +335,8 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            // HTTP/1.0 has no chunked coding (RFC 9112 6.1; hyper refuses it too).
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert_eq!(refused(smuggling), HeadError::Framing, "{smuggling}");
         }
@@ -360,6 +371,12 @@ mod tests {
             &get,
         );
         assert_eq!(chunked.framing, Framing::Chunked);
+        let old_chunked = response(
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &get,
+        );
+        assert_eq!(old_chunked.framing, Framing::UntilClose);
+        assert!(!old_chunked.keep_alive);
         let not_modified = response(
             "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
             &get,
