@@ -126,7 +126,10 @@ fn a_request_head_that_never_ends_gets_431_and_is_not_buffered() {
     );
     // The agent stopped reading at its 64 KiB head limit; what else went out sat in socket
     // buffers until the close.
-    eprintln!("{}; agent RSS {before} KiB before, peak {peak} KiB", report.trim());
+    eprintln!(
+        "{}; agent RSS {before} KiB before, peak {peak} KiB",
+        report.trim()
+    );
     assert!(sent < 64 << 20, "{sent} bytes were taken for one head");
     assert!(
         peak.saturating_sub(before) < 16 * 1024,
