@@ -231,6 +231,15 @@ impl ServerProcess {
         })
     }
 
+    /// Starts `command` and waits until it listens on `addr`, seen in /proc/net/tcp without
+    /// connecting: a test that counts its connections to a meshed server must not have a
+    /// readiness probe among them (under load a probe can time out and be retried, and each
+    /// attempt reaches the kernel's inbound program).
+    pub fn command_quietly(mut command: Command, addr: SocketAddr) -> Self {
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+        Self::start_checked(command, addr, listens_on)
+    }
+
     /// Starts `command` (its stdout and stderr as the caller set them) and waits until
     /// `accepting(addr)` says it accepts (a server in a pod's network namespace is checked from
     /// inside it).
@@ -388,4 +397,24 @@ pub fn write_file(path: &Path, len: usize) {
     fs::File::create(path)
         .and_then(|mut file| file.write_all(&buf))
         .expect("writing a file");
+}
+
+/// Whether a socket in this network namespace listens on IPv4 `addr` (per /proc/net/tcp:
+/// each row's local address is the address's bytes as a native-endian hex word, then the
+/// port in hex; state 0A is LISTEN).
+pub fn listens_on(addr: SocketAddr) -> bool {
+    let SocketAddr::V4(addr) = addr else {
+        return false;
+    };
+    let wanted = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(addr.ip().octets()),
+        addr.port()
+    );
+    let any = format!("00000000:{:04X}", addr.port());
+    let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table.lines().skip(1).any(|row| {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        fields.len() > 3 && fields[3] == "0A" && (fields[1] == wanted || fields[1] == any)
+    })
 }
