@@ -179,26 +179,14 @@ fn diag_address(ip: IpAddr) -> [u8; 16] {
 /// Reads the answer to an exact lookup: a socket whose remote port is `remote_port` (the
 /// kernel falls back to a listener on the local port, which has none), or ENOENT.
 fn lookup_reply_names(bytes: &[u8], remote_port: u16) -> io::Result<bool> {
-    if bytes.len() < NLMSG_HEADER {
-        return Err(io::Error::other("truncated sock_diag reply"));
-    }
-    let len = u32::from_ne_bytes(bytes[0..4].try_into().unwrap_or_default()) as usize;
-    let kind = u16::from_ne_bytes(bytes[4..6].try_into().unwrap_or_default());
-    if len < NLMSG_HEADER || len > bytes.len() {
-        return Err(io::Error::other("truncated sock_diag reply"));
-    }
-    let payload = &bytes[NLMSG_HEADER..len];
+    let Some(Message { kind, payload, .. }) = next_message(bytes)? else {
+        return Err(truncated());
+    };
     match kind {
-        NLMSG_ERROR => {
-            let errno = payload
-                .get(0..4)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, i32::from_ne_bytes);
-            match errno.wrapping_neg() {
-                0 | libc::ENOENT => Ok(false),
-                errno => Err(io::Error::from_raw_os_error(errno)),
-            }
-        }
+        NLMSG_ERROR => match errno_of(payload) {
+            0 | libc::ENOENT => Ok(false),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        },
         SOCK_DIAG_BY_FAMILY => Ok(payload
             .get(6..8)
             .is_some_and(|port| u16::from_be_bytes([port[0], port[1]]) == remote_port)),
@@ -246,22 +234,15 @@ pub enum Parsed {
 
 /// Parses one datagram of netlink messages into `listeners`.
 pub fn parse_messages(mut bytes: &[u8], listeners: &mut Vec<Listener>) -> io::Result<Parsed> {
-    while bytes.len() >= NLMSG_HEADER {
-        let len = u32::from_ne_bytes(bytes[0..4].try_into().unwrap_or_default()) as usize;
-        let kind = u16::from_ne_bytes(bytes[4..6].try_into().unwrap_or_default());
-        if len < NLMSG_HEADER || len > bytes.len() {
-            return Err(io::Error::other("truncated sock_diag reply"));
-        }
-        let payload = &bytes[NLMSG_HEADER..len];
+    while let Some(Message {
+        kind,
+        payload,
+        rest,
+    }) = next_message(bytes)?
+    {
         match kind {
             NLMSG_DONE => return Ok(Parsed::Done),
-            NLMSG_ERROR => {
-                let errno = payload
-                    .get(0..4)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, i32::from_ne_bytes);
-                return Err(io::Error::from_raw_os_error(errno.wrapping_neg()));
-            }
+            NLMSG_ERROR => return Err(io::Error::from_raw_os_error(errno_of(payload))),
             SOCK_DIAG_BY_FAMILY => {
                 if let Some(listener) = parse_listener(payload) {
                     listeners.push(listener);
@@ -269,9 +250,49 @@ pub fn parse_messages(mut bytes: &[u8], listeners: &mut Vec<Listener>) -> io::Re
             }
             _ => {}
         }
-        bytes = &bytes[align4(len).min(bytes.len())..];
+        bytes = rest;
     }
     Ok(Parsed::More)
+}
+
+/// One netlink message of a datagram, and what follows it.
+struct Message<'a> {
+    kind: u16,
+    payload: &'a [u8],
+    rest: &'a [u8],
+}
+
+/// The first netlink message in `bytes`; None when fewer bytes than a header are left. A
+/// header whose length does not fit is an error.
+fn next_message(bytes: &[u8]) -> io::Result<Option<Message<'_>>> {
+    if bytes.len() < NLMSG_HEADER {
+        return Ok(None);
+    }
+    let len = u32::from_ne_bytes(bytes[0..4].try_into().unwrap_or_default()) as usize;
+    let kind = u16::from_ne_bytes(bytes[4..6].try_into().unwrap_or_default());
+    if len < NLMSG_HEADER || len > bytes.len() {
+        return Err(truncated());
+    }
+    let rest = &bytes[align4(len).min(bytes.len())..];
+    Ok(Some(Message {
+        kind,
+        payload: &bytes[NLMSG_HEADER..len],
+        rest,
+    }))
+}
+
+/// The positive errno of an NLMSG_ERROR payload (0 is an acknowledgement). The kernel sends
+/// it negated; wrapping, so a hostile i32::MIN cannot overflow.
+fn errno_of(payload: &[u8]) -> i32 {
+    payload
+        .get(0..4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, i32::from_ne_bytes)
+        .wrapping_neg()
+}
+
+fn truncated() -> io::Error {
+    io::Error::other("truncated sock_diag reply")
 }
 
 /// One `inet_diag_msg` and its attributes.
