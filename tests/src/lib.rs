@@ -95,6 +95,11 @@ pub fn meshprobe_bin() -> PathBuf {
 }
 
 /// A TCP port free on both 127.0.0.1 and ::1 right now, below the ephemeral range.
+/// SO_LINGER with a zero timeout: closing `stream` sends a reset instead of a FIN.
+pub fn reset_on_close(stream: &std::net::TcpStream) -> std::io::Result<()> {
+    socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO))
+}
+
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     // Start from a per-process offset so parallel test binaries rarely collide.

@@ -6,15 +6,15 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
     process::{Command, Stdio},
-    sync::mpsc,
     thread,
     time::Duration,
 };
 
 use integration_tests::{
-    Agent, AgentOptions, TestCgroup, meshprobe_bin,
+    Agent, AgentOptions, TestCgroup,
+    clients::Holder,
+    meshprobe_bin,
     process::{eventually, run_ok},
     require_privileged,
     servers::ServerProcess,
@@ -150,38 +150,12 @@ fn a_flood_of_silent_connections_does_not_starve_other_clients() {
     let echo = ServerProcess::announced(echo);
     let cgroup = TestCgroup::new("silentflood");
     let agent = http_agent(&cgroup);
-    let mut holder = cgroup
-        .command(meshprobe_bin())
-        .args([
-            "hold",
-            &echo.addr.to_string(),
-            &SILENT.to_string(),
-            "silent",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting meshprobe hold");
-    let stdout = holder.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut stdout = BufReader::new(stdout);
-        let mut line = String::new();
-        let _ = stdout.read_line(&mut line);
-        let _ = tx.send(line);
-        let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-    });
-    let line = rx.recv_timeout(LIMIT).unwrap_or_default();
-    assert_eq!(line.trim(), format!("held {SILENT}"));
+    let holder = Holder::start(&cgroup, echo.addr, SILENT, true, LIMIT);
     // Past the detection timeout they are server-first connections, each with its upstream
     // connection: all held by the agent, none refused.
     agent.assert_metric("tcp_open_connections", &[("direction", "outbound")], SILENT);
     well_behaved_requests(&cgroup, &server, 10, Duration::ZERO);
-    let _ = holder
-        .stdin
-        .take()
-        .map(|mut stdin| stdin.write_all(b"done\n"));
-    assert!(holder.wait().expect("meshprobe hold").success());
+    holder.release();
     let drained = eventually(Duration::from_secs(30), || {
         agent.metrics().count("tcp_open_connections", &[]) == 0
     });

@@ -130,7 +130,7 @@ fn a_server_reset_after_the_hand_off_resets_the_client() {
             stream.read_exact(&mut message).expect("reading a message");
             stream.write_all(&message).expect("echoing");
         }
-        reset_on_close(&stream);
+        integration_tests::reset_on_close(&stream).expect("SO_LINGER");
     });
     let cgroup = TestCgroup::new("kfwdreset");
     let agent = Agent::start(&cgroup);
@@ -198,23 +198,4 @@ fn splice_only_mode_never_hands_off() {
         &[("mode", "sockmap")],
         0,
     );
-}
-
-/// Closing `stream` sends RST instead of FIN.
-fn reset_on_close(stream: &std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid linger struct of the given size; the descriptor is open.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
 }

@@ -4,16 +4,12 @@
 //! Bounds are generous multiples of what was measured (docs/performance.md has the figures):
 //! they catch per-connection buffers without a cap, not small regressions.
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    process::{Command, Stdio},
-    sync::mpsc,
-    thread,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use integration_tests::{
-    Agent, TestCgroup, meshprobe_bin,
+    Agent, TestCgroup,
+    clients::Holder,
+    meshprobe_bin,
     process::{eventually, run_ok},
     require_privileged,
     servers::{ServerProcess, write_file},
@@ -47,25 +43,7 @@ fn thousands_of_idle_connections_cost_a_few_kib_each() {
     let connections = idle_connections(&agent);
     let (before, _) = agent.rss_kib();
 
-    let mut holder = cgroup
-        .command(meshprobe_bin())
-        .args(["hold", &echo.addr.to_string(), &connections.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting meshprobe hold");
-    let stdout = holder.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut line = String::new();
-        let mut stdout = BufReader::new(stdout);
-        let _ = stdout.read_line(&mut line);
-        let _ = tx.send(line);
-        // The rest (its final report) is read too, or the holder's last print would fail.
-        let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-    });
-    let line = rx.recv_timeout(LIMIT).unwrap_or_default();
-    assert_eq!(line.trim(), format!("held {connections}"));
+    let holder = Holder::start(&cgroup, echo.addr, connections, false, LIMIT);
     // Every one of them is the agent's, not gone direct.
     agent.assert_metric(
         "tcp_open_connections",
@@ -79,12 +57,7 @@ fn thousands_of_idle_connections_cost_a_few_kib_each() {
          {per_connection:.1} KiB each"
     );
 
-    let _ = holder
-        .stdin
-        .take()
-        .map(|mut stdin| stdin.write_all(b"done\n"));
-    let status = holder.wait().expect("meshprobe hold");
-    assert!(status.success());
+    holder.release();
     let drained = eventually(Duration::from_secs(30), || {
         agent.metrics().count("tcp_open_connections", &[]) == 0
     });

@@ -1130,24 +1130,9 @@ fn http_response_until_eof(stream: &mut TcpStream) -> Result<()> {
 
 /// SO_LINGER with a zero timeout, then close: the peer sees a reset.
 fn reset_on_close(stream: &mut TcpStream) -> Result<()> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a linger struct of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("SO_LINGER");
-    }
-    Ok(())
+    socket2::SockRef::from(&*stream)
+        .set_linger(Some(Duration::ZERO))
+        .context("SO_LINGER")
 }
 
 /// `cargo xtask soak`.

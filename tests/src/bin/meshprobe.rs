@@ -188,24 +188,7 @@ fn echo_once(addr: SocketAddr) -> Result<TcpStream, String> {
 
 /// SO_LINGER with a zero timeout: close(2) sends a reset.
 fn reset_on_close(stream: &TcpStream) -> Result<(), String> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a linger struct of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(stream),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error().to_string());
-    }
-    Ok(())
+    integration_tests::reset_on_close(stream).map_err(|e| format!("SO_LINGER: {e}"))
 }
 
 fn connect(addr: SocketAddr) -> Result<TcpStream, String> {

@@ -89,9 +89,10 @@ pub struct Agent {
 }
 
 impl Env {
-    pub fn start(dir: &Path, sockmesh: &Path) -> Result<Self> {
+    /// No servers and no agents yet; `dir` exists.
+    fn empty(dir: &Path, sockmesh: &Path) -> Result<Self> {
         fs::create_dir_all(dir)?;
-        let mut env = Self {
+        Ok(Self {
             dir: dir.to_path_buf(),
             children: Vec::new(),
             backends: BTreeMap::new(),
@@ -102,7 +103,11 @@ impl Env {
             agents: BTreeMap::new(),
             inbound_agent: None,
             sockmesh: sockmesh.to_path_buf(),
-        };
+        })
+    }
+
+    pub fn start(dir: &Path, sockmesh: &Path) -> Result<Self> {
+        let mut env = Self::empty(dir, sockmesh)?;
         env.start_backends()?;
         env.start_haproxy()?;
         env.start_nginx_proxy()?;
@@ -123,19 +128,7 @@ impl Env {
     /// A smaller world for `cargo xtask soak`: the origin servers and one agent
     /// (`Setup::Sockmesh`), no other proxies.
     pub fn start_single(dir: &Path, sockmesh: &Path) -> Result<Self> {
-        fs::create_dir_all(dir)?;
-        let mut env = Self {
-            dir: dir.to_path_buf(),
-            children: Vec::new(),
-            backends: BTreeMap::new(),
-            haproxy: BTreeMap::new(),
-            nginx_stream: BTreeMap::new(),
-            nginx_http: BTreeMap::new(),
-            inbound_backends: BTreeMap::new(),
-            agents: BTreeMap::new(),
-            inbound_agent: None,
-            sockmesh: sockmesh.to_path_buf(),
-        };
+        let mut env = Self::empty(dir, sockmesh)?;
         env.start_backends()?;
         let agent = env.start_agent(Setup::Sockmesh, None)?;
         env.agents.insert(Setup::Sockmesh, agent);
