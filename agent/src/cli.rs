@@ -6,8 +6,9 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    Config, CopyMode, DEFAULT_CNI_SOCKET, DEFAULT_OPAQUE_PORTS, NetworkList, PortRange, PortSet,
-    parse_cgroup_dir, parse_duration, parse_listen_port, parse_liveness_timeout,
+    Config, CopyMode, DEFAULT_CNI_SOCKET, DEFAULT_OPAQUE_PORTS, DEFAULT_SOCKMAP_CONNECTIONS,
+    NetworkList, PortRange, PortSet, parse_cgroup_dir, parse_duration, parse_listen_port,
+    parse_liveness_timeout,
 };
 
 #[derive(Debug, Parser)]
@@ -217,6 +218,16 @@ pub struct RunArgs {
         default_value = "sockmap"
     )]
     pub copy_mode: CopyMode,
+    /// With `--copy-mode sockmap`: the most chatty connections the kernel forwards at once.
+    /// Past it, chatty connections are copied in user space, which batches its wake-ups
+    /// across connections where the kernel's redirects each wake a kworker.
+    #[arg(
+        long,
+        env = "SOCKMESH_SOCKMAP_CONNECTIONS",
+        default_value_t = DEFAULT_SOCKMAP_CONNECTIONS,
+        value_parser = clap::value_parser!(u32).range(0..=1_000_000)
+    )]
+    pub sockmap_connections: u32,
     /// Let POST /shutdown on the admin server (from loopback only) stop the agent.
     #[arg(long, env = "SOCKMESH_ENABLE_SHUTDOWN_ENDPOINT")]
     pub enable_shutdown_endpoint: bool,
@@ -294,6 +305,7 @@ impl RunArgs {
             connect_timeout: self.connect_timeout,
             enable_shutdown_endpoint: self.enable_shutdown_endpoint,
             copy_mode: self.copy_mode,
+            sockmap_connections: self.sockmap_connections as usize,
             pin_dir: self.pin_dir,
             bypass_mark: self.bypass_mark,
             serve_host_netns: self.serve_host_netns,

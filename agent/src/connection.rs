@@ -87,7 +87,7 @@ impl Proxy {
             tap,
             original_dsts: maps.original_dsts,
             inbound: maps.inbound,
-            opaque: OpaqueForwarding::new(config.copy_mode, kernel),
+            opaque: OpaqueForwarding::new(config.copy_mode, kernel, config.sockmap_connections),
             http: Arc::new(http),
             opaque_ports: config.opaque_ports.clone(),
             detect_timeout: config.detect_timeout,

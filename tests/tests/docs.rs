@@ -124,3 +124,36 @@ fn the_readme_policy_example_is_valid() {
     );
     assert!(stdout.contains("with 2 workload entries"), "{stdout}");
 }
+
+/// Every flag of `sockmesh run` has its row in the README's flag table (`| `--flag ...`).
+#[test]
+fn every_run_flag_is_in_the_readme() {
+    let readme = repo_file("README.md");
+    let output = integration_tests::process::run(
+        std::process::Command::new(integration_tests::sockmesh_bin()).args(["run", "--help"]),
+        std::time::Duration::from_secs(30),
+    );
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    let flags: Vec<&str> = help
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim_start();
+            let line = line.strip_prefix("-").map_or(line, |rest| {
+                // "-x, --long": the short form first.
+                rest.split_once(", ").map_or(line, |(_, long)| long)
+            });
+            let flag = line.strip_prefix("--")?.split([' ', '=', '<']).next()?;
+            (!flag.is_empty() && flag != "help").then_some(flag)
+        })
+        .collect();
+    assert!(flags.len() > 20, "{help}");
+    let missing: Vec<&&str> = flags
+        .iter()
+        .filter(|flag| !readme.contains(&format!("| `--{flag}")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in the README's flag table: {missing:?}"
+    );
+}

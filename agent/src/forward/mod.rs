@@ -2,7 +2,7 @@
 //! requests (HTTP/1 forwarded as bytes, h2c through hyper). Opaque connections have one entry
 //! point, `OpaqueForwarding::forward`, which owns their path: `opaque` splices raw TCP through
 //! `pipe`'s pooled pipes (or copies, for comparison), and a connection that turns out chatty is
-//! handed to `kernel` (sockmap), or spliced to the end if the kernel declines it.
+//! handed to `kernel` (sockmap) while few are, or copied in user space to the end.
 
 pub mod http;
 pub mod io;
@@ -12,7 +12,7 @@ pub mod pipe;
 
 use std::sync::{
     Arc,
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicU64, AtomicUsize, Ordering},
 };
 
 use prometheus_client::metrics::counter::Counter;
@@ -38,23 +38,33 @@ pub struct OpaqueForwarding {
     copy_mode: CopyMode,
     /// In-kernel forwarding (`--copy-mode sockmap`, when this kernel can do it).
     kernel: Option<Arc<KernelForwarder>>,
+    /// Chatty connections the kernel may forward at once (`--sockmap-connections`).
+    kernel_slots: Slots,
     pipes: PipePool,
 }
 
 impl OpaqueForwarding {
-    pub fn new(copy_mode: CopyMode, kernel: Option<Arc<KernelForwarder>>) -> Self {
+    pub fn new(
+        copy_mode: CopyMode,
+        kernel: Option<Arc<KernelForwarder>>,
+        kernel_connections: usize,
+    ) -> Self {
         Self {
             copy_mode,
             kernel,
+            kernel_slots: Slots::new(kernel_connections),
             pipes: PipePool::new(MAX_IDLE_PIPES),
         }
     }
 
     /// Moves an opaque connection's bytes both ways, from the first, until both directions
-    /// end or one fails. With `--copy-mode sockmap` it starts spliced and is handed to the
-    /// kernel once it turns out chatty (if the kernel takes it); bulk streams and short
-    /// connections stay spliced. `count_mode` hears how the bytes moved (sockmap, splice or
-    /// userspace), once.
+    /// end or one fails. With `--copy-mode sockmap` it starts spliced and, once it turns out
+    /// chatty, is handed to the kernel if fewer than `--sockmap-connections` are there already
+    /// (and the kernel takes it), or else copied in user space: small messages cost less
+    /// copied than spliced, and many chatty connections at once cost less in user space,
+    /// whose wake-ups serve several of them, than as kernel redirects, which wake a kworker
+    /// each. Bulk streams and short connections stay spliced. `count_mode` hears how the
+    /// bytes moved (sockmap, splice or userspace), once.
     pub async fn forward(
         &self,
         client: TcpStream,
@@ -80,16 +90,54 @@ impl OpaqueForwarding {
             }
             Spliced::Chatty(client, server) => (client, server),
         };
+        // No pipe holds bytes and every byte read so far is written: copying can go on from
+        // here as well as the kernel can.
+        let Some(_slot) = self.kernel_slots.take() else {
+            count_mode("userspace");
+            return opaque::copy_bidirectional(client, server, counters).await;
+        };
         match kernel
             .forward(client, server, counters, || count_mode("sockmap"))
             .await
         {
             Handoff::Forwarded(outcome) => outcome,
             Handoff::Declined(client, server) => {
-                count_mode("splice");
-                opaque::splice_to_end(client, server, &self.pipes, counters).await
+                count_mode("userspace");
+                opaque::copy_bidirectional(client, server, counters).await
             }
         }
+    }
+}
+
+/// A counted number of places; a taken one is given back when its guard drops.
+struct Slots {
+    taken: AtomicUsize,
+    limit: usize,
+}
+
+impl Slots {
+    fn new(limit: usize) -> Self {
+        Self {
+            taken: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    fn take(&self) -> Option<Slot<'_>> {
+        self.taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
+                (taken < self.limit).then_some(taken + 1)
+            })
+            .ok()
+            .map(|_| Slot(self))
+    }
+}
+
+struct Slot<'a>(&'a Slots);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.taken.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
