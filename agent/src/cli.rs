@@ -218,9 +218,10 @@ pub struct RunArgs {
         default_value = "sockmap"
     )]
     pub copy_mode: CopyMode,
-    /// With `--copy-mode sockmap`: the most chatty connections the kernel forwards at once.
-    /// Past it, chatty connections are copied in user space, which batches its wake-ups
-    /// across connections where the kernel's redirects each wake a kworker.
+    /// With `--copy-mode sockmap`: chatty connections are handed to the kernel only while at
+    /// most this many opaque connections are open; with more they are copied in user space,
+    /// whose wake-ups serve many busy connections at once where each kernel redirect wakes
+    /// a kworker.
     #[arg(
         long,
         env = "SOCKMESH_SOCKMAP_CONNECTIONS",

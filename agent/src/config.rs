@@ -222,8 +222,8 @@ pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
 /// Where `sockmesh-cni` finds the agent (its `agent_socket` default is the same).
 pub const DEFAULT_CNI_SOCKET: &str = sockmesh_cni::DEFAULT_AGENT_SOCKET;
 
-/// Chatty connections forwarded in the kernel at once, by default (`--sockmap-connections`);
-/// measured on 2 cores: see docs/performance.md.
+/// Open opaque connections up to which chatty ones are forwarded in the kernel, by default
+/// (`--sockmap-connections`); measured on 2 cores: see docs/performance.md.
 pub const DEFAULT_SOCKMAP_CONNECTIONS: u32 = 4;
 
 /// How opaque connections move their bytes.
@@ -275,8 +275,8 @@ pub struct Config {
     /// Whether POST /shutdown (from loopback) stops the agent.
     pub enable_shutdown_endpoint: bool,
     pub copy_mode: CopyMode,
-    /// With sockmap: the most chatty connections the kernel forwards at once; more are
-    /// copied in user space.
+    /// With sockmap: chatty connections go to the kernel only while at most this many opaque
+    /// connections are open; otherwise they are copied in user space.
     pub sockmap_connections: usize,
     /// bpffs directory for the pinned maps.
     pub pin_dir: PathBuf,

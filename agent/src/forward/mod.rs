@@ -2,7 +2,8 @@
 //! requests (HTTP/1 forwarded as bytes, h2c through hyper). Opaque connections have one entry
 //! point, `OpaqueForwarding::forward`, which owns their path: `opaque` splices raw TCP through
 //! `pipe`'s pooled pipes (or copies, for comparison), and a connection that turns out chatty is
-//! handed to `kernel` (sockmap) while few are, or copied in user space to the end.
+//! handed to `kernel` (sockmap) while few connections are open, or copied in user space to
+//! the end.
 
 pub mod http;
 pub mod io;
@@ -38,8 +39,11 @@ pub struct OpaqueForwarding {
     copy_mode: CopyMode,
     /// In-kernel forwarding (`--copy-mode sockmap`, when this kernel can do it).
     kernel: Option<Arc<KernelForwarder>>,
-    /// Chatty connections the kernel may forward at once (`--sockmap-connections`).
-    kernel_slots: Slots,
+    /// Opaque connections open now (in `forward`).
+    open: AtomicUsize,
+    /// In-kernel forwarding is chosen only while at most this many are open
+    /// (`--sockmap-connections`).
+    kernel_while_open: usize,
     pipes: PipePool,
 }
 
@@ -47,22 +51,23 @@ impl OpaqueForwarding {
     pub fn new(
         copy_mode: CopyMode,
         kernel: Option<Arc<KernelForwarder>>,
-        kernel_connections: usize,
+        kernel_while_open: usize,
     ) -> Self {
         Self {
             copy_mode,
             kernel,
-            kernel_slots: Slots::new(kernel_connections),
+            open: AtomicUsize::new(0),
+            kernel_while_open,
             pipes: PipePool::new(MAX_IDLE_PIPES),
         }
     }
 
     /// Moves an opaque connection's bytes both ways, from the first, until both directions
     /// end or one fails. With `--copy-mode sockmap` it starts spliced and, once it turns out
-    /// chatty, is handed to the kernel if fewer than `--sockmap-connections` are there already
-    /// (and the kernel takes it), or else copied in user space: small messages cost less
-    /// copied than spliced, and many chatty connections at once cost less in user space,
-    /// whose wake-ups serve several of them, than as kernel redirects, which wake a kworker
+    /// chatty, is handed to the kernel if at most `--sockmap-connections` opaque connections
+    /// are open (and the kernel takes it), or else copied in user space: small messages cost
+    /// less copied than spliced, and with many connections at once user space, whose
+    /// wake-ups serve several of them, costs less than kernel redirects, which wake a kworker
     /// each. Bulk streams and short connections stay spliced. `count_mode` hears how the
     /// bytes moved (sockmap, splice or userspace), once.
     pub async fn forward(
@@ -76,6 +81,7 @@ impl OpaqueForwarding {
             count_mode("userspace");
             return opaque::copy_bidirectional(client, server, counters).await;
         }
+        let _open = Held::count(&self.open);
         let Some(kernel) = &self.kernel else {
             count_mode("splice");
             return opaque::splice_to_end(client, server, &self.pipes, counters).await;
@@ -92,10 +98,10 @@ impl OpaqueForwarding {
         };
         // No pipe holds bytes and every byte read so far is written: copying can go on from
         // here as well as the kernel can.
-        let Some(_slot) = self.kernel_slots.take() else {
+        if self.open.load(Ordering::Relaxed) > self.kernel_while_open {
             count_mode("userspace");
             return opaque::copy_bidirectional(client, server, counters).await;
-        };
+        }
         match kernel
             .forward(client, server, counters, || count_mode("sockmap"))
             .await
@@ -109,35 +115,19 @@ impl OpaqueForwarding {
     }
 }
 
-/// A counted number of places; a taken one is given back when its guard drops.
-struct Slots {
-    taken: AtomicUsize,
-    limit: usize,
-}
+/// One count of a gauge, given back when dropped.
+struct Held<'a>(&'a AtomicUsize);
 
-impl Slots {
-    fn new(limit: usize) -> Self {
-        Self {
-            taken: AtomicUsize::new(0),
-            limit,
-        }
-    }
-
-    fn take(&self) -> Option<Slot<'_>> {
-        self.taken
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
-                (taken < self.limit).then_some(taken + 1)
-            })
-            .ok()
-            .map(|_| Slot(self))
+impl<'a> Held<'a> {
+    fn count(gauge: &'a AtomicUsize) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
     }
 }
 
-struct Slot<'a>(&'a Slots);
-
-impl Drop for Slot<'_> {
+impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.taken.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
