@@ -67,6 +67,8 @@ const TCP_BACKENDS: [Backend; 4] = [
 pub struct Env {
     dir: PathBuf,
     children: Vec<Child>,
+    /// The pid of each spawned process, by its name (`haproxy`, `nginx-proxy`, ...).
+    pids: BTreeMap<String, u32>,
     backends: BTreeMap<Backend, SocketAddr>,
     haproxy: BTreeMap<Backend, SocketAddr>,
     nginx_stream: BTreeMap<Backend, SocketAddr>,
@@ -95,6 +97,7 @@ impl Env {
         Ok(Self {
             dir: dir.to_path_buf(),
             children: Vec::new(),
+            pids: BTreeMap::new(),
             backends: BTreeMap::new(),
             haproxy: BTreeMap::new(),
             nginx_stream: BTreeMap::new(),
@@ -173,6 +176,19 @@ impl Env {
         command
     }
 
+    /// CPU seconds (user + system) the proxy of `setup` has used so far, its worker
+    /// processes included (nginx's workers are children of its master); None for direct.
+    pub fn proxy_cpu_seconds(&self, setup: Setup) -> Option<f64> {
+        let pid = match setup {
+            Setup::Direct => return None,
+            Setup::Haproxy => *self.pids.get("haproxy")?,
+            Setup::NginxStream | Setup::NginxHttp => *self.pids.get("nginx-proxy")?,
+            Setup::SockmeshInbound => self.inbound_agent.as_ref()?.pid,
+            agent => self.agents.get(&agent)?.pid,
+        };
+        Some(process_tree_cpu_seconds(pid))
+    }
+
     fn spawn(&mut self, name: &str, command: &mut Command) -> Result<()> {
         let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
         let child = command
@@ -181,6 +197,7 @@ impl Env {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {name}: {command:?}"))?;
+        self.pids.insert(name.to_string(), child.id());
         self.children.push(child);
         Ok(())
     }
@@ -438,21 +455,62 @@ impl Agent {
 
     /// CPU seconds (user + system) the agent has used.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            return 0.0;
-        };
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // SAFETY: sysconf has no preconditions.
-        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        (ticks(11) + ticks(12)) / per_second.max(1.0)
+        process_cpu_seconds(self.pid).unwrap_or(0.0)
     }
+}
+
+/// User + system CPU seconds of `pid` and every process below it.
+fn process_tree_cpu_seconds(pid: u32) -> f64 {
+    let mut total = 0.0;
+    let mut parents = vec![pid];
+    // Bounded: a process tree here is a master and its few workers.
+    for _ in 0..4 {
+        if parents.is_empty() {
+            break;
+        }
+        total += parents
+            .iter()
+            .filter_map(|&pid| process_cpu_seconds(pid))
+            .sum::<f64>();
+        parents = children_of(&parents);
+    }
+    total
+}
+
+/// Processes whose parent is one of `parents`.
+fn children_of(parents: &[u32]) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            stat_fields(pid)
+                .and_then(|fields| fields.get(1)?.parse::<u32>().ok())
+                .is_some_and(|ppid| parents.contains(&ppid))
+        })
+        .collect()
+}
+
+/// The fields of /proc/PID/stat after the command name (the state is field 0, the parent
+/// pid 1, utime 11, stime 12).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let fields = stat_fields(pid)?;
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((ticks(11) + ticks(12)) / per_second.max(1.0))
 }
 
 fn nginx_temps(dir: &Path) -> String {

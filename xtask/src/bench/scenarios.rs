@@ -170,10 +170,19 @@ impl Scenario {
                 metric("redis GET -c 1, p50 latency", "ms", false),
                 metric("redis GET -c 1, p99 latency", "ms", false),
             ],
-            Self::RedisGet { .. } => vec![metric("redis GET -c 50", "req/s", true)],
+            Self::RedisGet { .. } => vec![
+                metric("redis GET -c 50", "req/s", true),
+                metric("proxy CPU per request, redis -c 50", "us", false),
+            ],
             Self::ConnectionRate => vec![metric("new connection per request", "conn/s", true)],
-            Self::Http1Wrk => vec![metric("HTTP/1.1 wrk -c 32", "req/s", true)],
-            Self::Http2H2load => vec![metric("HTTP/2 h2load -c 8 -m 10", "req/s", true)],
+            Self::Http1Wrk => vec![
+                metric("HTTP/1.1 wrk -c 32", "req/s", true),
+                metric("proxy CPU per request, wrk", "us", false),
+            ],
+            Self::Http2H2load => vec![
+                metric("HTTP/2 h2load -c 8 -m 10", "req/s", true),
+                metric("proxy CPU per request, h2load", "us", false),
+            ],
             Self::Greeting => vec![metric("server-first greeting", "us", false)],
             Self::RedisUnderSlowLoris => vec![
                 metric(
@@ -183,8 +192,14 @@ impl Scenario {
                 ),
                 metric("p99 during the attack / p99 without it", "x", false),
             ],
-            Self::InboundRedisGet => vec![metric("inbound: redis GET -c 50", "req/s", true)],
-            Self::InboundHttp1Wrk => vec![metric("inbound: HTTP/1.1 wrk -c 32", "req/s", true)],
+            Self::InboundRedisGet => vec![
+                metric("inbound: redis GET -c 50", "req/s", true),
+                metric("inbound: proxy CPU per request, redis -c 50", "us", false),
+            ],
+            Self::InboundHttp1Wrk => vec![
+                metric("inbound: HTTP/1.1 wrk -c 32", "req/s", true),
+                metric("inbound: proxy CPU per request, wrk", "us", false),
+            ],
             Self::IdleMemory => vec![metric("agent memory per idle connection", "KiB", false)],
             Self::IdleHttpMemory => vec![metric(
                 "agent memory per idle HTTP/1.1 keep-alive connection",
@@ -218,6 +233,7 @@ impl Scenario {
                     target(env, setup, Backend::OriginHttp2)?
                 );
                 let n = scale.h2_requests.to_string();
+                let cpu = CpuMeter::start(env, setup);
                 let out = output(
                     env.client(setup, "h2load")
                         .args(["-n", &n, "-c", "8", "-m", "10", &url]),
@@ -232,7 +248,10 @@ impl Scenario {
                 if !out.contains(&format!("{n} succeeded")) {
                     bail!("h2load had failures:\n{out}");
                 }
-                Ok(vec![Some(parse_number(rps)?)])
+                Ok(vec![
+                    Some(parse_number(rps)?),
+                    cpu.per_request(f64::from(scale.h2_requests)),
+                ])
             }
             Self::Greeting => {
                 let target = target(env, setup, Backend::Greeter)?;
@@ -299,17 +318,68 @@ fn wrk(env: &Env, setup: Setup, scale: Scale) -> Result<Vec<Option<f64>>> {
         "http://{}/index.html",
         target(env, setup, Backend::OriginHttp1)?
     );
+    let cpu = CpuMeter::start(env, setup);
     let out = output(env.client(setup, "wrk").args([
         "-t2",
         "-c32",
         &format!("-d{}s", scale.seconds),
         &url,
     ]))?;
+    let cpu = cpu.stop();
     let rps = out
         .lines()
         .find_map(|line| line.strip_prefix("Requests/sec:"))
         .context("wrk output")?;
-    Ok(vec![Some(parse_number(rps)?)])
+    // "  123456 requests in 5.00s, 1.2GB read"
+    let requests = out
+        .lines()
+        .find_map(|line| line.trim().split_once(" requests in "))
+        .map(|(count, _)| parse_number(count))
+        .transpose()?
+        .context("wrk output: no request count")?;
+    Ok(vec![Some(parse_number(rps)?), cpu.per_request(requests)])
+}
+
+/// The proxy's CPU time over one client run.
+struct CpuMeter {
+    start: Option<f64>,
+    end: Option<f64>,
+}
+
+impl CpuMeter {
+    fn start(env: &Env, setup: Setup) -> Metered<'_> {
+        Metered {
+            env,
+            setup,
+            start: env.proxy_cpu_seconds(setup),
+        }
+    }
+
+    /// Microseconds of proxy CPU per request.
+    fn per_request(&self, requests: f64) -> Option<f64> {
+        let (start, end) = (self.start?, self.end?);
+        (requests > 0.0).then(|| (end - start) / requests * 1e6)
+    }
+}
+
+/// A started `CpuMeter`.
+struct Metered<'a> {
+    env: &'a Env,
+    setup: Setup,
+    start: Option<f64>,
+}
+
+impl Metered<'_> {
+    fn stop(self) -> CpuMeter {
+        CpuMeter {
+            start: self.start,
+            end: self.env.proxy_cpu_seconds(self.setup),
+        }
+    }
+
+    fn per_request(self, requests: f64) -> Option<f64> {
+        self.stop().per_request(requests)
+    }
 }
 
 fn redis(env: &Env, setup: Setup, scale: Scale, clients: u32) -> Result<Vec<Option<f64>>> {
@@ -319,6 +389,7 @@ fn redis(env: &Env, setup: Setup, scale: Scale, clients: u32) -> Result<Vec<Opti
     } else {
         scale.redis_requests
     };
+    let cpu = CpuMeter::start(env, setup);
     let out = output(env.client(setup, "redis-benchmark").args([
         "-h",
         &target.ip().to_string(),
@@ -348,7 +419,7 @@ fn redis(env: &Env, setup: Setup, scale: Scale, clients: u32) -> Result<Vec<Opti
     Ok(if clients == 1 {
         vec![Some(fields[3]), Some(fields[5])]
     } else {
-        vec![Some(fields[0])]
+        vec![Some(fields[0]), cpu.per_request(f64::from(requests))]
     })
 }
 
