@@ -117,6 +117,11 @@ enum Probe {
         #[arg(long)]
         http: bool,
     },
+    /// Header-less junk to an HTTP server, reconnecting when closed, up to MEGABYTES.
+    Junk {
+        addr: std::net::SocketAddr,
+        megabytes: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -157,6 +162,7 @@ fn run(task: Task) -> Result<()> {
             Probe::Greeting { addr, count } => bench::probe::greeting(addr, count),
             Probe::Connrate { addr, seconds } => bench::probe::connection_rate(addr, seconds),
             Probe::Hold { addr, count, http } => bench::probe::hold(addr, count, http),
+            Probe::Junk { addr, megabytes } => bench::probe::junk(addr, megabytes),
         },
     }
 }

@@ -73,6 +73,29 @@ pub fn hold(addr: SocketAddr, count: usize, http: bool) -> Result<()> {
     Ok(())
 }
 
+/// Sends header-less junk (no line end, so never a complete request head) to `addr` as fast
+/// as it goes, reconnecting whenever the server closes, until `megabytes` are sent or stdin
+/// closes (the bench kills it).
+pub fn junk(addr: SocketAddr, megabytes: u64) -> Result<()> {
+    let chunk = [b'x'; 64 * 1024];
+    let limit = megabytes * 1024 * 1024;
+    let mut sent = 0u64;
+    while sent < limit {
+        let Ok(mut stream) = TcpStream::connect(addr) else {
+            // Refused or out of ports for a moment: the attack goes on.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        };
+        while sent < limit {
+            match stream.write(&chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => sent += n as u64,
+            }
+        }
+    }
+    Ok(())
+}
+
 /// GET /index.html, keeping the connection alive; reads the whole response (a Content-Length
 /// one).
 fn one_request(stream: &mut TcpStream) -> Result<()> {

@@ -69,9 +69,11 @@ pub enum Scenario {
     Http1Wrk,
     Http2H2load,
     Greeting,
-    /// redis GET -c 1 latency with and without a slow-loris attack on the HTTP origin through
-    /// the same setup: does a hostile client slow the others down?
-    RedisUnderSlowLoris,
+    /// redis GET -c 1 latency with and without an attack on the HTTP origin through the same
+    /// setup: does a hostile client slow the others down?
+    RedisUnderAttack {
+        attack: Attack,
+    },
     /// redis GET -c 50 to a server in the inbound agent's cgroup.
     InboundRedisGet,
     /// wrk to an HTTP/1 origin in the inbound agent's cgroup.
@@ -81,7 +83,7 @@ pub enum Scenario {
     IdleHttpMemory,
 }
 
-pub const ALL: [Scenario; 13] = [
+pub const ALL: [Scenario; 15] = [
     Scenario::Iperf {
         streams: 1,
         reverse: false,
@@ -104,7 +106,15 @@ pub const ALL: [Scenario; 13] = [
     Scenario::Http1Wrk,
     Scenario::Http2H2load,
     Scenario::Greeting,
-    Scenario::RedisUnderSlowLoris,
+    Scenario::RedisUnderAttack {
+        attack: Attack::SlowLoris,
+    },
+    Scenario::RedisUnderAttack {
+        attack: Attack::SilentFlood,
+    },
+    Scenario::RedisUnderAttack {
+        attack: Attack::Junk,
+    },
     Scenario::InboundRedisGet,
     Scenario::InboundHttp1Wrk,
 ];
@@ -142,7 +152,7 @@ impl Scenario {
             Self::IdleMemory => &[Setup::Sockmesh, Setup::SockmeshSplice, Setup::SockmeshCopy],
             Self::IdleHttpMemory => &[Setup::Sockmesh],
             // The attack needs the HTTP origin, which only these reach.
-            Self::RedisUnderSlowLoris => &[Setup::Direct, Setup::Sockmesh],
+            Self::RedisUnderAttack { .. } => &[Setup::Direct, Setup::Sockmesh],
             _ => &TCP_SETUPS,
         }
     }
@@ -184,13 +194,9 @@ impl Scenario {
                 metric("proxy CPU per request, h2load", "us", false),
             ],
             Self::Greeting => vec![metric("server-first greeting", "us", false)],
-            Self::RedisUnderSlowLoris => vec![
-                metric(
-                    "redis GET -c 1, p99 during a slow-loris attack",
-                    "ms",
-                    false,
-                ),
-                metric("p99 during the attack / p99 without it", "x", false),
+            Self::RedisUnderAttack { attack } => vec![
+                metric(attack.p99_row(), "ms", false),
+                metric(attack.ratio_row(), "x", false),
             ],
             Self::InboundRedisGet => vec![
                 metric("inbound: redis GET -c 50", "req/s", true),
@@ -264,7 +270,7 @@ impl Scenario {
                 ]))?;
                 Ok(vec![Some(parse_number(&out)?)])
             }
-            Self::RedisUnderSlowLoris => redis_under_slow_loris(env, setup, scale),
+            Self::RedisUnderAttack { attack } => redis_under_attack(env, setup, scale, attack),
             Self::IdleMemory => idle_memory(env, setup, scale, false),
             Self::IdleHttpMemory => idle_memory(env, setup, scale, true),
         }
@@ -423,28 +429,87 @@ fn redis(env: &Env, setup: Setup, scale: Scale, clients: u32) -> Result<Vec<Opti
     })
 }
 
-/// redis GET -c 1 p99 without, then during, a slowhttptest slow-loris attack (200 connections
-/// each sending a header line a second) on the HTTP/1 origin, both through `setup`.
-fn redis_under_slow_loris(env: &Env, setup: Setup, scale: Scale) -> Result<Vec<Option<f64>>> {
+/// What attacks the HTTP/1 origin while redis's latency is measured beside it.
+#[derive(Clone, Copy, Debug)]
+pub enum Attack {
+    /// slowhttptest: 200 connections each sending a header line a second.
+    SlowLoris,
+    /// 2,000 connections that never send a byte.
+    SilentFlood,
+    /// Header-less junk as fast as it goes, a new connection whenever one is closed (1 GB at
+    /// most).
+    Junk,
+}
+
+impl Attack {
+    fn p99_row(self) -> &'static str {
+        match self {
+            Self::SlowLoris => "redis GET -c 1, p99 during a slow-loris attack",
+            Self::SilentFlood => "redis GET -c 1, p99 during 2,000 silent connections",
+            Self::Junk => "redis GET -c 1, p99 during a flood of header-less junk",
+        }
+    }
+
+    fn ratio_row(self) -> &'static str {
+        match self {
+            Self::SlowLoris => "p99 during the slow-loris attack / p99 without it",
+            Self::SilentFlood => "p99 during the silent connections / p99 without them",
+            Self::Junk => "p99 during the junk / p99 without it",
+        }
+    }
+
+    /// The attacking client, through `setup`, against the HTTP/1 origin at `origin`.
+    fn command(self, env: &Env, setup: Setup, origin: std::net::SocketAddr) -> Result<Command> {
+        let mut command = match self {
+            Self::SlowLoris => {
+                let mut command = env.client(setup, "slowhttptest");
+                command
+                    .args([
+                        "-H", "-c", "200", "-r", "200", "-i", "1", "-l", "60", "-p", "3",
+                    ])
+                    .arg("-u")
+                    .arg(format!("http://{origin}/"));
+                command
+            }
+            Self::SilentFlood => {
+                let mut command = env.client(setup, &xtask_exe()?);
+                command.args(["bench-probe", "hold", &origin.to_string(), "2000"]);
+                command
+            }
+            Self::Junk => {
+                let mut command = env.client(setup, &xtask_exe()?);
+                command.args(["bench-probe", "junk", &origin.to_string(), "1000"]);
+                command
+            }
+        };
+        // The holder holds until its stdin closes: kill() below closes it.
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        Ok(command)
+    }
+}
+
+/// redis GET -c 1 p99 without, then during, `attack` on the HTTP/1 origin, both through
+/// `setup`.
+fn redis_under_attack(
+    env: &Env,
+    setup: Setup,
+    scale: Scale,
+    attack: Attack,
+) -> Result<Vec<Option<f64>>> {
     let quiet_p99 = redis(env, setup, scale, 1)?[1].context("redis p99")?;
     let origin = target(env, setup, Backend::OriginHttp1)?;
-    let mut attack = env
-        .client(setup, "slowhttptest")
-        .args([
-            "-H", "-c", "200", "-r", "200", "-i", "1", "-l", "60", "-p", "3",
-        ])
-        .arg("-u")
-        .arg(format!("http://{origin}/"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let mut attacker = attack
+        .command(env, setup, origin)?
         .spawn()
-        .context("starting slowhttptest")?;
+        .with_context(|| format!("starting the {attack:?} attack"))?;
     // Let the attack open its connections before measuring.
     thread::sleep(Duration::from_secs(2));
     let attacked = redis(env, setup, scale, 1);
-    let _ = attack.kill();
-    let _ = attack.wait();
+    let _ = attacker.kill();
+    let _ = attacker.wait();
     let attacked_p99 = attacked?[1].context("redis p99")?;
     Ok(vec![Some(attacked_p99), Some(attacked_p99 / quiet_p99)])
 }
