@@ -193,8 +193,10 @@ fn percent_decode(text: &str) -> Result<String, String> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
+                // Exactly two hex digits (from_str_radix alone would also take a sign: "+a").
                 let hex = bytes
                     .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                     .and_then(|h| std::str::from_utf8(h).ok());
                 let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
                 out.push(byte.ok_or_else(|| format!("bad percent-encoding in '{text}'"))?);
@@ -281,6 +283,14 @@ mod tests {
         let authority = TapFilter::parse("authority=a.test").unwrap();
         assert!(authority.matches(&http(80, "GET", "A.test", "/")));
         assert!(!authority.matches(&http(80, "GET", "b.test", "/")));
+    }
+
+    #[test]
+    fn percent_escapes_are_two_hex_digits() {
+        assert_eq!(percent_decode("%2Fv1+x").unwrap(), "/v1 x");
+        for bad in ["%+a", "%-1", "%2", "%zz", "%"] {
+            assert!(percent_decode(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

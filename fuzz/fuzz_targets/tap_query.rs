@@ -6,8 +6,7 @@
 //!   uppercased;
 //! - written back as a query (every byte percent-encoded), it parses to the same filter;
 //! - a value's percent-decoding agrees with a reference (`%` and two hex digits is a byte,
-//!   `+` a space, the result UTF-8; anything else after `%` is an error, but for one quirk
-//!   of the agent's, `%+` and one hex digit, noted in `decode`).
+//!   `+` a space, the result UTF-8; anything else after `%` is an error).
 #![no_main]
 
 use std::fmt::Write as _;
@@ -67,13 +66,7 @@ fn decode(value: &str) -> Option<String> {
     while at < bytes.len() {
         match bytes[at] {
             b'%' => {
-                let hex = bytes.get(at + 1..at + 3)?;
-                // The agent reads the two characters with u8::from_str_radix, which also takes
-                // a sign: `%+a` is byte 0x0a to it. Lenient, harmless (a filter value), kept.
-                let digits = match hex {
-                    [b'+', digit] => &[b'0', *digit][..],
-                    _ => hex,
-                };
+                let digits = bytes.get(at + 1..at + 3)?;
                 if !digits.iter().all(u8::is_ascii_hexdigit) {
                     return None;
                 }

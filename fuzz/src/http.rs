@@ -43,6 +43,8 @@ pub struct FramingFields {
     pub upgrade: bool,
     /// The first Host field whose value is UTF-8.
     pub host: Option<String>,
+    /// Host fields, all of them.
+    pub host_fields: usize,
 }
 
 impl FramingFields {
@@ -78,8 +80,11 @@ impl FramingFields {
                     }
                 }
                 "upgrade" => fields.upgrade = true,
-                "host" if fields.host.is_none() => {
-                    fields.host = std::str::from_utf8(header.value).ok().map(str::to_string);
+                "host" => {
+                    fields.host_fields += 1;
+                    if fields.host.is_none() {
+                        fields.host = std::str::from_utf8(header.value).ok().map(str::to_string);
+                    }
                 }
                 _ => {}
             }

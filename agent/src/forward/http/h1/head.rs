@@ -20,6 +20,10 @@ pub enum HeadError {
     TooLarge,
     #[error("invalid message framing")]
     Framing,
+    /// More than one Host field: which one names the authority is ambiguous, and a server
+    /// must refuse it (RFC 9112 3.2).
+    #[error("more than one Host field")]
+    Host,
 }
 
 /// What the forwarder keeps of a request head.
@@ -125,6 +129,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
             Some(length) => Framing::Length(length),
         }
     };
+    if fields.host_fields > 1 {
+        return Err(HeadError::Host);
+    }
     let is_connect = method == "CONNECT";
     let authority = if is_connect {
         target.to_string()
@@ -216,6 +223,8 @@ fn head_len(parsed: httparse::Result<usize>, buf: &[u8]) -> Result<Option<usize>
 #[derive(Default)]
 struct Fields<'a> {
     host: Option<&'a str>,
+    /// Host fields seen (requests: more than one is refused).
+    host_fields: usize,
     content_length: Option<u64>,
     transfer_encoding: bool,
     /// The last transfer coding is chunked.
@@ -251,8 +260,11 @@ impl<'a> Fields<'a> {
                 }
             } else if name.eq_ignore_ascii_case("upgrade") {
                 fields.upgrade = true;
-            } else if name.eq_ignore_ascii_case("host") && fields.host.is_none() {
-                fields.host = str::from_utf8(header.value).ok();
+            } else if name.eq_ignore_ascii_case("host") {
+                fields.host_fields += 1;
+                if fields.host.is_none() {
+                    fields.host = str::from_utf8(header.value).ok();
+                }
             }
         }
         Ok(fields)
@@ -323,6 +335,11 @@ mod tests {
 
     #[test]
     fn bad_requests_are_refused() {
+        // Two Host fields: the authority is ambiguous.
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\nHost: a.test\r\nhost: b.test\r\n\r\n"),
+            Err(HeadError::Host)
+        );
         let refused = |bytes: &str| parse_request(bytes.as_bytes()).unwrap_err();
         assert!(matches!(
             refused("GET / HTTP/1.1\r\nno colon\r\n\r\n"),
