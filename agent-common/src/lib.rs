@@ -23,6 +23,8 @@ pub mod map_names {
     pub const FWD_PEERS: &str = "FWD_PEERS";
     /// In-kernel forwarding: proxy sockets whose received bytes the verdict program moves.
     pub const FWD_ACTIVE: &str = "FWD_ACTIVE";
+    /// `sockmesh check`'s sk_msg probe; never pinned, not used by a running agent.
+    pub const PROBE_SOCKS: &str = "PROBE_SOCKS";
     /// Network namespaces the agent serves (netns cookie -> settings): connect4/6 redirect
     /// only connects made in one of them.
     pub const SERVED_NETNS: &str = "SERVED_NETNS";
@@ -108,6 +110,12 @@ pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
 pub const MAX_KERNEL_FORWARDED: u32 = 32_768;
 /// Entries of each in-kernel forwarding socket map: two sockets per connection.
 pub const FWD_MAP_ENTRIES: u32 = 2 * MAX_KERNEL_FORWARDED;
+
+/// `sockmesh check`'s sk_msg probe (`PROBE_SOCKS`, `sockmesh_msg_probe`): a socket in the map
+/// sending a message has it redirected into the receive side (BPF_F_INGRESS) of the socket
+/// under this key; under any other key a socket only carries the program.
+pub const PROBE_TARGET_KEY: u32 = 2;
+pub const PROBE_SOCKS_ENTRIES: u32 = 4;
 /// Network namespaces the agent can serve at once (the host's plus one per pod).
 pub const MAX_SERVED_NETNS: u32 = 4_096;
 /// Entries of each skip-network LPM trie.

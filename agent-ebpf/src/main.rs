@@ -3,7 +3,8 @@
 //! One entry point per program; the logic lives in small modules, one per concern:
 //! `redirect` (connect4/6), `tracking` (sockops), `disguise` (getpeername4/6, getsockopt),
 //! `forward` (stream verdict: in-kernel forwarding between the proxy's own sockets),
-//! `inbound` (sk_lookup, attached per network namespace: connections to meshed listeners).
+//! `inbound` (sk_lookup, attached per network namespace: connections to meshed listeners),
+//! `probe` (sk_msg, only on `sockmesh check`'s own test sockets).
 //! Every hook on application sockets returns "allow": sockmesh never makes a socket call fail.
 #![no_std]
 #![no_main]
@@ -15,12 +16,16 @@ mod disguise;
 mod forward;
 mod inbound;
 mod maps;
+mod probe;
 mod redirect;
 mod tracking;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops, stream_verdict},
-    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sk_msg, sock_ops, stream_verdict},
+    programs::{
+        SkBuffContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext,
+        SockoptContext,
+    },
 };
 
 use inbound::{Attached, SK_PASS};
@@ -78,6 +83,11 @@ pub fn sockmesh_inhost(ctx: SkLookupContext) -> u32 {
 pub fn sockmesh_in_pod(ctx: SkLookupContext) -> u32 {
     inbound::lookup(&ctx, Attached::Pod);
     SK_PASS
+}
+
+#[sk_msg]
+pub fn sockmesh_msg_probe(ctx: SkMsgContext) -> u32 {
+    probe::msg_verdict(&ctx)
 }
 
 #[cfg(not(test))]

@@ -5,7 +5,8 @@ use agent_common::{
     AgentLiveness, ConnTuple, FWD_MAP_ENTRIES, InboundAddr, InboundPort, InboundSock,
     KernelCounters, KernelPolicy, MAX_INBOUND_ADDRS, MAX_INBOUND_PORTS, MAX_INBOUND_SOCKS,
     MAX_POLICIES, MAX_POLICY_CGROUPS, MAX_SERVED_NETNS, MAX_SKIP_NETWORKS, MAX_TRACKED_CONNECTIONS,
-    MeshedListener, OriginalDst, ProxyConfig, SKIP_PORT_WORDS, ServedNetns, skip_port_slot,
+    MeshedListener, OriginalDst, PROBE_SOCKS_ENTRIES, ProxyConfig, SKIP_PORT_WORDS, ServedNetns,
+    skip_port_slot,
 };
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
@@ -57,6 +58,10 @@ pub static FWD_PEERS: SockHash<u64, FORWARDED_SOCKETS> = SockHash::new();
 /// of a connection are in `FWD_PEERS`, so a forwarded byte always has somewhere to go.
 #[btf_map]
 pub static FWD_ACTIVE: SockHash<u64, FORWARDED_SOCKETS> = SockHash::new();
+
+/// `sockmesh check`'s sk_msg probe: the test sockets it creates, by `PROBE_TARGET_KEY` or not.
+#[btf_map]
+pub static PROBE_SOCKS: SockHash<u32, { PROBE_SOCKS_ENTRIES as usize }> = SockHash::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<KernelCounters, 1> = PerCpuArray::new();

@@ -33,6 +33,12 @@ use crate::config::{Config, PortSet};
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh-ebpf.o"));
 
+/// The kernel programs' object, for probes that load it on their own (`sockmesh check`);
+/// empty in builds made without it.
+pub fn ebpf_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 /// bpffs magic number (statfs f_type).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

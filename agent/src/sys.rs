@@ -355,3 +355,15 @@ pub fn mount_bpffs(path: &Path) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Bytes the socket has ready to read, as FIONREAD reports them (what event loops such as
+/// nginx's size their reads by).
+pub fn bytes_readable(socket: &impl AsRawFd) -> io::Result<usize> {
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points at `bytes`.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &raw mut bytes) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(bytes).unwrap_or(0))
+}

@@ -364,6 +364,21 @@ fn check_passes_here_and_names_a_missing_cgroup() {
     require_privileged!();
     let ok = run_ok(Command::new(sockmesh_bin()).arg("check"), LIMIT);
     assert!(ok.contains("all 6 checks passed"), "{ok}");
+    // The sk_msg probe ran (loaded, attached to its own map, moved bytes between its own
+    // sockets). Whether FIONREAD works on this kernel is the kernel's answer; that an ingress
+    // redirect is readable, counted and peekable holds on every kernel with sk_msg.
+    let probe = ok
+        .lines()
+        .find(|line| line.starts_with("[info] sk_msg"))
+        .unwrap_or_else(|| panic!("no sk_msg line: {ok}"));
+    assert!(
+        probe.contains("as the fast path needs") || probe.contains("unsafe for the fast path"),
+        "{probe}"
+    );
+    assert!(
+        probe.contains("ingress redirect wakes the reader (FIONREAD 1000, MSG_PEEK 1000)"),
+        "{probe}"
+    );
 
     let failed = run(
         Command::new(sockmesh_bin()).args(["check", "--cgroup", "/sys/fs/cgroup/no-such-cgroup"]),

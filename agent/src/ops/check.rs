@@ -1,5 +1,6 @@
 //! `sockmesh check`: can this node run the agent? Each check prints what it found and, when it
-//! fails, how to fix it. Exits non-zero when any check fails.
+//! fails, how to fix it. Exits non-zero when any check fails. An `[info]` line reports what the
+//! kernel's sk_msg redirects do, for the planned fast path (docs/design-sk-msg.md).
 
 use std::{fs, path::Path};
 
@@ -46,6 +47,7 @@ pub fn run(cgroup: Option<&Path>) -> Result<()> {
             println!("       fix: {}", check.fix);
         }
     }
+    println!("[info] {:<14} {}", "sk_msg", sk_msg_fast_path());
     let failed = checks.iter().filter(|check| !check.passed).count();
     if failed > 0 {
         bail!("{failed} of {} checks failed", checks.len());
@@ -63,6 +65,15 @@ pub fn all(cgroup: Option<&Path>) -> Vec<Check> {
         capabilities(),
         fd_limit(),
     ]
+}
+
+/// What the sk_msg probe found, for the planned `--accelerate local` fast path. Informational:
+/// the agent does not use sk_msg, so a kernel without it passes `check`.
+fn sk_msg_fast_path() -> String {
+    match super::sk_msg_probe::run() {
+        Ok(findings) => findings.describe(),
+        Err(error) => format!("not probed: {:#}", anyhow::Error::from(error)),
+    }
 }
 
 fn kernel() -> Check {

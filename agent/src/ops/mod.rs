@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod install_cni;
+pub mod sk_msg_probe;
 pub mod status;
 pub mod tap;
 
