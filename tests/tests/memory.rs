@@ -100,8 +100,10 @@ fn a_thousand_busy_connections_stay_within_bounded_memory() {
         "RSS {before} KiB before, peak {peak} KiB with {CONNECTIONS} busy connections: \
          {per_connection:.1} KiB each"
     );
+    // 5.7 KiB measured; 20.6 KiB when chatty connections copied in user space each kept
+    // tokio's two 8 KiB buffers (now they borrow their thread's).
     assert!(
-        per_connection < 32.0,
+        per_connection < 16.0,
         "{per_connection:.1} KiB per busy connection"
     );
 }

@@ -1,4 +1,4 @@
-//! An I/O adapter for the HTTP path and the user-space copy: `Counted` counts the bytes it
+//! An I/O adapter for the HTTP path: `Counted` counts the bytes it
 //! moves.
 
 use std::{

@@ -1,10 +1,11 @@
 //! Forwarding: moving bytes between the client and its original destination. `http` proxies
 //! requests (HTTP/1 forwarded as bytes, h2c through hyper). Opaque connections have one entry
 //! point, `OpaqueForwarding::forward`, which owns their path: `opaque` splices raw TCP through
-//! `pipe`'s pooled pipes (or copies, for comparison), and a connection that turns out chatty is
-//! handed to `kernel` (sockmap) while few connections are open, or copied in user space to
-//! the end.
+//! `pipe`'s pooled pipes, and a connection that turns out chatty is handed to `kernel`
+//! (sockmap) while few connections are open, or else copied (`copy`, through a buffer each
+//! proxy thread lends) to the end.
 
+pub mod copy;
 pub mod http;
 pub mod io;
 pub mod kernel;
@@ -79,7 +80,7 @@ impl OpaqueForwarding {
     ) -> Outcome {
         if self.copy_mode == CopyMode::Userspace {
             count_mode("userspace");
-            return opaque::copy_bidirectional(client, server, counters).await;
+            return copy::copy_bidirectional(client, server, counters).await;
         }
         let _open = Held::count(&self.open);
         let Some(kernel) = &self.kernel else {
@@ -100,7 +101,7 @@ impl OpaqueForwarding {
         // here as well as the kernel can.
         if self.open.load(Ordering::Relaxed) > self.kernel_while_open {
             count_mode("userspace");
-            return opaque::copy_bidirectional(client, server, counters).await;
+            return copy::copy_bidirectional(client, server, counters).await;
         }
         match kernel
             .forward(client, server, counters, || count_mode("sockmap"))
@@ -109,7 +110,7 @@ impl OpaqueForwarding {
             Handoff::Forwarded(outcome) => outcome,
             Handoff::Declined(client, server) => {
                 count_mode("userspace");
-                opaque::copy_bidirectional(client, server, counters).await
+                copy::copy_bidirectional(client, server, counters).await
             }
         }
     }

@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     ByteCounters,
-    io::Counted,
     pipe::{Pipe, PipePool},
 };
 
@@ -237,28 +236,6 @@ fn step(
         PumpEnd::Stopped => {
             *state = PumpState::Stopped;
             Ok(())
-        }
-    }
-}
-
-/// The same forwarding through user-space buffers (`--copy-mode userspace`): what splice saves
-/// is measured against this by `cargo xtask bench`.
-pub async fn copy_bidirectional(
-    client: TcpStream,
-    server: TcpStream,
-    counters: &ByteCounters,
-) -> Outcome {
-    let mut client = client;
-    let mut server = Counted::new(server, counters.clone());
-    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        Ok(_) => Outcome::Closed,
-        Err(error) => {
-            reset(&client);
-            reset(server.get_ref());
-            Outcome::Reset(Failure {
-                step: "copying",
-                error,
-            })
         }
     }
 }
