@@ -60,7 +60,9 @@ enum Step {
 /// `count` hears of bytes once they are written.
 async fn copy_one_way(from: &TcpStream, to: &TcpStream, count: impl Fn(u64)) -> io::Result<()> {
     loop {
-        from.readable().await?;
+        // poll_read_ready, not readable(): it keeps one waker slot per direction instead of
+        // queueing a waiter under the socket's lock at every message (8% of redis -c 50).
+        std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
         match BUFFER.with_borrow_mut(|buffer| read_and_write(from, to, buffer))? {
             Step::Moved(bytes) => count(bytes as u64),
             Step::Eof => return shutdown_write(to),
@@ -99,7 +101,7 @@ fn read_and_write(from: &TcpStream, to: &TcpStream, buffer: &mut [u8]) -> io::Re
 /// Writes all of `bytes`, waiting for `to` to drain as often as needed.
 async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
-        to.writable().await?;
+        std::future::poll_fn(|cx| to.poll_write_ready(cx)).await?;
         match to.try_write(bytes) {
             Ok(written) => bytes = &bytes[written..],
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
