@@ -331,7 +331,6 @@ fn wrk(env: &Env, setup: Setup, scale: Scale) -> Result<Vec<Option<f64>>> {
         &format!("-d{}s", scale.seconds),
         &url,
     ]))?;
-    let cpu = cpu.stop();
     let rps = out
         .lines()
         .find_map(|line| line.strip_prefix("Requests/sec:"))
@@ -346,45 +345,27 @@ fn wrk(env: &Env, setup: Setup, scale: Scale) -> Result<Vec<Option<f64>>> {
     Ok(vec![Some(parse_number(rps)?), cpu.per_request(requests)])
 }
 
-/// The proxy's CPU time over one client run.
-struct CpuMeter {
+/// The proxy's CPU time from `start` to the end of one client run.
+struct CpuMeter<'a> {
+    env: &'a Env,
+    setup: Setup,
     start: Option<f64>,
-    end: Option<f64>,
 }
 
-impl CpuMeter {
-    fn start(env: &Env, setup: Setup) -> Metered<'_> {
-        Metered {
+impl<'a> CpuMeter<'a> {
+    fn start(env: &'a Env, setup: Setup) -> Self {
+        Self {
             env,
             setup,
             start: env.proxy_cpu_seconds(setup),
         }
     }
 
-    /// Microseconds of proxy CPU per request.
-    fn per_request(&self, requests: f64) -> Option<f64> {
-        let (start, end) = (self.start?, self.end?);
-        (requests > 0.0).then(|| (end - start) / requests * 1e6)
-    }
-}
-
-/// A started `CpuMeter`.
-struct Metered<'a> {
-    env: &'a Env,
-    setup: Setup,
-    start: Option<f64>,
-}
-
-impl Metered<'_> {
-    fn stop(self) -> CpuMeter {
-        CpuMeter {
-            start: self.start,
-            end: self.env.proxy_cpu_seconds(self.setup),
-        }
-    }
-
+    /// Microseconds of proxy CPU per request since `start`. Called once the client has
+    /// exited: the proxy is idle from then on, so parsing its output first costs nothing.
     fn per_request(self, requests: f64) -> Option<f64> {
-        self.stop().per_request(requests)
+        let (start, end) = (self.start?, self.env.proxy_cpu_seconds(self.setup)?);
+        (requests > 0.0).then(|| (end - start) / requests * 1e6)
     }
 }
 
