@@ -139,6 +139,17 @@ mod tests {
         (client, server)
     }
 
+    /// Byte counters of a metrics registry of their own.
+    fn counters() -> ByteCounters {
+        let metrics = Metrics::new(Box::new(|| Ok(Default::default())));
+        let labels = TcpLabels {
+            direction: Direction::Outbound,
+            target_port: 1,
+            workload: Default::default(),
+        };
+        ByteCounters::new(&metrics, &labels)
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -158,13 +169,7 @@ mod tests {
         SockRef::from(&app_server)
             .set_recv_buffer_size(16 * 1024)
             .unwrap();
-        let metrics = Metrics::new(Box::new(|| Ok(Default::default())));
-        let labels = TcpLabels {
-            direction: Direction::Outbound,
-            target_port: 1,
-            workload: Default::default(),
-        };
-        let counters = ByteCounters::new(&metrics, &labels);
+        let counters = counters();
         let (up, down) = (pattern(300_000, 1), pattern(100_000, 2));
 
         let forwarding = copy_bidirectional(agent_client, agent_server, &counters);
@@ -199,13 +204,7 @@ mod tests {
     async fn a_reset_resets_the_other_side() {
         let (app_client, agent_client) = loopback_pair().await;
         let (agent_server, mut app_server) = loopback_pair().await;
-        let metrics = Metrics::new(Box::new(|| Ok(Default::default())));
-        let labels = TcpLabels {
-            direction: Direction::Outbound,
-            target_port: 1,
-            workload: Default::default(),
-        };
-        let counters = ByteCounters::new(&metrics, &labels);
+        let counters = counters();
         reset(&app_client);
         drop(app_client);
         let outcome = copy_bidirectional(agent_client, agent_server, &counters).await;
