@@ -88,6 +88,9 @@ pub mod program_names {
     pub const INBOUND_HOST: &str = "sockmesh_inhost";
     /// sk_lookup in each served pod's network namespace.
     pub const INBOUND_POD: &str = "sockmesh_in_pod";
+    /// sk_msg on `PROBE_SOCKS`, loaded by `sockmesh check` only (so not in `ALL`, the
+    /// programs a running agent loads).
+    pub const SK_MSG_PROBE: &str = "sockmesh_probe";
 
     pub const ALL: [&str; 9] = [
         CONNECT4,
@@ -111,7 +114,7 @@ pub const MAX_KERNEL_FORWARDED: u32 = 32_768;
 /// Entries of each in-kernel forwarding socket map: two sockets per connection.
 pub const FWD_MAP_ENTRIES: u32 = 2 * MAX_KERNEL_FORWARDED;
 
-/// `sockmesh check`'s sk_msg probe (`PROBE_SOCKS`, `sockmesh_msg_probe`): a socket in the map
+/// `sockmesh check`'s sk_msg probe (`PROBE_SOCKS`, `sockmesh_probe`): a socket in the map
 /// sending a message has it redirected into the receive side (BPF_F_INGRESS) of the socket
 /// under this key; under any other key a socket only carries the program.
 pub const PROBE_TARGET_KEY: u32 = 2;

@@ -86,7 +86,7 @@ pub fn sockmesh_in_pod(ctx: SkLookupContext) -> u32 {
 }
 
 #[sk_msg]
-pub fn sockmesh_msg_probe(ctx: SkMsgContext) -> u32 {
+pub fn sockmesh_probe(ctx: SkMsgContext) -> u32 {
     probe::msg_verdict(&ctx)
 }
 

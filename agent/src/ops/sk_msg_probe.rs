@@ -1,6 +1,6 @@
 //! `sockmesh check`'s sk_msg probe: does this kernel do what the planned `--accelerate local`
 //! fast path (sk_msg redirects on application sockets, docs/design-sk-msg.md) relies on? It
-//! loads the agent's object, attaches `sockmesh_msg_probe` to `PROBE_SOCKS` only, and moves
+//! loads the agent's object, attaches `sockmesh_probe` to `PROBE_SOCKS` only, and moves
 //! bytes between loopback sockets of its own. Two facts decide:
 //! - a socket under an sk_msg program that receives plain TCP must report its bytes to
 //!   FIONREAD (6.18.x with kernel commit 929e30f93125 and without its fix report 0, and event
@@ -18,7 +18,7 @@ use std::{
 use aya::{EbpfLoader, maps::SockHash, programs::SkMsg};
 use thiserror::Error;
 
-use agent_common::{PROBE_TARGET_KEY, map_names};
+use agent_common::{PROBE_TARGET_KEY, map_names, program_names};
 
 use crate::sys::{bytes_readable, peek, poll_now};
 
@@ -96,8 +96,8 @@ pub fn run() -> Result<Findings, ProbeError> {
         .try_into()
         .map_err(ProbeError::Map)?;
     let program: &mut SkMsg = ebpf
-        .program_mut("sockmesh_msg_probe")
-        .ok_or(ProbeError::Missing("sockmesh_msg_probe"))?
+        .program_mut(program_names::SK_MSG_PROBE)
+        .ok_or(ProbeError::Missing(program_names::SK_MSG_PROBE))?
         .try_into()
         .map_err(ProbeError::Program)?;
     program.load().map_err(ProbeError::Program)?;
