@@ -10,7 +10,7 @@ use std::{
 };
 
 use tokio::net::TcpStream;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     classify::{Classified, OpaqueReason, Protocol, classify},
@@ -67,7 +67,6 @@ impl Proxy {
         kernel: Option<Arc<KernelForwarder>>,
         config: &Config,
         draining: CancellationToken,
-        tasks: TaskTracker,
     ) -> Self {
         let dialer = Dialer {
             bypass_mark: config.bypass_mark,
@@ -80,7 +79,6 @@ impl Proxy {
             head_timeout: config.detect_timeout,
             dialer,
             draining,
-            tasks,
         };
         Self {
             metrics,

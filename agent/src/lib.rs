@@ -35,11 +35,16 @@ pub mod tap;
 pub mod unaccepted;
 
 /// Entry points for the fuzz targets in `fuzz/`; not an API. The HTTP/1 head and body parsers
-/// live in a private module; everything else the targets use is public already.
+/// and the HTTP/2 frame scanner and observer live in private modules; everything else the
+/// targets use is public already.
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::forward::http::h1::body::{ChunkError, Framing, Remaining};
     pub use crate::forward::http::h1::head::{
         HeadError, MAX_HEAD_BYTES, RequestHead, ResponseHead, parse_request, parse_response,
+    };
+    pub use crate::forward::http::h2::{
+        Event as Http2Event, FrameScanner as Http2FrameScanner, HpackDecoder, HpackError,
+        ScanError as Http2ScanError, observe_chunks as observe_http2,
     };
 }

@@ -101,7 +101,6 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
         kernel,
         &config,
         proxy_shutdown.clone(),
-        connections.clone(),
     ));
     let admin_state = Arc::new(AdminState {
         metrics,

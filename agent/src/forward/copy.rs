@@ -31,8 +31,24 @@ pub async fn copy_bidirectional(
     server: TcpStream,
     counters: &ByteCounters,
 ) -> Outcome {
-    let to_server = copy_one_way(&client, &server, |bytes| counters.client_to_server(bytes));
-    let to_client = copy_one_way(&server, &client, |bytes| counters.server_to_client(bytes));
+    copy_observed(client, server, counters, |_| {}, |_| {}).await
+}
+
+/// `copy_bidirectional`, showing each chunk to `from_client` or `from_server` as it is read,
+/// before it is written on: an observer of the bytes (HTTP/2's frames) that changes none.
+pub async fn copy_observed(
+    client: TcpStream,
+    server: TcpStream,
+    counters: &ByteCounters,
+    from_client: impl FnMut(&[u8]),
+    from_server: impl FnMut(&[u8]),
+) -> Outcome {
+    let to_server = copy_one_way(&client, &server, from_client, |bytes| {
+        counters.client_to_server(bytes)
+    });
+    let to_client = copy_one_way(&server, &client, from_server, |bytes| {
+        counters.server_to_client(bytes)
+    });
     match tokio::try_join!(to_server, to_client) {
         Ok(_) => Outcome::Closed,
         Err(error) => {
@@ -57,13 +73,18 @@ enum Step {
 }
 
 /// Moves `from`'s bytes to `to` until `from` ends (then half-closes `to`) or either fails.
-/// `count` hears of bytes once they are written.
-async fn copy_one_way(from: &TcpStream, to: &TcpStream, count: impl Fn(u64)) -> io::Result<()> {
+/// `observe` sees them as they are read; `count` hears of them once they are written.
+async fn copy_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut observe: impl FnMut(&[u8]),
+    count: impl Fn(u64),
+) -> io::Result<()> {
     loop {
         // poll_read_ready, not readable(): it keeps one waker slot per direction instead of
         // queueing a waiter under the socket's lock at every message.
         std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
-        match BUFFER.with_borrow_mut(|buffer| read_and_write(from, to, buffer))? {
+        match BUFFER.with_borrow_mut(|buffer| read_and_write(from, to, buffer, &mut observe))? {
             Step::Moved(bytes) => count(bytes as u64),
             Step::Eof => return shutdown_write(to),
             Step::Blocked { written, rest } => {
@@ -76,13 +97,19 @@ async fn copy_one_way(from: &TcpStream, to: &TcpStream, count: impl Fn(u64)) -> 
 }
 
 /// One non-blocking read into `buffer` and one non-blocking write of what it got.
-fn read_and_write(from: &TcpStream, to: &TcpStream, buffer: &mut [u8]) -> io::Result<Step> {
+fn read_and_write(
+    from: &TcpStream,
+    to: &TcpStream,
+    buffer: &mut [u8],
+    observe: &mut impl FnMut(&[u8]),
+) -> io::Result<Step> {
     let read = match from.try_read(buffer) {
         Ok(0) => return Ok(Step::Eof),
         Ok(read) => read,
         Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Moved(0)),
         Err(error) => return Err(error),
     };
+    observe(&buffer[..read]);
     let written = match to.try_write(&buffer[..read]) {
         Ok(written) => written,
         Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,

@@ -67,11 +67,23 @@ pub struct HttpErrorLabels {
     pub workload: WorkloadLabels,
 }
 
+/// An HTTP/2 connection whose frames stopped being followed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnobservedLabels {
+    pub direction: Direction,
+    /// header_block_too_large, malformed_frame, hpack, too_many_streams
+    pub reason: &'static str,
+    /// Last: a flattened label set must be encoded last.
+    #[prometheus(flatten)]
+    pub workload: WorkloadLabels,
+}
+
 pub struct HttpMetrics {
     pub request_total: Family<RequestLabels, Counter>,
     pub response_total: Family<ResponseLabels, Counter>,
     pub response_latency_ms: Family<LatencyLabels, Histogram>,
     pub errors_total: Family<HttpErrorLabels, Counter>,
+    pub http2_unobserved_total: Family<UnobservedLabels, Counter>,
     authorities: BoundedLabel,
 }
 
@@ -84,6 +96,7 @@ impl HttpMetrics {
                 Histogram::new(LATENCY_BUCKETS_MS)
             }),
             errors_total: Family::default(),
+            http2_unobserved_total: Family::default(),
             authorities: BoundedLabel::new(MAX_AUTHORITIES),
         };
         registry.register(
@@ -105,6 +118,12 @@ impl HttpMetrics {
             "sockmesh_http_errors",
             "HTTP requests the proxy answered itself: 400, 502, 504",
             metrics.errors_total.clone(),
+        );
+        registry.register(
+            "sockmesh_http2_unobserved",
+            "HTTP/2 connections whose frames the proxy stopped following (forwarded unchanged, \
+             their requests no longer counted)",
+            metrics.http2_unobserved_total.clone(),
         );
         metrics
     }

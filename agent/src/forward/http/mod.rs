@@ -1,5 +1,6 @@
 //! HTTP forwarding with request-level metrics. HTTP/1 goes through `h1`, which parses heads
-//! and forwards bytes unchanged; h2c (and gRPC) through `h2`, served and proxied with hyper.
+//! and forwards bytes unchanged; h2c (and gRPC) through `h2`, which passes frames through
+//! unchanged and follows them.
 //! What both share is here: the agent-wide `HttpProxy`, the connection's `ConnInfo`, request
 //! records (`observe`) and local answers. Either way
 //! every request goes to the original destination over one upstream connection per client
@@ -10,7 +11,8 @@
 
 // pub(crate) for `crate::fuzzing`: the fuzz targets reach its head and body parsers.
 pub(crate) mod h1;
-mod h2;
+// pub(crate) for `crate::fuzzing`: the fuzz targets reach its frame scanner and observer.
+pub(crate) mod h2;
 mod observe;
 
 use std::{
@@ -20,10 +22,10 @@ use std::{
 };
 
 use tokio::net::TcpStream;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 use self::observe::{RequestSummary, ResponseRecord};
-use super::ByteCounters;
+use super::{ByteCounters, opaque::Outcome};
 use crate::{
     connect::Dialer,
     metrics::{
@@ -52,9 +54,6 @@ pub struct HttpProxy {
     /// Cancelled when the agent starts shutting down: idle keep-alive connections close then,
     /// instead of holding the drain for the whole grace period.
     pub draining: CancellationToken,
-    /// The agent's drain: tasks a connection starts beside itself (an upgraded h2 tunnel, an
-    /// upstream h2 connection) are spawned here, so shutdown waits for them too.
-    pub tasks: TaskTracker,
 }
 
 /// How an HTTP connection failed.
@@ -112,9 +111,15 @@ pub async fn forward(
 ) -> Result<(), HttpError> {
     match version {
         Version::Http1 => Ok(h1::forward(client, Some((server, counters)), conn, proxy).await?),
-        // Boxed: hyper's HTTP/2 connection state is large, and every connection's task
-        // (opaque and HTTP/1 ones too) would otherwise be sized for it.
-        Version::Http2 => Ok(Box::pin(h2::forward(client, server, conn, counters, proxy)).await?),
+        // Boxed: the HTTP/2 observer's state (two HPACK decoders) would otherwise size every
+        // connection's task, opaque and HTTP/1 ones too.
+        Version::Http2 => {
+            match Box::pin(h2::forward(client, server, conn, counters, proxy)).await {
+                Outcome::Closed => Ok(()),
+                // Both sockets were reset, as an opaque connection's are.
+                Outcome::Reset(failure) => Err(HttpError::Io(failure.error)),
+            }
+        }
     }
 }
 
@@ -127,7 +132,7 @@ pub async fn serve_unavailable(
 ) -> Result<(), HttpError> {
     match version {
         Version::Http1 => Ok(h1::forward(client, None, conn, proxy).await?),
-        Version::Http2 => Ok(Box::pin(h2::serve(client, conn, None, proxy)).await?),
+        Version::Http2 => Ok(Box::pin(h2::serve_unavailable(client, conn, proxy)).await?),
     }
 }
 
@@ -200,7 +205,7 @@ pub(crate) mod test_support {
     use std::{net::SocketAddr, sync::Arc, time::Duration};
 
     use tokio::net::{TcpListener, TcpStream};
-    use tokio_util::{sync::CancellationToken, task::TaskTracker};
+    use tokio_util::sync::CancellationToken;
 
     use super::{ConnInfo, HttpProxy};
     use crate::{
@@ -221,7 +226,7 @@ pub(crate) mod test_support {
     }
 
     /// A proxy as `Proxy::new` makes it, with no kernel behind its metrics.
-    pub fn proxy(head_timeout: Duration, tasks: TaskTracker) -> Arc<HttpProxy> {
+    pub fn proxy(head_timeout: Duration) -> Arc<HttpProxy> {
         let metrics = Arc::new(Metrics::new(Box::new(|| Ok(Default::default()))));
         Arc::new(HttpProxy {
             metrics,
@@ -233,7 +238,6 @@ pub(crate) mod test_support {
                 timeout: Duration::from_secs(1),
             },
             draining: CancellationToken::new(),
-            tasks,
         })
     }
 
@@ -265,99 +269,5 @@ pub(crate) mod test_support {
             workload: Default::default(),
         };
         proxy.metrics.http.errors_total.get_or_create(&labels).get()
-    }
-}
-
-/// The drain covers what an h2c connection starts beside its own task: the upstream HTTP/2
-/// connection and an upgraded (CONNECT) tunnel are both on the proxy's tracker while they
-/// are open, and both end once the client's connection has.
-#[cfg(test)]
-mod drain_tests {
-    use std::{convert::Infallible, sync::Arc, time::Duration};
-
-    use bytes::Bytes;
-    use http_body_util::Empty;
-    use hyper::{
-        Method, Request, Response, StatusCode, body::Incoming, client::conn::http2 as client_h2,
-        server::conn::http2 as server_h2, service::service_fn,
-    };
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpStream,
-    };
-    use tokio_util::task::TaskTracker;
-
-    use super::{Version, forward, test_support};
-
-    /// An h2c server that accepts every CONNECT and echoes the tunnel's bytes.
-    async fn connect_echo_server(stream: TcpStream) {
-        let service = service_fn(|mut request: Request<Incoming>| async move {
-            let upgrade = hyper::upgrade::on(&mut request);
-            tokio::spawn(async move {
-                if let Ok(upgraded) = upgrade.await {
-                    let (mut from, mut to) = tokio::io::split(TokioIo::new(upgraded));
-                    let _ = tokio::io::copy(&mut from, &mut to).await;
-                    let _ = to.shutdown().await;
-                }
-            });
-            Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-        });
-        let _ = server_h2::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), service)
-            .await;
-    }
-
-    #[tokio::test]
-    async fn tunnels_and_upstream_connections_are_drained_and_end_with_the_client() {
-        let (app_client, proxy_client) = test_support::loopback_pair().await;
-        let (proxy_server, app_server) = test_support::loopback_pair().await;
-        let dst = proxy_server.peer_addr().unwrap();
-        let tasks = TaskTracker::new();
-        let proxy = test_support::proxy(Duration::from_secs(10), tasks.clone());
-        tokio::spawn(connect_echo_server(app_server));
-        let counters = test_support::counters(&proxy, dst);
-        // The connection's own task (run.rs spawns it on the same tracker; here it is apart,
-        // so that the tracker counts only what it starts).
-        let connection = tokio::spawn(forward(
-            proxy_client,
-            proxy_server,
-            test_support::conn(dst),
-            counters,
-            Version::Http2,
-            Arc::clone(&proxy),
-        ));
-
-        let (mut sender, client_connection) =
-            client_h2::handshake(TokioExecutor::new(), TokioIo::new(app_client))
-                .await
-                .unwrap();
-        tokio::spawn(client_connection);
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri("tunnel.test:443")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        let mut tunnel = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
-        tunnel.write_all(b"ping").await.unwrap();
-        let mut echoed = [0u8; 4];
-        tunnel.read_exact(&mut echoed).await.unwrap();
-        assert_eq!(&echoed, b"ping");
-        assert_eq!(tasks.len(), 2, "the upstream connection and the tunnel");
-
-        // The client goes: its tunnel, then its connection.
-        drop(tunnel);
-        drop(sender);
-        tokio::time::timeout(Duration::from_secs(10), connection)
-            .await
-            .expect("the client connection ends")
-            .unwrap()
-            .unwrap();
-        tasks.close();
-        tokio::time::timeout(Duration::from_secs(10), tasks.wait())
-            .await
-            .expect("nothing outlives the client connection");
     }
 }

@@ -2,19 +2,11 @@
 //! with its status, its gRPC status (trailers, or headers of a trailers-only response) and its
 //! classification. Latency is time to response headers.
 
-use std::{
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll, ready},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
-use hyper::{
-    HeaderMap, Response, StatusCode,
-    body::{Body, Frame, Incoming, SizeHint},
-};
+use hyper::{Response, StatusCode};
 
 use super::ConnInfo;
 use crate::{
@@ -26,13 +18,6 @@ use crate::{
 };
 
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
-
-pub fn grpc_status(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("grpc-status")
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_string)
-}
 
 /// What a response is recorded with, once its end (or its abandonment) is known.
 pub struct ResponseRecord {
@@ -74,24 +59,6 @@ impl ResponseRecord {
         self.finish(status, false);
     }
 
-    /// The upstream's response, observed until its body ends.
-    pub fn upstream(mut self, response: Response<Incoming>) -> Response<ProxyBody> {
-        self.response_started(response.status().as_u16());
-        let outcome = Outcome {
-            status: response.status().as_u16(),
-            // A trailers-only gRPC response carries its status in the headers.
-            grpc_status: grpc_status(response.headers()),
-            broken: false,
-        };
-        response.map(|body| {
-            UnsyncBoxBody::new(ObservedBody {
-                inner: body,
-                outcome,
-                record: Some(self),
-            })
-        })
-    }
-
     /// The response head arrived: its latency is known.
     pub fn response_started(&mut self, status: u16) {
         self.status = status;
@@ -113,9 +80,15 @@ impl ResponseRecord {
 
     /// The response ended (`broken`: midway) without gRPC status.
     pub fn finish(self, status: u16, broken: bool) {
+        self.finish_with(status, None, broken);
+    }
+
+    /// The response ended (`broken`: midway), with the gRPC status its headers or trailers
+    /// carried.
+    pub fn finish_with(self, status: u16, grpc_status: Option<String>, broken: bool) {
         self.record(&Outcome {
             status,
-            grpc_status: None,
+            grpc_status,
             broken,
         });
     }
@@ -172,62 +145,6 @@ impl Outcome {
                 self.status >= 500
             };
         if failed { "failure" } else { "success" }
-    }
-}
-
-/// The upstream's response body, passed through frame by frame; records the response when the
-/// stream ends (trailers carry gRPC's status) or is dropped unfinished.
-struct ObservedBody {
-    inner: Incoming,
-    outcome: Outcome,
-    record: Option<ResponseRecord>,
-}
-
-impl ObservedBody {
-    fn finish(&mut self) {
-        if let Some(record) = self.record.take() {
-            record.record(&self.outcome);
-        }
-    }
-}
-
-impl Body for ObservedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                if let Some(status) = frame.trailers_ref().and_then(grpc_status) {
-                    this.outcome.grpc_status = Some(status);
-                }
-            }
-            Some(Err(_)) => {
-                this.outcome.broken = true;
-                this.finish();
-            }
-            None => this.finish(),
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for ObservedBody {
-    fn drop(&mut self) {
-        self.finish();
     }
 }
 

@@ -484,7 +484,6 @@ mod head_timeout_tests {
         task::JoinHandle,
         time::Instant,
     };
-    use tokio_util::task::TaskTracker;
 
     use super::super::{HttpProxy, test_support};
 
@@ -501,7 +500,7 @@ mod head_timeout_tests {
         let (app_client, proxy_client) = test_support::loopback_pair().await;
         let (proxy_server, app_server) = test_support::loopback_pair().await;
         let dst = proxy_server.peer_addr().unwrap();
-        let proxy = test_support::proxy(HEAD_TIMEOUT, TaskTracker::new());
+        let proxy = test_support::proxy(HEAD_TIMEOUT);
         let upstream = Some((proxy_server, test_support::counters(&proxy, dst)));
         let task = tokio::spawn(super::forward(
             proxy_client,

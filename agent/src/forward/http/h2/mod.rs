@@ -1,73 +1,111 @@
-//! h2c (and gRPC) through hyper: the client's HTTP/2 connection is served by hyper's server,
-//! each request goes out on one upstream HTTP/2 connection to the original destination
-//! (`upstream`, re-opened when the server closes it), and upgrades (CONNECT 2xx, 101) continue
-//! as a raw byte tunnel on the agent's task tracker.
+//! h2c (and gRPC): the client's HTTP/2 connection and the one to its original destination
+//! are one end to end connection, its frames passed through unchanged in both directions
+//! (`copy`), while `streams` follows them for request metrics: SETTINGS, flow control,
+//! GOAWAY, PING, upgrades (CONNECT) and every stream reach the other end as they were sent,
+//! so the client sees its origin's behaviour, connection turnover included, as it would
+//! directly. Only an unreachable upstream is answered by the agent itself: hyper serves the
+//! client and answers each request 502.
 
-mod upstream;
+mod frames;
+mod hpack;
+mod streams;
 
 use std::{convert::Infallible, sync::Arc};
 
 use hyper::{
-    HeaderMap, Method, Request, Response, StatusCode, body::Incoming, header,
+    HeaderMap, Request, Response, StatusCode, body::Incoming, header,
     server::conn::http2 as server_h2, service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use self::upstream::Upstream;
+use self::streams::Http2Observer;
 use super::{
-    AuthorityLabels, ConnInfo, HttpError, HttpProxy,
+    AuthorityLabels, ConnInfo, HttpProxy,
     observe::{ProxyBody, RequestSummary},
 };
-use crate::forward::ByteCounters;
+use crate::forward::{ByteCounters, copy, opaque::Outcome};
 
-type ClientIo = TokioIo<TcpStream>;
+// pub(crate) for `crate::fuzzing`.
+pub use self::{
+    frames::{Event, FrameScanner, ScanError},
+    hpack::{HpackDecoder, HpackError},
+};
 
-/// Proxies an h2c client connection to `server`, the connection to the original destination.
+/// Passes an h2c client connection's frames to `server`, the connection to the original
+/// destination, and the server's back, observing both.
 pub(super) async fn forward(
     client: TcpStream,
     server: TcpStream,
     conn: ConnInfo,
     counters: ByteCounters,
     proxy: Arc<HttpProxy>,
-) -> Result<(), HttpError> {
-    let upstream = Upstream::new(
-        conn.dst,
-        proxy.dialer,
-        Arc::clone(&conn.origin),
-        conn.direction,
-        counters,
-        proxy.tasks.clone(),
+) -> Outcome {
+    // Both directions run on this task: the lock is never contended, only Sync.
+    let observer = parking_lot::Mutex::new(Http2Observer::new(proxy, conn));
+    let outcome = copy::copy_observed(
+        client,
+        server,
+        &counters,
+        |bytes| observer.lock().client_bytes(bytes),
+        |bytes| observer.lock().server_bytes(bytes),
     )
-    .with_connection(server)
-    .await?;
-    Ok(serve(client, conn, Some(Arc::new(upstream)), proxy).await?)
+    .await;
+    observer.lock().connection_ended();
+    outcome
 }
 
-/// Serves an h2c client connection; with no upstream, every request gets 502.
-pub(super) async fn serve(
+/// For the fuzz target: one connection's chunks (`true`: the client's) through an observer of
+/// a proxy with no kernel behind its metrics: whatever the bytes, no panic and no hang.
+pub fn observe_chunks(chunks: &[(bool, &[u8])]) {
+    let metrics = Arc::new(crate::metrics::Metrics::new(Box::new(|| {
+        Ok(Default::default())
+    })));
+    let proxy = Arc::new(HttpProxy {
+        metrics,
+        tap: Arc::new(crate::tap::Tap::default()),
+        upstream_timeout: std::time::Duration::from_secs(1),
+        head_timeout: std::time::Duration::from_secs(1),
+        dialer: crate::connect::Dialer {
+            bypass_mark: 0,
+            timeout: std::time::Duration::from_secs(1),
+        },
+        draining: tokio_util::sync::CancellationToken::new(),
+    });
+    let conn = ConnInfo {
+        id: 1,
+        dst: std::net::SocketAddr::from(([127, 0, 0, 1], 80)),
+        origin: crate::netns::Origin::host(0),
+        workload: Default::default(),
+        direction: crate::metrics::Direction::Outbound,
+    };
+    let mut observer = Http2Observer::new(proxy, conn);
+    for (from_client, bytes) in chunks {
+        if *from_client {
+            observer.client_bytes(bytes);
+        } else {
+            observer.server_bytes(bytes);
+        }
+    }
+    observer.connection_ended();
+}
+
+/// Serves an h2c client connection whose upstream could not be reached: every request gets
+/// 502.
+pub(super) async fn serve_unavailable(
     client: TcpStream,
     conn: ConnInfo,
-    upstream: Option<Arc<Upstream>>,
     proxy: Arc<HttpProxy>,
 ) -> Result<(), hyper::Error> {
-    let client_io: ClientIo = TokioIo::new(client);
     let service_proxy = Arc::clone(&proxy);
     let authorities = Arc::new(AuthorityLabels::default());
     let service_conn = conn.clone();
     let service = service_fn(move |request| {
-        let (upstream, proxy) = (upstream.clone(), Arc::clone(&service_proxy));
-        let authorities = Arc::clone(&authorities);
-        let conn = service_conn.clone();
-        async move {
-            let response = proxy
-                .handle(request, &conn, &authorities, upstream.as_deref())
-                .await;
-            Ok::<_, Infallible>(response)
-        }
+        let response = service_proxy.answer_unavailable(&request, &service_conn, &authorities);
+        std::future::ready(Ok::<_, Infallible>(response))
     });
-    let connection =
-        server_h2::Builder::new(TokioExecutor::new()).serve_connection(client_io, service);
+    let connection = server_h2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(client), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
@@ -87,15 +125,14 @@ pub(super) async fn serve(
 }
 
 impl HttpProxy {
-    /// One request: to the upstream, or answered 502 when there is none.
-    async fn handle(
+    /// One request to an unreachable upstream, answered 502 and recorded.
+    fn answer_unavailable(
         &self,
-        mut request: Request<Incoming>,
+        request: &Request<Incoming>,
         conn: &ConnInfo,
         authorities: &AuthorityLabels,
-        upstream: Option<&Upstream>,
     ) -> Response<ProxyBody> {
-        let raw_authority = authority_of(&request);
+        let raw_authority = authority_of(request);
         let authority = authorities.label(raw_authority, &self.metrics.http);
         let record = self.begin_record(conn.clone(), authority, is_grpc(request.headers()), || {
             RequestSummary {
@@ -104,48 +141,8 @@ impl HttpProxy {
                 path: request.uri().path().to_string(),
             }
         });
-        let Some(upstream) = upstream else {
-            self.count_error(conn, "upstream_unavailable");
-            return record.local_response(StatusCode::BAD_GATEWAY);
-        };
-        let client_upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-        let is_connect = request.method() == Method::CONNECT;
-        let mut response =
-            match tokio::time::timeout(self.upstream_timeout, upstream.send(request)).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, "upstream request failed");
-                    self.count_error(conn, "upstream_unavailable");
-                    return record.local_response(StatusCode::BAD_GATEWAY);
-                }
-                Err(_) => {
-                    self.count_error(conn, "upstream_timeout");
-                    return record.local_response(StatusCode::GATEWAY_TIMEOUT);
-                }
-            };
-        let tunnel = response.status() == StatusCode::SWITCHING_PROTOCOLS
-            || (is_connect && response.status().is_success());
-        if let (true, Some(client_upgrade)) = (tunnel, client_upgrade) {
-            let server_upgrade = hyper::upgrade::on(&mut response);
-            self.tasks
-                .spawn(tunnel_upgraded(client_upgrade, server_upgrade));
-        }
-        record.upstream(response)
-    }
-}
-
-/// After a 101 or a successful CONNECT both sides speak raw bytes: copy them until either ends.
-async fn tunnel_upgraded(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
-    let (client, server) = match tokio::try_join!(client, server) {
-        Ok(upgraded) => upgraded,
-        Err(error) => {
-            tracing::debug!(%error, "upgrade failed");
-            return;
-        }
-    };
-    let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        tracing::debug!(%error, "upgraded tunnel ended");
+        self.count_error(conn, "upstream_unavailable");
+        record.local_response(StatusCode::BAD_GATEWAY)
     }
 }
 
@@ -168,6 +165,218 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|value| value.starts_with("application/grpc"))
 }
 
-fn wants_upgrade(request: &Request<Incoming>) -> bool {
-    request.method() == Method::CONNECT || request.headers().contains_key(header::UPGRADE)
+/// hyper's HTTP/2 client and server talking through `forward`: every byte passes, every
+/// stream is recorded once with its status and gRPC status, a CONNECT tunnel carries bytes.
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
+    use hyper::{
+        HeaderMap, Method, Request, Response, StatusCode, body::Frame, body::Incoming,
+        client::conn::http2 as client_h2, server::conn::http2 as server_h2, service::service_fn,
+    };
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
+    use super::forward;
+    use crate::{
+        forward::{
+            http::{HttpProxy, test_support},
+            opaque::Outcome,
+        },
+        metrics::{Direction, http::ResponseLabels},
+    };
+
+    type Body = BoxBody<Bytes, Infallible>;
+
+    /// /status/N answers N with a body; /grpc/N answers a gRPC status N in trailers;
+    /// CONNECT echoes the tunnel's bytes.
+    async fn origin(stream: TcpStream) {
+        let service = service_fn(|mut request: Request<Incoming>| async move {
+            let path = request.uri().path().to_string();
+            if request.method() == Method::CONNECT {
+                let upgrade = hyper::upgrade::on(&mut request);
+                tokio::spawn(async move {
+                    if let Ok(upgraded) = upgrade.await {
+                        let (mut from, mut to) = tokio::io::split(TokioIo::new(upgraded));
+                        let _ = tokio::io::copy(&mut from, &mut to).await;
+                        let _ = to.shutdown().await;
+                    }
+                });
+                return Ok::<_, Infallible>(Response::new(Empty::new().boxed()));
+            }
+            let request_body = request.into_body().collect().await.unwrap().to_bytes();
+            let (kind, number) = path.trim_start_matches('/').split_once('/').unwrap();
+            let number: u16 = number.parse().unwrap();
+            let response: Response<Body> = if kind == "grpc" {
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", number.to_string().parse().unwrap());
+                let frames = [Frame::data(request_body), Frame::trailers(trailers)];
+                Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(Frames(frames.into()).boxed())
+                    .unwrap()
+            } else {
+                let mut body = request_body.to_vec();
+                body.extend(vec![b'x'; 100_000]);
+                Response::builder()
+                    .status(number)
+                    .body(Full::new(Bytes::from(body)).boxed())
+                    .unwrap()
+            };
+            Ok(response)
+        });
+        let _ = server_h2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    }
+
+    /// A body of the given frames, in order.
+    struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    fn responses(proxy: &HttpProxy, dst: SocketAddr, status: u16, grpc_status: &str) -> u64 {
+        let grpc = !grpc_status.is_empty();
+        let success = if grpc {
+            grpc_status == "0"
+        } else {
+            status < 500
+        };
+        let labels = ResponseLabels {
+            direction: Direction::Outbound,
+            target_port: dst.port(),
+            authority: dst.to_string(),
+            status_code: status,
+            classification: if success { "success" } else { "failure" },
+            grpc_status: grpc_status.to_string(),
+            workload: Default::default(),
+        };
+        proxy
+            .metrics
+            .http
+            .response_total
+            .get_or_create(&labels)
+            .get()
+    }
+
+    #[tokio::test]
+    async fn streams_pass_unchanged_and_are_recorded_once_each() {
+        let (app_client, proxy_client) = test_support::loopback_pair().await;
+        let (proxy_server, app_server) = test_support::loopback_pair().await;
+        let dst = proxy_server.peer_addr().unwrap();
+        let proxy = test_support::proxy(Duration::from_secs(10));
+        tokio::spawn(origin(app_server));
+        let counters = test_support::counters(&proxy, dst);
+        let connection = tokio::spawn(forward(
+            proxy_client,
+            proxy_server,
+            test_support::conn(dst),
+            counters,
+            Arc::clone(&proxy),
+        ));
+
+        let (sender, client_connection) =
+            client_h2::handshake(TokioExecutor::new(), TokioIo::new(app_client))
+                .await
+                .unwrap();
+        tokio::spawn(client_connection);
+        let request = |path: String, body: &'static [u8]| {
+            let mut sender = sender.clone();
+            async move {
+                let content_type = if path.starts_with("/grpc") {
+                    "application/grpc"
+                } else {
+                    "text/plain"
+                };
+                let request = Request::post(format!("http://{dst}{path}"))
+                    .header("content-type", content_type)
+                    .body(Full::new(Bytes::from_static(body)))
+                    .unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                let status = response.status();
+                let collected = response.into_body().collect().await.unwrap();
+                let trailers = collected.trailers().cloned();
+                (status, collected.to_bytes(), trailers)
+            }
+        };
+        // Twenty at once (interleaved frames on one connection), then the other kinds.
+        let concurrent: Vec<_> = (0..20)
+            .map(|_| tokio::spawn(request("/status/200".into(), b"ping")))
+            .collect();
+        for handle in concurrent {
+            let (status, body, _) = handle.await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body.len(), 4 + 100_000);
+            assert!(body.starts_with(b"ping"));
+        }
+        let (status, _, _) = request("/status/503".into(), b"").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let (_, body, trailers) = request("/grpc/0".into(), b"grpc payload").await;
+        assert_eq!(&body[..], b"grpc payload");
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        let (_, _, trailers) = request("/grpc/7".into(), b"").await;
+        assert_eq!(trailers.unwrap()["grpc-status"], "7");
+
+        // A CONNECT tunnel: DATA frames both ways, passed like any other.
+        let connect = Request::builder()
+            .method(Method::CONNECT)
+            .uri("tunnel.test:443")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender.clone().send_request(connect).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut tunnel = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+        tunnel.write_all(b"through").await.unwrap();
+        let mut echoed = [0u8; 7];
+        tunnel.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"through");
+        drop(tunnel);
+        drop(sender);
+
+        let outcome = tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .expect("the connection ends with its client")
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Closed));
+        assert_eq!(responses(&proxy, dst, 200, ""), 20);
+        assert_eq!(responses(&proxy, dst, 503, ""), 1);
+        assert_eq!(responses(&proxy, dst, 200, "0"), 1);
+        assert_eq!(responses(&proxy, dst, 200, "7"), 1);
+        let tunnel_labels = ResponseLabels {
+            direction: Direction::Outbound,
+            target_port: dst.port(),
+            authority: "tunnel.test:443".into(),
+            status_code: 200,
+            classification: "failure",
+            grpc_status: String::new(),
+            workload: Default::default(),
+        };
+        // The tunnel's stream ended with its connection, its response begun: broken.
+        assert_eq!(
+            proxy
+                .metrics
+                .http
+                .response_total
+                .get_or_create(&tunnel_labels)
+                .get(),
+            1
+        );
+        assert_eq!(test_support::errors(&proxy, "upstream_unavailable"), 0);
+    }
 }

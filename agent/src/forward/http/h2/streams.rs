@@ -1,0 +1,402 @@
+//! Request metrics for an HTTP/2 connection whose frames pass through unchanged: each
+//! direction's frames are scanned (`frames`) and its header blocks decoded by a mirror HPACK
+//! decoder (one per direction, as the receiving endpoint's), so every stream is seen as a
+//! request (:method, :authority, :path, content-type) and its response (:status, then
+//! grpc-status in trailers or a trailers-only response) without changing a byte.
+//!
+//! A stream is recorded when its response ends: END_STREAM from the server, or RST_STREAM
+//! (broken, if its response had begun). Streams the server never answered are not recorded:
+//! reset before their response, above a GOAWAY's last stream id (the client retries those
+//! itself, as it would directly), or open when the connection ends.
+//!
+//! If a direction cannot be followed (an oversized header block, broken framing, a header
+//! block that does not decode), the connection goes on unobserved: its bytes still pass
+//! unchanged, its open streams are dropped unrecorded, and it is counted once in
+//! `sockmesh_http2_unobserved_total`.
+
+use std::{collections::HashMap, sync::Arc};
+
+use super::{
+    frames::{Event, FrameScanner, ScanError},
+    hpack::HpackDecoder,
+};
+use crate::{
+    forward::http::{AuthorityLabels, ConnInfo, HttpProxy, observe::RequestSummary},
+    metrics::http::UnobservedLabels,
+};
+
+/// The HPACK dynamic table size every endpoint starts with (RFC 9113 section 6.5.2).
+const DEFAULT_TABLE_SIZE: usize = 4096;
+/// The largest table a mirror decoder keeps, whatever an endpoint allows: memory per
+/// connection is bounded by it. Larger tables are legal but rare (4 KiB is nearly everyone's).
+const MAX_TABLE_SIZE: usize = 64 * 1024;
+/// Streams open at once that are followed. Servers allow 100-1000 (SETTINGS_MAX_CONCURRENT_
+/// STREAMS); past this the connection goes on unobserved rather than growing without bound.
+const MAX_OPEN_STREAMS: usize = 4096;
+
+/// One direction's scanner and the decoder of the header blocks it carries.
+struct Side {
+    scanner: FrameScanner,
+    decoder: HpackDecoder,
+    /// The largest table size the receiving endpoint has allowed (its SETTINGS).
+    allowed_table: usize,
+}
+
+impl Side {
+    fn new(scanner: FrameScanner) -> Self {
+        Self {
+            scanner,
+            decoder: HpackDecoder::new(DEFAULT_TABLE_SIZE),
+            allowed_table: DEFAULT_TABLE_SIZE,
+        }
+    }
+
+    /// The receiving endpoint announced `size`: the sender may use up to it, once acked.
+    /// Raised only (a lower value takes effect by the size update the sender must send).
+    fn allow_table(&mut self, size: u32) {
+        let size = usize::try_from(size)
+            .unwrap_or(usize::MAX)
+            .min(MAX_TABLE_SIZE);
+        if size > self.allowed_table {
+            self.allowed_table = size;
+            self.decoder.allow(size);
+        }
+    }
+}
+
+/// What a request's header block says, in buffers reused from request to request.
+#[derive(Default)]
+struct RequestFields {
+    method: String,
+    authority: String,
+    host: String,
+    path: String,
+    grpc: bool,
+}
+
+impl RequestFields {
+    fn clear(&mut self) {
+        self.method.clear();
+        self.authority.clear();
+        self.host.clear();
+        self.path.clear();
+        self.grpc = false;
+    }
+
+    /// The fields whose values are decoded even when not indexed: :path only for the tap.
+    fn wanted(name: &[u8], watched: bool) -> bool {
+        matches!(name, b":method" | b":authority" | b"host" | b"content-type")
+            || (watched && name == b":path")
+    }
+
+    fn take(&mut self, name: &[u8], value: &[u8]) {
+        let text = std::str::from_utf8(value).unwrap_or("");
+        match name {
+            b":method" => self.method.push_str(text),
+            b":authority" => self.authority.push_str(text),
+            b"host" => self.host.push_str(text),
+            b":path" => self.path.push_str(text),
+            b"content-type" => self.grpc = text.starts_with("application/grpc"),
+            _ => {}
+        }
+    }
+
+    /// :authority, else the Host field (RFC 9113 section 8.3.1).
+    fn authority(&self) -> &str {
+        if self.authority.is_empty() {
+            &self.host
+        } else {
+            &self.authority
+        }
+    }
+}
+
+/// What a response's header block (or its trailers) says.
+#[derive(Default)]
+struct ResponseFields {
+    status: Option<u16>,
+    grpc_status: Option<String>,
+}
+
+struct Stream {
+    record: crate::forward::http::observe::ResponseRecord,
+    /// Its final response head has come (1xx heads are not final).
+    responded: bool,
+    grpc_status: Option<String>,
+}
+
+/// Everything but the scanners, so that a scanner's events can update it.
+struct Streams {
+    proxy: Arc<HttpProxy>,
+    conn: ConnInfo,
+    authorities: AuthorityLabels,
+    open: HashMap<u32, Stream>,
+    request: RequestFields,
+}
+
+/// One HTTP/2 connection's observation, fed each direction's bytes as they are read.
+pub struct Http2Observer {
+    requests: Side,
+    responses: Side,
+    streams: Streams,
+    /// Set once either direction could not be followed.
+    unobserved: bool,
+}
+
+impl Http2Observer {
+    pub fn new(proxy: Arc<HttpProxy>, conn: ConnInfo) -> Self {
+        Self {
+            requests: Side::new(FrameScanner::client()),
+            responses: Side::new(FrameScanner::server()),
+            streams: Streams {
+                proxy,
+                conn,
+                authorities: AuthorityLabels::default(),
+                open: HashMap::new(),
+                request: RequestFields::default(),
+            },
+            unobserved: false,
+        }
+    }
+
+    /// The client's next bytes, as they go to the server.
+    pub fn client_bytes(&mut self, bytes: &[u8]) {
+        if self.unobserved {
+            return;
+        }
+        let (decoder, streams) = (&mut self.requests.decoder, &mut self.streams);
+        let responses = &mut self.responses;
+        let result = self.requests.scanner.scan(bytes, |event| match event {
+            Event::Headers {
+                stream,
+                push: false,
+                block,
+                ..
+            } => streams.request_headers(stream, decoder, block),
+            // A client may not push; its block still updates the server's table.
+            Event::Headers { block, .. } => decode(decoder, block, |_| false, |_, _| {}),
+            Event::Reset { stream } => {
+                streams.reset(stream);
+                Ok(())
+            }
+            // The client's SETTINGS govern the server's encoder.
+            Event::Settings {
+                header_table_size: Some(size),
+            } => {
+                responses.allow_table(size);
+                Ok(())
+            }
+            _ => Ok(()),
+        });
+        if let Err(error) = result {
+            self.give_up(&error);
+        }
+    }
+
+    /// The server's next bytes, as they go to the client.
+    pub fn server_bytes(&mut self, bytes: &[u8]) {
+        if self.unobserved {
+            return;
+        }
+        let (decoder, streams) = (&mut self.responses.decoder, &mut self.streams);
+        let requests = &mut self.requests;
+        let result = self.responses.scanner.scan(bytes, |event| match event {
+            Event::Headers {
+                stream,
+                end_stream,
+                push,
+                block,
+            } => {
+                let mut fields = ResponseFields::default();
+                decode(decoder, block, ResponseFields::wanted, |name, value| {
+                    fields.take(name, value)
+                })?;
+                if !push {
+                    streams.response_headers(stream, fields, end_stream);
+                }
+                Ok(())
+            }
+            Event::DataEnd { stream } => {
+                streams.response_end(stream);
+                Ok(())
+            }
+            Event::Reset { stream } => {
+                streams.reset(stream);
+                Ok(())
+            }
+            Event::Settings {
+                header_table_size: Some(size),
+            } => {
+                requests.allow_table(size);
+                Ok(())
+            }
+            Event::GoAway { last_stream } => {
+                streams.refused_above(last_stream);
+                Ok(())
+            }
+            Event::Settings { .. } => Ok(()),
+        });
+        if let Err(error) = result {
+            self.give_up(&error);
+        }
+    }
+
+    /// The connection ended: responses cut short are recorded as broken.
+    pub fn connection_ended(&mut self) {
+        for (_, stream) in self.streams.open.drain() {
+            if stream.responded {
+                let status = stream.record.status;
+                stream.record.finish_with(status, stream.grpc_status, true);
+            }
+        }
+    }
+
+    fn give_up(&mut self, error: &ScanError) {
+        tracing::debug!(id = self.streams.conn.id, %error, "HTTP/2 connection no longer observed");
+        self.unobserved = true;
+        self.streams.open.clear();
+        let conn = &self.streams.conn;
+        let labels = UnobservedLabels {
+            direction: conn.direction,
+            reason: error.label(),
+            workload: conn.workload.clone(),
+        };
+        let metrics = &self.streams.proxy.metrics.http;
+        metrics.http2_unobserved_total.get_or_create(&labels).inc();
+    }
+}
+
+/// Decodes a header block, handing each field `wanted` by name to `field`.
+fn decode(
+    decoder: &mut HpackDecoder,
+    block: &[u8],
+    wanted: impl Fn(&[u8]) -> bool,
+    field: impl FnMut(&[u8], &[u8]),
+) -> Result<(), ScanError> {
+    decoder
+        .decode(block, wanted, field)
+        .map_err(|_| ScanError::Hpack)
+}
+
+impl ResponseFields {
+    fn wanted(name: &[u8]) -> bool {
+        matches!(name, b":status" | b"grpc-status")
+    }
+
+    fn take(&mut self, name: &[u8], value: &[u8]) {
+        match name {
+            b":status" => {
+                self.status = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|status| status.parse().ok())
+            }
+            b"grpc-status" => {
+                self.grpc_status = std::str::from_utf8(value).ok().map(str::to_string);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Streams {
+    /// A client header block: a new stream's request, or trailers of one already open.
+    fn request_headers(
+        &mut self,
+        stream: u32,
+        decoder: &mut HpackDecoder,
+        block: &[u8],
+    ) -> Result<(), ScanError> {
+        let request = &mut self.request;
+        request.clear();
+        let watched = self.proxy.tap.is_watched();
+        let wanted = |name: &[u8]| RequestFields::wanted(name, watched);
+        decode(decoder, block, wanted, |name, value| {
+            request.take(name, value)
+        })?;
+        if self.open.contains_key(&stream) {
+            return Ok(());
+        }
+        if self.open.len() >= MAX_OPEN_STREAMS {
+            return Err(ScanError::TooManyStreams);
+        }
+        let request = &self.request;
+        let raw_authority = request.authority();
+        let authority = self
+            .authorities
+            .label(raw_authority, &self.proxy.metrics.http);
+        let record = self
+            .proxy
+            .begin_record(self.conn.clone(), authority, request.grpc, || {
+                RequestSummary {
+                    method: request.method.clone(),
+                    authority: raw_authority.to_string(),
+                    path: request.path.clone(),
+                }
+            });
+        let opened = Stream {
+            record,
+            responded: false,
+            grpc_status: None,
+        };
+        self.open.insert(stream, opened);
+        Ok(())
+    }
+
+    /// A server header block: the response head (1xx ones are skipped), or its trailers.
+    fn response_headers(&mut self, id: u32, fields: ResponseFields, end_stream: bool) {
+        let Some(stream) = self.open.get_mut(&id) else {
+            return;
+        };
+        if let Some(grpc_status) = fields.grpc_status {
+            stream.grpc_status = Some(grpc_status);
+        }
+        if !stream.responded {
+            match fields.status {
+                Some(100..=199) if !end_stream => return,
+                Some(status) => {
+                    stream.responded = true;
+                    stream.record.response_started(status);
+                }
+                None => {
+                    // A response head without :status is malformed: the stream is broken.
+                    if let Some(stream) = self.open.remove(&id) {
+                        stream.record.finish_with(0, None, true);
+                    }
+                    return;
+                }
+            }
+        }
+        if end_stream {
+            self.response_end(id);
+        }
+    }
+
+    /// The server's END_STREAM: the response is complete.
+    fn response_end(&mut self, id: u32) {
+        let Some(stream) = self.open.remove(&id) else {
+            return;
+        };
+        let status = stream.record.status;
+        // DATA before any response head is malformed: broken.
+        stream
+            .record
+            .finish_with(status, stream.grpc_status, !stream.responded);
+    }
+
+    /// RST_STREAM from either side: a response that had begun is broken; a request never
+    /// answered is not recorded (the server refused it, or the client gave up on it).
+    fn reset(&mut self, id: u32) {
+        if let Some(stream) = self.open.remove(&id)
+            && stream.responded
+        {
+            let status = stream.record.status;
+            stream.record.finish_with(status, stream.grpc_status, true);
+        }
+    }
+
+    /// The server's GOAWAY: streams above `last_stream` were never processed.
+    fn refused_above(&mut self, last_stream: u32) {
+        self.open
+            .retain(|&id, stream| id <= last_stream || stream.responded);
+    }
+}
