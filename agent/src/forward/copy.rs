@@ -10,6 +10,7 @@ use std::{cell::RefCell, io, net::Shutdown};
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     ByteCounters,
@@ -31,22 +32,34 @@ pub async fn copy_bidirectional(
     server: TcpStream,
     counters: &ByteCounters,
 ) -> Outcome {
-    copy_observed(client, server, counters, |_| {}, |_| {}).await
+    copy_observed(client, server, counters, |_| {}, |_| {}, None).await
+}
+
+/// Bytes the proxy puts into the server-to-client direction once, when `when` is cancelled
+/// and then as soon as `may_go` says the stream is between two messages (HTTP/2: a GOAWAY at
+/// shutdown, between two frames). `may_go` is asked only when every byte read has been
+/// written, and may say "never" (`None`).
+pub struct Interjection<'a> {
+    pub when: &'a CancellationToken,
+    pub may_go: &'a (dyn Fn() -> Option<bool> + Sync),
+    pub bytes: &'a [u8],
 }
 
 /// `copy_bidirectional`, showing each chunk to `from_client` or `from_server` as it is read,
-/// before it is written on: an observer of the bytes (HTTP/2's frames) that changes none.
+/// before it is written on: an observer of the bytes (HTTP/2's frames) that changes none,
+/// and puts in only `to_client`'s bytes, if any.
 pub async fn copy_observed(
     client: TcpStream,
     server: TcpStream,
     counters: &ByteCounters,
     from_client: impl FnMut(&[u8]),
     from_server: impl FnMut(&[u8]),
+    to_client: Option<Interjection<'_>>,
 ) -> Outcome {
-    let to_server = copy_one_way(&client, &server, from_client, |bytes| {
+    let to_server = copy_one_way(&client, &server, from_client, None, |bytes| {
         counters.client_to_server(bytes)
     });
-    let to_client = copy_one_way(&server, &client, from_server, |bytes| {
+    let to_client = copy_one_way(&server, &client, from_server, to_client, |bytes| {
         counters.server_to_client(bytes)
     });
     match tokio::try_join!(to_server, to_client) {
@@ -78,12 +91,34 @@ async fn copy_one_way(
     from: &TcpStream,
     to: &TcpStream,
     mut observe: impl FnMut(&[u8]),
+    mut interjection: Option<Interjection<'_>>,
     count: impl Fn(u64),
 ) -> io::Result<()> {
+    let mut armed = false;
     loop {
+        if armed && let Some(pending) = &interjection {
+            match (pending.may_go)() {
+                Some(true) => {
+                    write_all(to, pending.bytes).await?;
+                    interjection = None;
+                }
+                Some(false) => {}
+                None => interjection = None,
+            }
+        }
         // poll_read_ready, not readable(): it keeps one waker slot per direction instead of
         // queueing a waiter under the socket's lock at every message.
-        std::future::poll_fn(|cx| from.poll_read_ready(cx)).await?;
+        let readable = std::future::poll_fn(|cx| from.poll_read_ready(cx));
+        match &interjection {
+            Some(pending) if !armed => tokio::select! {
+                ready = readable => ready?,
+                () = pending.when.cancelled() => {
+                    armed = true;
+                    continue;
+                }
+            },
+            _ => readable.await?,
+        }
         match BUFFER.with_borrow_mut(|buffer| read_and_write(from, to, buffer, &mut observe))? {
             Step::Moved(bytes) => count(bytes as u64),
             Step::Eof => return shutdown_write(to),

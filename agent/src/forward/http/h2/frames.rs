@@ -178,6 +178,15 @@ impl FrameScanner {
         }
     }
 
+    /// Whether the bytes so far end between two frames, outside any header block: where a
+    /// frame may be put in.
+    pub fn at_frame_boundary(&self) -> bool {
+        self.preface_left == 0
+            && self.head_filled == 0
+            && self.frame.is_none()
+            && self.block.is_none()
+    }
+
     /// Scans the next bytes of this direction, calling `on_event` for each frame that
     /// matters as it completes. After an error the scanner must not be fed again.
     pub fn scan(

@@ -32,6 +32,13 @@ pub use self::{
     hpack::{HpackDecoder, HpackError},
 };
 
+/// GOAWAY, last stream id 2^31-1, NO_ERROR: RFC 9113 section 6.8's first step of a graceful
+/// shutdown ("initiating further requests is prohibited"), which refuses no stream the client
+/// has already sent, wherever it is on its way.
+const GOAWAY_AT_SHUTDOWN: [u8; 17] = [
+    0, 0, 8, 0x7, 0, 0, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0,
+];
+
 /// Passes an h2c client connection's frames to `server`, the connection to the original
 /// destination, and the server's back, observing both.
 pub(super) async fn forward(
@@ -41,14 +48,24 @@ pub(super) async fn forward(
     counters: ByteCounters,
     proxy: Arc<HttpProxy>,
 ) -> Outcome {
+    let draining = proxy.draining.clone();
     // Both directions run on this task: the lock is never contended, only Sync.
     let observer = parking_lot::Mutex::new(Http2Observer::new(proxy, conn));
+    let may_go = || observer.lock().may_interject();
+    // At shutdown the client hears that no new stream may start, as it would from a server
+    // shutting down gracefully; the streams it has open finish.
+    let goaway = copy::Interjection {
+        when: &draining,
+        may_go: &may_go,
+        bytes: &GOAWAY_AT_SHUTDOWN,
+    };
     let outcome = copy::copy_observed(
         client,
         server,
         &counters,
         |bytes| observer.lock().client_bytes(bytes),
         |bytes| observer.lock().server_bytes(bytes),
+        Some(goaway),
     )
     .await;
     observer.lock().connection_ended();
@@ -378,5 +395,70 @@ mod tests {
             1
         );
         assert_eq!(test_support::errors(&proxy, "upstream_unavailable"), 0);
+    }
+
+    /// At shutdown the client gets a GOAWAY from the agent: a stream in flight finishes, no
+    /// new one starts, and the client closes the connection, which ends the forwarding.
+    #[tokio::test]
+    async fn draining_sends_the_client_a_goaway_between_frames() {
+        let (app_client, proxy_client) = test_support::loopback_pair().await;
+        let (proxy_server, app_server) = test_support::loopback_pair().await;
+        let dst = proxy_server.peer_addr().unwrap();
+        let proxy = test_support::proxy(Duration::from_secs(10));
+        tokio::spawn(origin(app_server));
+        let counters = test_support::counters(&proxy, dst);
+        let connection = tokio::spawn(forward(
+            proxy_client,
+            proxy_server,
+            test_support::conn(dst),
+            counters,
+            Arc::clone(&proxy),
+        ));
+        let (mut sender, client_connection) =
+            client_h2::handshake(TokioExecutor::new(), TokioIo::new(app_client))
+                .await
+                .unwrap();
+        let client_connection = tokio::spawn(client_connection);
+        let get = |sender: &mut client_h2::SendRequest<Full<Bytes>>| {
+            let request = Request::get(format!("http://{dst}/status/200"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            sender.send_request(request)
+        };
+        let response = get(&mut sender).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        // A response still being read when the drain starts.
+        let in_flight = response.into_body();
+
+        proxy.draining.cancel();
+        let body = tokio::time::timeout(Duration::from_secs(10), in_flight.collect())
+            .await
+            .expect("the stream in flight finishes")
+            .unwrap();
+        assert_eq!(body.to_bytes().len(), 100_000);
+        // Streams sent before the GOAWAY arrived are answered (it refuses none); hyper
+        // refuses new ones once it has read it.
+        let mut answered_after_drain = 0;
+        let refused = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(response) = get(&mut sender).await {
+                response.into_body().collect().await.unwrap();
+                answered_after_drain += 1;
+            }
+        });
+        refused
+            .await
+            .expect("a new stream is refused after the GOAWAY");
+        drop(sender);
+        tokio::time::timeout(Duration::from_secs(10), client_connection)
+            .await
+            .expect("the client closes its connection")
+            .unwrap()
+            .unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .expect("forwarding ends with the client")
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Closed));
+        assert_eq!(responses(&proxy, dst, 200, ""), 1 + answered_after_drain);
     }
 }

@@ -132,6 +132,8 @@ struct Streams {
     authorities: AuthorityLabels,
     open: HashMap<u32, Stream>,
     request: RequestFields,
+    /// The server has sent a GOAWAY.
+    server_went_away: bool,
 }
 
 /// One HTTP/2 connection's observation, fed each direction's bytes as they are read.
@@ -154,6 +156,7 @@ impl Http2Observer {
                 authorities: AuthorityLabels::default(),
                 open: HashMap::new(),
                 request: RequestFields::default(),
+                server_went_away: false,
             },
             unobserved: false,
         }
@@ -239,6 +242,17 @@ impl Http2Observer {
         if let Err(error) = result {
             self.give_up(&error);
         }
+    }
+
+    /// Whether a frame of the agent's may go to the client now: None if never (the
+    /// connection is unobserved, or the server has sent its own GOAWAY, whose last stream id
+    /// the agent's must not exceed), else whether the server's bytes so far end between two
+    /// frames.
+    pub fn may_interject(&self) -> Option<bool> {
+        if self.unobserved || self.streams.server_went_away {
+            return None;
+        }
+        Some(self.responses.scanner.at_frame_boundary())
     }
 
     /// The connection ended: responses cut short are recorded as broken.
@@ -396,6 +410,7 @@ impl Streams {
 
     /// The server's GOAWAY: streams above `last_stream` were never processed.
     fn refused_above(&mut self, last_stream: u32) {
+        self.server_went_away = true;
         self.open
             .retain(|&id, stream| id <= last_stream || stream.responded);
     }
