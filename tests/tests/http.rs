@@ -8,7 +8,7 @@ use integration_tests::{
     clients::{curl_status, python},
     process::run_ok,
     require_privileged,
-    servers::{SYSTEM_PYTHON, ServerProcess, peer_script},
+    servers::{EchoServer, SYSTEM_PYTHON, ServerProcess, peer_script},
     temp_dir,
 };
 
@@ -147,6 +147,46 @@ fn http2_prior_knowledge() {
         ("classification", "success"),
     ];
     agent.assert_metric("response_total", &labels, 2);
+}
+
+/// A header block the agent does not follow (over 64 KiB, in HEADERS and CONTINUATION frames)
+/// still reaches the server byte for byte, and the rest of the connection with it; the
+/// connection is counted as unobserved. (The server echoes: the client checks every byte.)
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn an_http2_header_block_too_large_to_follow_passes_unchanged() {
+    require_privileged!();
+    let echo = EchoServer::start("127.0.0.1:0");
+    let cgroup = TestCgroup::new("h2big");
+    let agent = Agent::start(&cgroup);
+    let script = format!(
+        "import hashlib, socket\n\
+         def frame(kind, flags, stream, payload):\n\
+         \x20   return len(payload).to_bytes(3, 'big') + bytes([kind, flags]) + stream.to_bytes(4, 'big') + payload\n\
+         sent = b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' + frame(4, 0, 0, b'')\n\
+         sent += frame(1, 0, 1, b'\\x00' * 16000)\n\
+         for _ in range(4):\n\
+         \x20   sent += frame(9, 0, 1, b'\\x00' * 16000)\n\
+         sent += frame(9, 4, 1, b'') + frame(0, 1, 1, b'after the block' * 1000)\n\
+         s = socket.create_connection(('127.0.0.1', {port}), timeout=20)\n\
+         s.sendall(sent)\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         received = b''\n\
+         while True:\n\
+         \x20   chunk = s.recv(65536)\n\
+         \x20   if not chunk: break\n\
+         \x20   received += chunk\n\
+         print(len(sent), hashlib.sha256(sent).hexdigest() == hashlib.sha256(received).hexdigest())\n",
+        port = echo.addr().port()
+    );
+    let out = python(&cgroup, &["-c", &script], LIMIT);
+    assert_eq!(out.trim(), "95096 True", "every byte through and back");
+    agent.assert_metric("tcp_detect_total", &[("result", "http2")], 1);
+    agent.assert_metric(
+        "sockmesh_http2_unobserved_total",
+        &[("reason", "header_block_too_large")],
+        1,
+    );
 }
 
 #[test]
