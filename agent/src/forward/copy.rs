@@ -6,10 +6,19 @@
 //! Each direction ends on its own (EOF becomes shutdown(SHUT_WR) on the other socket); an
 //! error on either resets both.
 
-use std::{cell::RefCell, io, net::Shutdown};
+use std::{
+    cell::RefCell,
+    io,
+    net::Shutdown,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
 
 use socket2::SockRef;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, ReadBuf},
+    net::{TcpStream, tcp::ReadHalf},
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -49,20 +58,33 @@ pub struct Interjection<'a> {
 /// before it is written on: an observer of the bytes (HTTP/2's frames) that changes none,
 /// and puts in only `to_client`'s bytes, if any.
 pub async fn copy_observed(
-    client: TcpStream,
-    server: TcpStream,
+    mut client: TcpStream,
+    mut server: TcpStream,
     counters: &ByteCounters,
     from_client: impl FnMut(&[u8]),
     from_server: impl FnMut(&[u8]),
     to_client: Option<Interjection<'_>>,
 ) -> Outcome {
-    let to_server = copy_one_way(&client, &server, from_client, None, |bytes| {
-        counters.client_to_server(bytes)
-    });
-    let to_client = copy_one_way(&server, &client, from_server, to_client, |bytes| {
-        counters.server_to_client(bytes)
-    });
-    match tokio::try_join!(to_server, to_client) {
+    let result = {
+        let (client_read, client_write) = client.split();
+        let (server_read, server_write) = server.split();
+        let to_server = copy_one_way(
+            client_read,
+            server_write.as_ref(),
+            from_client,
+            None,
+            |bytes| counters.client_to_server(bytes),
+        );
+        let to_client = copy_one_way(
+            server_read,
+            client_write.as_ref(),
+            from_server,
+            to_client,
+            |bytes| counters.server_to_client(bytes),
+        );
+        tokio::try_join!(to_server, to_client)
+    };
+    match result {
         Ok(_) => Outcome::Closed,
         Err(error) => {
             reset(&client);
@@ -77,7 +99,7 @@ pub async fn copy_observed(
 
 /// What one read and its write did.
 enum Step {
-    /// This many bytes were read and written (0: nothing was ready after all).
+    /// This many bytes were read and written.
     Moved(usize),
     /// End of stream from `from`.
     Eof,
@@ -88,7 +110,7 @@ enum Step {
 /// Moves `from`'s bytes to `to` until `from` ends (then half-closes `to`) or either fails.
 /// `observe` sees them as they are read; `count` hears of them once they are written.
 async fn copy_one_way(
-    from: &TcpStream,
+    mut from: ReadHalf<'_>,
     to: &TcpStream,
     mut observe: impl FnMut(&[u8]),
     mut interjection: Option<Interjection<'_>>,
@@ -106,20 +128,23 @@ async fn copy_one_way(
                 None => interjection = None,
             }
         }
-        // poll_read_ready, not readable(): it keeps one waker slot per direction instead of
-        // queueing a waiter under the socket's lock at every message.
-        let readable = std::future::poll_fn(|cx| from.poll_read_ready(cx));
-        match &interjection {
+        // One poll both reads and writes: it completes at once or reads nothing, so dropping
+        // it for the interjection loses no byte. Polling keeps one waker slot per direction
+        // (readable() would queue a waiter under the socket's lock at every message).
+        let moved = std::future::poll_fn(|cx| {
+            BUFFER.with_borrow_mut(|buffer| read_and_write(&mut from, cx, to, buffer, &mut observe))
+        });
+        let step = match &interjection {
             Some(pending) if !armed => tokio::select! {
-                ready = readable => ready?,
+                step = moved => step?,
                 () = pending.when.cancelled() => {
                     armed = true;
                     continue;
                 }
             },
-            _ => readable.await?,
-        }
-        match BUFFER.with_borrow_mut(|buffer| read_and_write(from, to, buffer, &mut observe))? {
+            _ => moved.await?,
+        };
+        match step {
             Step::Moved(bytes) => count(bytes as u64),
             Step::Eof => return shutdown_write(to),
             Step::Blocked { written, rest } => {
@@ -132,32 +157,37 @@ async fn copy_one_way(
 }
 
 /// One non-blocking read into `buffer` and one non-blocking write of what it got.
+///
+/// tokio's poll_read, not try_read: a read that does not fill the buffer tells tokio the
+/// socket is drained (epoll is edge-triggered; new bytes bring a new event), which saves the
+/// read that would only find EAGAIN after every message.
 fn read_and_write(
-    from: &TcpStream,
+    from: &mut ReadHalf<'_>,
+    cx: &mut Context<'_>,
     to: &TcpStream,
     buffer: &mut [u8],
     observe: &mut impl FnMut(&[u8]),
-) -> io::Result<Step> {
-    let read = match from.try_read(buffer) {
-        Ok(0) => return Ok(Step::Eof),
-        Ok(read) => read,
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Moved(0)),
-        Err(error) => return Err(error),
-    };
+) -> Poll<io::Result<Step>> {
+    let mut filled = ReadBuf::new(buffer);
+    ready!(Pin::new(from).poll_read(cx, &mut filled))?;
+    let read = filled.filled().len();
+    if read == 0 {
+        return Poll::Ready(Ok(Step::Eof));
+    }
     observe(&buffer[..read]);
     let written = match to.try_write(&buffer[..read]) {
         Ok(written) => written,
         Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(error) => return Err(error),
+        Err(error) => return Poll::Ready(Err(error)),
     };
-    Ok(if written == read {
+    Poll::Ready(Ok(if written == read {
         Step::Moved(read)
     } else {
         Step::Blocked {
             written,
             rest: buffer[written..read].to_vec(),
         }
-    })
+    }))
 }
 
 /// Writes all of `bytes`, waiting for `to` to drain as often as needed.
