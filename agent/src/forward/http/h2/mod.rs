@@ -292,8 +292,14 @@ mod tests {
             .get()
     }
 
-    #[tokio::test]
-    async fn streams_pass_unchanged_and_are_recorded_once_each() {
+    /// `origin` behind `forward`: the client's socket, the origin's address, the proxy and
+    /// the forwarding task.
+    async fn through_forward() -> (
+        TcpStream,
+        SocketAddr,
+        Arc<HttpProxy>,
+        tokio::task::JoinHandle<Outcome>,
+    ) {
         let (app_client, proxy_client) = test_support::loopback_pair().await;
         let (proxy_server, app_server) = test_support::loopback_pair().await;
         let dst = proxy_server.peer_addr().unwrap();
@@ -307,6 +313,12 @@ mod tests {
             counters,
             Arc::clone(&proxy),
         ));
+        (app_client, dst, proxy, connection)
+    }
+
+    #[tokio::test]
+    async fn streams_pass_unchanged_and_are_recorded_once_each() {
+        let (app_client, dst, proxy, connection) = through_forward().await;
 
         let (sender, client_connection) =
             client_h2::handshake(TokioExecutor::new(), TokioIo::new(app_client))
@@ -401,19 +413,7 @@ mod tests {
     /// new one starts, and the client closes the connection, which ends the forwarding.
     #[tokio::test]
     async fn draining_sends_the_client_a_goaway_between_frames() {
-        let (app_client, proxy_client) = test_support::loopback_pair().await;
-        let (proxy_server, app_server) = test_support::loopback_pair().await;
-        let dst = proxy_server.peer_addr().unwrap();
-        let proxy = test_support::proxy(Duration::from_secs(10));
-        tokio::spawn(origin(app_server));
-        let counters = test_support::counters(&proxy, dst);
-        let connection = tokio::spawn(forward(
-            proxy_client,
-            proxy_server,
-            test_support::conn(dst),
-            counters,
-            Arc::clone(&proxy),
-        ));
+        let (app_client, dst, proxy, connection) = through_forward().await;
         let (mut sender, client_connection) =
             client_h2::handshake(TokioExecutor::new(), TokioIo::new(app_client))
                 .await
