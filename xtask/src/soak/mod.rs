@@ -78,7 +78,7 @@ struct Kind {
 const KINDS: [Kind; 10] = [
     Kind {
         name: "http1",
-        what: "wrk -t1 -c8, HTTP/1.1 keep-alive to nginx, 2 ms pause between requests per connection, 10 s rounds",
+        what: "wrk -t1 -c8, HTTP/1.1 keep-alive to nginx, 2 ms pause between requests per connection, 10 s rounds, 5 s request timeout",
     },
     Kind {
         name: "h2c",
@@ -125,6 +125,8 @@ struct Tally {
     failed: AtomicU64,
     /// The first few failures, to show.
     errors: Mutex<Vec<String>>,
+    /// Errors a tool reported that the soak could show were not the agent's (shown, not counted).
+    excused: Mutex<Vec<String>>,
 }
 
 impl Tally {
@@ -142,6 +144,22 @@ impl Tally {
         if errors.len() < 5 {
             errors.push(error);
         }
+    }
+
+    /// Records errors that are shown in the summary but do not fail the soak, with the reason.
+    fn excuse(&self, why: String) {
+        println!("soak: not counted as failures: {why}");
+        let mut excused = self.excused.lock().unwrap_or_else(|e| e.into_inner());
+        if excused.len() < 5 {
+            excused.push(why);
+        }
+    }
+
+    fn excused(&self) -> Vec<String> {
+        self.excused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn counts(&self) -> (u64, u64) {

@@ -162,6 +162,11 @@ impl Summary<'_> {
             let (ok, failed) = tally.counts();
             let _ = writeln!(md, "| {} | {} | {ok} | {failed} |", kind.name, kind.what);
         }
+        for (kind, tally) in KINDS.iter().zip(self.tallies) {
+            for why in tally.excused() {
+                let _ = writeln!(md, "\nNot counted as failures ({}): {why}", kind.name);
+            }
+        }
         let sum = |name: &str| metric_sum(self.metrics, name).unwrap_or(0.0);
         let by = |name: &str, label: &str| {
             let by = metric_by_label(self.metrics, name, label);
