@@ -49,9 +49,17 @@ pub mod map_names {
     pub const POLICIES: &str = "POLICIES";
     /// Host mode: the policy id of each cgroup a policy entry selects, by cgroup id.
     pub const CGROUP_POLICY: &str = "CGROUP_POLICY";
+    /// `--accelerate local`: application sockets and the agent's accepted sockets, paired.
+    pub const ACCEL_SOCKS: &str = "ACCEL_SOCKS";
+    /// `--accelerate local`: the kernel's byte counts per accelerated connection.
+    pub const ACCEL_PAIRS: &str = "ACCEL_PAIRS";
+    /// `--accelerate local`: the agent's read counts per paired connection.
+    pub const ACCEL_READS: &str = "ACCEL_READS";
+    /// `--accelerate local`: per-socket side and decision (socket storage).
+    pub const ACCEL_STATE: &str = "ACCEL_STATE";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 22] = [
         CONFIG,
         SERVED_NETNS,
         LIVENESS,
@@ -70,6 +78,10 @@ pub mod map_names {
         SKIP_IN_PORTS,
         POLICIES,
         CGROUP_POLICY,
+        ACCEL_SOCKS,
+        ACCEL_PAIRS,
+        ACCEL_READS,
+        ACCEL_STATE,
     ];
 }
 
@@ -91,8 +103,10 @@ pub mod program_names {
     /// sk_msg on `PROBE_SOCKS`, loaded by `sockmesh check` only (so not in `ALL`, the
     /// programs a running agent loads).
     pub const SK_MSG_PROBE: &str = "sockmesh_probe";
+    /// `--accelerate local`: sk_msg on `ACCEL_SOCKS`.
+    pub const ACCEL: &str = "sockmesh_accel";
 
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CONNECT4,
         CONNECT6,
         GETPEERNAME4,
@@ -102,6 +116,7 @@ pub mod program_names {
         FORWARD,
         INBOUND_HOST,
         INBOUND_POD,
+        ACCEL,
     ];
 }
 
@@ -169,7 +184,9 @@ pub struct ProxyConfig {
     pub proxy_ip6: [u32; 4],
     /// 1 once the agent has filled this in; connect hooks do nothing before that.
     pub enabled: u16,
-    pub pad: u16,
+    /// 1 with `--accelerate local`: sockops puts each redirected client socket in
+    /// `ACCEL_SOCKS` when it connects (see `AccelSocket`).
+    pub accelerate: u16,
     /// Socket mark of the agent's own sockets, which are never redirected.
     pub bypass_mark: u32,
     /// `INBOUND_PASSTHROUGH_IP4`, network order: sk_lookup never captures from it.
@@ -344,12 +361,100 @@ pub struct KernelCounters {
     pub inbound_bypassed_over_capacity: u64,
     /// TCP connects left alone because the workload's policy says `linkerd.io/inject: disabled`.
     pub bypassed_unmeshed_workload: u64,
+    /// `--accelerate local`: socket directions that started moving their bytes by ingress
+    /// redirect (an application's or the agent's side of a connection).
+    pub accel_redirected: u64,
+    /// `--accelerate local`: application sockets whose bytes went on by plain TCP for good
+    /// because the agent had not read `ACCEL_BOUND` of them yet.
+    pub accel_fell_back: u64,
 }
 
 /// Word index and bit mask of `port` in the skip-port bitmap.
 #[inline(always)]
 pub const fn skip_port_slot(port: u16) -> (u32, u64) {
     ((port / 64) as u32, 1u64 << (port % 64))
+}
+
+/// `--accelerate local`: entries of `ACCEL_SOCKS` (two sockets per connection), `ACCEL_PAIRS`
+/// and `ACCEL_READS`.
+pub const ACCEL_CONNECTIONS: u32 = 16_384;
+
+/// `--accelerate local`: bytes one side may have redirected into the other's receive queue and
+/// not yet had read. The kernel does not bound that queue (`bpf_tcp_ingress` ignores
+/// `sk_rcvbuf`), so this does: into the agent, the application's socket goes on by plain TCP
+/// (flow control again); into the application, the agent stops reading from the server until
+/// the application has read. What one queue can hold is this plus one message (at most
+/// 64 KiB), plus, into the agent, what it read and has not published yet
+/// (`ACCEL_PUBLISH_EVERY`).
+pub const ACCEL_BOUND: u64 = 1 << 20;
+
+/// `--accelerate local`: the agent publishes its read count at least this often (and after
+/// each of a connection's first reads, which lets the application's first bytes, sent by TCP
+/// before pairing, be followed by redirects).
+pub const ACCEL_PUBLISH_EVERY: u64 = 256 * 1024;
+
+/// `AccelSocket::side`.
+pub const ACCEL_SIDE_APP: u32 = 1;
+pub const ACCEL_SIDE_AGENT: u32 = 2;
+
+/// `AccelSocket::decision`: nothing sent yet (or, on the application's side, nothing could be
+/// redirected yet and everything went by TCP).
+pub const ACCEL_UNDECIDED: u32 = 0;
+/// Bytes go into the peer's receive queue (`BPF_F_INGRESS`).
+pub const ACCEL_REDIRECTING: u32 = 1;
+/// Bytes go by plain TCP, for good.
+pub const ACCEL_PLAIN: u32 = 2;
+
+/// `--accelerate local`: per socket (socket storage), which connection it belongs to and how
+/// its bytes go. The application's socket gets it from sockops when it connects; the agent's
+/// accepted socket from the agent, before it reads or writes anything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccelSocket {
+    /// The connection as the application's socket sees it: its key in `ACCEL_SOCKS` and
+    /// `ACCEL_PAIRS`; the agent's socket is in `ACCEL_SOCKS` under `pair.reversed()`.
+    pub pair: ConnTuple,
+    /// `ACCEL_SIDE_*`.
+    pub side: u32,
+    /// `ACCEL_*` decision, only ever UNDECIDED -> REDIRECTING -> PLAIN or UNDECIDED -> PLAIN.
+    pub decision: u32,
+}
+
+/// `--accelerate local`: what the kernel counts of one connection, under the application
+/// socket's tuple (sockops creates it, the sk_msg program adds to it). Redirected bytes minus
+/// read bytes (`AccelReads`) is what waits in a receive queue; `app_plain` is what the
+/// application sent by TCP before the agent's socket was paired, which the agent must have
+/// read before any later byte may overtake it by redirect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccelPair {
+    pub app_plain: u64,
+    pub app_redirected: u64,
+    pub agent_redirected: u64,
+}
+
+/// `--accelerate local`: what the agent has read of a connection, written by the agent only
+/// (whole values, so it never overwrites a kernel count). Absent until the agent pairs the
+/// connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccelReads {
+    pub agent_read: u64,
+}
+
+impl ConnTuple {
+    /// The same connection as the other socket sees it.
+    pub const fn reversed(&self) -> ConnTuple {
+        ConnTuple {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            family: self.family,
+            pad: 0,
+            netns: self.netns,
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -366,11 +471,32 @@ mod pod {
     unsafe impl aya::Pod for super::KernelPolicy {}
     unsafe impl aya::Pod for super::InboundSock {}
     unsafe impl aya::Pod for super::InboundAddr {}
+    unsafe impl aya::Pod for super::AccelSocket {}
+    unsafe impl aya::Pod for super::AccelPair {}
+    unsafe impl aya::Pod for super::AccelReads {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reversed_tuple_is_the_other_socket_s_view() {
+        let app = ConnTuple {
+            src_addr: [1, 0, 0, 0],
+            dst_addr: [2, 0, 0, 0],
+            src_port: 40_000,
+            dst_port: 4140,
+            family: AF_INET,
+            pad: 0,
+            netns: 7,
+        };
+        let agent = app.reversed();
+        assert_eq!((agent.src_addr, agent.src_port), ([2, 0, 0, 0], 4140));
+        assert_eq!((agent.dst_addr, agent.dst_port), ([1, 0, 0, 0], 40_000));
+        assert_eq!(agent.netns, 7);
+        assert_eq!(agent.reversed(), app);
+    }
 
     #[test]
     fn skip_port_slots_cover_every_port_once() {
@@ -392,7 +518,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<InboundAddr>(), 20);
         assert_eq!(core::mem::size_of::<OriginalDst>(), 16 + 2 + 2 + 4 + 8);
         assert_eq!(core::mem::size_of::<ConnTuple>(), 32 + 8 + 8);
-        assert_eq!(core::mem::size_of::<KernelCounters>(), 13 * 8);
+        assert_eq!(core::mem::size_of::<KernelCounters>(), 15 * 8);
+        assert_eq!(core::mem::size_of::<AccelSocket>(), 48 + 8);
+        assert_eq!(core::mem::size_of::<AccelPair>(), 3 * 8);
+        assert_eq!(core::mem::size_of::<AccelReads>(), 8);
         assert_eq!(core::mem::size_of::<KernelPolicy>(), 8 + 2 * 8 * 1024);
         assert_eq!(core::mem::size_of::<AgentLiveness>(), 5 * 8);
         assert_eq!(core::mem::size_of::<ServedNetns>(), 8);

@@ -4,13 +4,15 @@
 //! `redirect` (connect4/6), `tracking` (sockops), `disguise` (getpeername4/6, getsockopt),
 //! `forward` (stream verdict: in-kernel forwarding between the proxy's own sockets),
 //! `inbound` (sk_lookup, attached per network namespace: connections to meshed listeners),
-//! `probe` (sk_msg, only on `sockmesh check`'s own test sockets).
+//! `probe` (sk_msg, only on `sockmesh check`'s own test sockets), `accel` (sk_msg: the
+//! experimental `--accelerate local` fast path between applications and the agent).
 //! Every hook on application sockets returns "allow": sockmesh never makes a socket call fail.
 #![no_std]
 #![no_main]
 // Inline BPF assembly (the atomic add in maps.rs), as aya-ebpf itself uses.
 #![feature(asm_experimental_arch)]
 
+mod accel;
 mod access;
 mod disguise;
 mod forward;
@@ -88,6 +90,11 @@ pub fn sockmesh_in_pod(ctx: SkLookupContext) -> u32 {
 #[sk_msg]
 pub fn sockmesh_probe(ctx: SkMsgContext) -> u32 {
     probe::msg_verdict(&ctx)
+}
+
+#[sk_msg]
+pub fn sockmesh_accel(ctx: SkMsgContext) -> u32 {
+    accel::msg_verdict(&ctx)
 }
 
 #[cfg(not(test))]

@@ -2,14 +2,14 @@
 //! `bpftool map dump` prints named fields. Names, sizes and types come from agent-common.
 
 use agent_common::{
-    AgentLiveness, ConnTuple, FWD_MAP_ENTRIES, InboundAddr, InboundPort, InboundSock,
-    KernelCounters, KernelPolicy, MAX_INBOUND_ADDRS, MAX_INBOUND_PORTS, MAX_INBOUND_SOCKS,
-    MAX_POLICIES, MAX_POLICY_CGROUPS, MAX_SERVED_NETNS, MAX_SKIP_NETWORKS, MAX_TRACKED_CONNECTIONS,
-    MeshedListener, OriginalDst, PROBE_SOCKS_ENTRIES, ProxyConfig, SKIP_PORT_WORDS, ServedNetns,
-    skip_port_slot,
+    ACCEL_CONNECTIONS, AccelPair, AccelReads, AccelSocket, AgentLiveness, ConnTuple,
+    FWD_MAP_ENTRIES, InboundAddr, InboundPort, InboundSock, KernelCounters, KernelPolicy,
+    MAX_INBOUND_ADDRS, MAX_INBOUND_PORTS, MAX_INBOUND_SOCKS, MAX_POLICIES, MAX_POLICY_CGROUPS,
+    MAX_SERVED_NETNS, MAX_SKIP_NETWORKS, MAX_TRACKED_CONNECTIONS, MeshedListener, OriginalDst,
+    PROBE_SOCKS_ENTRIES, ProxyConfig, SKIP_PORT_WORDS, ServedNetns, skip_port_slot,
 };
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage, SockHash},
     macros::btf_map,
 };
 
@@ -62,6 +62,28 @@ pub static FWD_ACTIVE: SockHash<u64, FORWARDED_SOCKETS> = SockHash::new();
 /// `sockmesh check`'s sk_msg probe: the test sockets it creates, by `PROBE_TARGET_KEY` or not.
 #[btf_map]
 pub static PROBE_SOCKS: SockHash<u32, { PROBE_SOCKS_ENTRIES as usize }> = SockHash::new();
+
+/// `--accelerate local`: the application's socket under its own view of the connection, the
+/// agent's accepted socket under the reversed one (`sockmesh_accel` is attached here).
+#[btf_map]
+pub static ACCEL_SOCKS: SockHash<ConnTuple, { 2 * ACCEL_CONNECTIONS as usize }> = SockHash::new();
+
+/// `--accelerate local`: the kernel's byte counts per connection, under the application
+/// socket's tuple. Removed when the application's socket closes; LRU so that a lost close
+/// cannot fill it.
+#[btf_map]
+pub static ACCEL_PAIRS: LruHashMap<ConnTuple, AccelPair, { ACCEL_CONNECTIONS as usize }> =
+    LruHashMap::new();
+
+/// `--accelerate local`: the agent's read counts per paired connection (written by the agent
+/// only; it removes an entry when its connection ends).
+#[btf_map]
+pub static ACCEL_READS: LruHashMap<ConnTuple, AccelReads, { ACCEL_CONNECTIONS as usize }> =
+    LruHashMap::new();
+
+/// `--accelerate local`: per-socket side and decision.
+#[btf_map]
+pub static ACCEL_STATE: SkStorage<AccelSocket> = SkStorage::new();
 
 #[btf_map]
 pub static COUNTERS: PerCpuArray<KernelCounters, 1> = PerCpuArray::new();
@@ -145,16 +167,26 @@ pub static OPEN_REDIRECTS: Array<u64, 2> = Array::new();
 #[inline(always)]
 pub fn add_to_open_count(slot: u32, delta: u64) {
     if let Some(open) = OPEN_REDIRECTS.get_ptr_mut(slot) {
-        // SAFETY: `open` points at the map's u64 value, valid for as long as the map. BPF's
-        // atomic add (the instruction behind __sync_fetch_and_add with an unused result);
-        // core's AtomicU64 has no fetch_add on this target.
-        unsafe {
-            core::arch::asm!(
-                "lock *(u64 *)({ptr} + 0) += {delta}",
-                ptr = in(reg) open,
-                delta = in(reg) delta,
-            );
-        }
+        // SAFETY: `open` points at the map's u64 value, valid for as long as the map.
+        unsafe { atomic_add(open, delta) };
+    }
+}
+
+/// Adds `delta` to the u64 at `value`, atomically.
+///
+/// # Safety
+/// `value` must point at a u64 in a map value (or other memory the program may write).
+#[inline(always)]
+pub unsafe fn atomic_add(value: *mut u64, delta: u64) {
+    // SAFETY: upheld by the caller. BPF's atomic add (the instruction behind
+    // __sync_fetch_and_add with an unused result); core's AtomicU64 has no fetch_add on this
+    // target.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({ptr} + 0) += {delta}",
+            ptr = in(reg) value,
+            delta = in(reg) delta,
+        );
     }
 }
 

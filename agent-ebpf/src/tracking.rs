@@ -19,8 +19,9 @@ use aya_ebpf::{
 };
 
 use crate::{
+    accel,
     access::{read_field, read_words},
-    maps::{INBOUND_PORTS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, add_to_open_count, count},
+    maps::{INBOUND_PORTS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, add_to_open_count, count, proxy_config},
 };
 
 #[inline(always)]
@@ -127,11 +128,15 @@ fn on_established(ctx: &SockOpsContext) {
     };
     // SAFETY: copied out at once; the entry is only removed by this socket's own close.
     let dst = unsafe { *dst };
+    let tuple = client_tuple(ctx);
     if ORIG_BY_TUPLE
-        .insert(client_tuple(ctx), dst, u64::from(BPF_ANY))
+        .insert(tuple, dst, u64::from(BPF_ANY))
         .is_err()
     {
         count(|c: &mut KernelCounters| &mut c.errors);
+    }
+    if proxy_config().is_some_and(|config| config.accelerate != 0) {
+        accel::on_app_established(ctx, tuple);
     }
 }
 
@@ -144,6 +149,7 @@ fn on_close(ctx: &SockOpsContext) {
     if ORIG_BY_COOKIE.remove(cookie(ctx)).is_ok() {
         // This socket was counted when connect4/6 redirected it.
         add_to_open_count(OPEN_REDIRECTS_SLOT, u64::MAX);
+        accel::on_app_close(ctx);
     }
 }
 

@@ -6,9 +6,9 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    Config, CopyMode, DEFAULT_CNI_SOCKET, DEFAULT_OPAQUE_PORTS, DEFAULT_SOCKMAP_CONNECTIONS,
-    NetworkList, PortRange, PortSet, parse_cgroup_dir, parse_duration, parse_listen_port,
-    parse_liveness_timeout,
+    Accelerate, Config, CopyMode, DEFAULT_CNI_SOCKET, DEFAULT_OPAQUE_PORTS,
+    DEFAULT_SOCKMAP_CONNECTIONS, NetworkList, PortRange, PortSet, parse_cgroup_dir, parse_duration,
+    parse_listen_port, parse_liveness_timeout,
 };
 
 #[derive(Debug, Parser)]
@@ -218,6 +218,12 @@ pub struct RunArgs {
         default_value = "sockmap"
     )]
     pub copy_mode: CopyMode,
+    /// Experimental: `local` moves the bytes of connections to opaque ports between the
+    /// application's socket and the agent's with sk_msg redirects instead of TCP (copied in
+    /// user space between the agent's two sockets). Needs BTF and fexit; `sockmesh check`
+    /// says whether this kernel can.
+    #[arg(long, env = "SOCKMESH_ACCELERATE", value_enum, default_value = "off")]
+    pub accelerate: Accelerate,
     /// With `--copy-mode sockmap`: chatty connections are handed to the kernel only while at
     /// most this many opaque connections are open; with more they are copied in user space,
     /// whose wake-ups serve many busy connections at once where each kernel redirect wakes
@@ -306,6 +312,7 @@ impl RunArgs {
             connect_timeout: self.connect_timeout,
             enable_shutdown_endpoint: self.enable_shutdown_endpoint,
             copy_mode: self.copy_mode,
+            accelerate: self.accelerate,
             sockmap_connections: self.sockmap_connections as usize,
             pin_dir: self.pin_dir,
             bypass_mark: self.bypass_mark,

@@ -239,6 +239,17 @@ pub enum CopyMode {
     Userspace,
 }
 
+/// Whether the bytes between applications and the agent skip TCP (`--accelerate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerate {
+    /// Plain TCP between applications and the agent.
+    Off,
+    /// Experimental: connections to opaque ports move their bytes between the application's
+    /// socket and the agent's by sk_msg ingress redirects (docs/design-sk-msg.md).
+    Local,
+}
+
 /// The effective configuration of `sockmesh run`, built once from the flags. Serialised as
 /// is for /config.json (durations in milliseconds, port and network lists as their flag text).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -275,6 +286,7 @@ pub struct Config {
     /// Whether POST /shutdown (from loopback) stops the agent.
     pub enable_shutdown_endpoint: bool,
     pub copy_mode: CopyMode,
+    pub accelerate: Accelerate,
     /// With sockmap: chatty connections go to the kernel only while at most this many opaque
     /// connections are open; otherwise they are copied in user space.
     pub sockmap_connections: usize,

@@ -9,10 +9,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent_common::ConnTuple;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    accel::{AccelLink, Accelerator},
     classify::{Classified, OpaqueReason, Protocol, classify},
     close::CloseReason,
     config::{Config, PortSet},
@@ -47,6 +49,8 @@ pub struct Proxy {
     inbound: Arc<Inbound>,
     /// How opaque connections move their bytes.
     opaque: OpaqueForwarding,
+    /// `--accelerate local`: pairs opaque-port connections with the application's socket.
+    accelerator: Option<Arc<Accelerator>>,
     http: Arc<HttpProxy>,
     opaque_ports: PortSet,
     detect_timeout: Duration,
@@ -86,6 +90,7 @@ impl Proxy {
             original_dsts: maps.original_dsts,
             inbound: maps.inbound,
             opaque: OpaqueForwarding::new(config.copy_mode, kernel, config.sockmap_connections),
+            accelerator: maps.accelerator,
             http: Arc::new(http),
             opaque_ports: config.opaque_ports.clone(),
             detect_timeout: config.detect_timeout,
@@ -100,6 +105,8 @@ impl Proxy {
 pub struct KernelMaps {
     pub original_dsts: OriginalDstMap,
     pub inbound: Arc<Inbound>,
+    /// `--accelerate local`.
+    pub accelerator: Option<Arc<Accelerator>>,
 }
 
 /// Where an accepted connection goes, and for whom.
@@ -107,6 +114,9 @@ struct Target {
     dst: SocketAddr,
     /// cgroup v2 id of the workload (the client outbound, the server inbound), when known.
     workload_cgroup: Option<u64>,
+    /// Outbound: the connection as the application's socket sees it (its key in the kernel's
+    /// maps).
+    app_tuple: Option<ConnTuple>,
 }
 
 /// One proxied connection, start to finish. `origin` is the namespace (host or pod) whose
@@ -126,6 +136,7 @@ pub async fn handle(
     let Some(Target {
         dst,
         workload_cgroup,
+        app_tuple,
     }) = found
     else {
         tracing::debug!(%peer, ?direction, "no original destination; not a proxied connection");
@@ -133,6 +144,7 @@ pub async fn handle(
         return;
     };
     let opaque_port = proxy.is_opaque(&origin, workload_cgroup, dst.port());
+    let accelerated = proxy.accelerate(&client, app_tuple, &origin, opaque_port);
     let started = Instant::now();
     let conn = ConnInfo {
         id: proxy.tap.connection_id(),
@@ -165,15 +177,14 @@ pub async fn handle(
     let (protocol, reason) = match proxy.dialer.connect(dst, &origin, direction).await {
         Ok(server) => {
             let streams = (client, server);
-            forward(
-                streams,
-                conn,
-                opaque_port,
-                &labels,
-                counters.clone(),
-                &proxy,
-            )
-            .await
+            let opaque = if let Some(link) = accelerated {
+                OpaquePath::Accelerated(link)
+            } else if opaque_port {
+                OpaquePath::Port
+            } else {
+                OpaquePath::Detect
+            };
+            forward(streams, conn, opaque, &labels, counters.clone(), &proxy).await
         }
         Err(error) => {
             proxy.count_connect_error(&labels, &error);
@@ -206,21 +217,38 @@ pub async fn handle(
     });
 }
 
+/// Whether a connection is opaque from the start, and how its bytes move then.
+enum OpaquePath {
+    /// Not known yet: detect the protocol.
+    Detect,
+    /// An opaque port.
+    Port,
+    /// An opaque port, paired with the application's socket (`--accelerate local`).
+    Accelerated(AccelLink),
+}
+
 /// Detects the protocol and forwards accordingly. Returns the detection result and how the
 /// connection ended.
 async fn forward(
     (client, server): (TcpStream, TcpStream),
     conn: ConnInfo,
-    opaque_port: bool,
+    opaque: OpaquePath,
     labels: &TcpLabels,
     counters: ByteCounters,
     proxy: &Proxy,
 ) -> (&'static str, CloseReason) {
-    let classified = if opaque_port {
-        Classified {
-            protocol: Protocol::Opaque(OpaqueReason::OpaquePort),
-            elapsed: Duration::ZERO,
-        }
+    if let OpaquePath::Accelerated(link) = opaque {
+        proxy.record_detection(&opaque_port(), labels);
+        let _ = client.set_nodelay(true);
+        proxy.count_opaque_mode("accelerated");
+        let outcome = proxy
+            .opaque
+            .forward_accelerated(client, server, &counters, &link)
+            .await;
+        return (opaque_port().protocol.result_label(), outcome.into());
+    }
+    let classified = if matches!(opaque, OpaquePath::Port) {
+        opaque_port()
     } else {
         classify(&client, Some(&server), proxy.detect_timeout).await
     };
@@ -243,6 +271,14 @@ async fn forward(
     let http = Arc::clone(&proxy.http);
     let result = http::forward(client, server, conn, counters, version, http).await;
     (protocol, result.into())
+}
+
+/// What detection says of a connection to an opaque port, without looking.
+fn opaque_port() -> Classified {
+    Classified {
+        protocol: Protocol::Opaque(OpaqueReason::OpaquePort),
+        elapsed: Duration::ZERO,
+    }
 }
 
 /// The client's socket failed during detection (a reset before its first byte, typically):
@@ -322,7 +358,29 @@ impl Proxy {
         found.map(|found| Target {
             dst: found.dst,
             workload_cgroup: Some(found.cgroup).filter(|&cgroup| cgroup != 0),
+            app_tuple: Some(original_dst::conn_tuple(&accepted)),
         })
+    }
+
+    /// `--accelerate local`: pairs an opaque-port connection with the application's socket, or
+    /// takes the application's socket out of the fast path. Before anything is read from or
+    /// written to `client`. The link, if paired.
+    fn accelerate(
+        &self,
+        client: &TcpStream,
+        app: Option<ConnTuple>,
+        origin: &Arc<Origin>,
+        opaque_port: bool,
+    ) -> Option<AccelLink> {
+        let (Some(accelerator), Some(app)) = (&self.accelerator, app) else {
+            return None;
+        };
+        if opaque_port {
+            accelerator.pair(client, app, Arc::clone(origin))
+        } else {
+            accelerator.release(app);
+            None
+        }
     }
 
     /// Opaque ports: the node-wide list plus the workload's policy (its pod's, or in host mode
@@ -351,6 +409,7 @@ impl Proxy {
         Some(Target {
             dst,
             workload_cgroup,
+            app_tuple: None,
         })
     }
 

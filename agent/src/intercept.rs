@@ -27,7 +27,10 @@ use aya::{
 use ipnetwork::IpNetwork;
 use parking_lot::Mutex;
 
-use crate::config::{Config, PortSet};
+use crate::{
+    accel::{AccelError, Accelerator},
+    config::{Accelerate, Config, PortSet},
+};
 
 /// The compiled agent-ebpf object, embedded at build time (see build.rs).
 static EBPF_OBJECT: &[u8] =
@@ -270,7 +273,7 @@ impl Intercept {
             proxy_ip4: u32::from(Ipv4Addr::LOCALHOST).to_be(),
             proxy_ip6: ipv6_words(Ipv6Addr::LOCALHOST),
             enabled: 1,
-            pad: 0,
+            accelerate: u16::from(config.accelerate == Accelerate::Local),
             bypass_mark: config.bypass_mark,
             passthrough_ip4: u32::from_ne_bytes(INBOUND_PASSTHROUGH_IP4),
             host_netns,
@@ -432,6 +435,12 @@ impl Intercept {
             })?;
         self.forward_link = Some(Box::new(program.take_link(id)?));
         Ok((peers, active))
+    }
+
+    /// `--accelerate local`: attaches the fast path's programs (before `attach`, so that every
+    /// socket sockops adds to `ACCEL_SOCKS` meets them).
+    pub fn accelerator(&mut self) -> Result<Accelerator, AccelError> {
+        Accelerator::attach(&mut self.ebpf)
     }
 
     /// Loads and attaches every program to `cgroup`. From here on, connects in the cgroup are
@@ -845,6 +854,8 @@ impl KernelCounterMap {
                 sum.inbound_bypassed_agent_unresponsive += cpu.inbound_bypassed_agent_unresponsive;
                 sum.inbound_bypassed_over_capacity += cpu.inbound_bypassed_over_capacity;
                 sum.bypassed_unmeshed_workload += cpu.bypassed_unmeshed_workload;
+                sum.accel_redirected += cpu.accel_redirected;
+                sum.accel_fell_back += cpu.accel_fell_back;
                 sum
             }))
     }

@@ -2,13 +2,14 @@
 //! `sockmesh` binary).
 //!
 //! A connection's life, one module per stage: `intercept` (kernel programs on a cgroup) ->
-//! `accept` -> `connection` (`original_dst` -> `connect` -> `classify`/`detect` -> `forward`:
+//! `accept` -> `connection` (`original_dst` -> `accel` -> `connect` -> `classify`/`detect` -> `forward`:
 //! http | opaque, then kernel once chatty) -> `metrics` and `tap`, served by `admin`. `run`
 //! wires them together; `config` and `cli` parse the flags once; `ops` holds the operator
 //! commands; `sys` holds every raw system call (the only module allowed `unsafe`).
 
 #![deny(unsafe_code)]
 
+pub mod accel;
 pub mod accept;
 pub mod admin;
 pub mod cgroup;

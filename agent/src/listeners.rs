@@ -142,6 +142,59 @@ pub fn tcp_socket_exists(local: SocketAddr, remote: SocketAddr) -> io::Result<bo
     lookup_reply_names(&buf[..n], remote.port())
 }
 
+/// `INET_DIAG_SKMEMINFO` (linux/inet_diag.h): the socket's memory counters, u32s of which the
+/// first is `SK_MEMINFO_RMEM_ALLOC`, the bytes charged to its receive queues.
+const INET_DIAG_SKMEMINFO: u16 = 7;
+
+/// A netlink socket for sock_diag queries, in the calling thread's network namespace (create
+/// it inside `Origin::within` for a pod's; it keeps that namespace).
+pub fn sock_diag_socket() -> io::Result<Socket> {
+    Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::DGRAM,
+        Some(Protocol::from(NETLINK_SOCK_DIAG)),
+    )
+}
+
+/// The receive memory of the TCP socket `local` -> `remote` (its unread bytes, whether they
+/// arrived by TCP or by sk_msg redirect), or None if there is no such socket.
+pub fn tcp_receive_memory(
+    diag: &Socket,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> io::Result<Option<u64>> {
+    let mut request = lookup_request(local, remote);
+    // The `ext` byte of inet_diag_req_v2: one bit per attribute wanted, (1 << (kind - 1)).
+    request[NLMSG_HEADER + 2] = 1 << (INET_DIAG_SKMEMINFO - 1);
+    diag.send(&request)?;
+    let mut buf = [0u8; 1024];
+    let n = std::io::Read::read(&mut &*diag, &mut buf)?;
+    receive_memory_of(&buf[..n], remote.port())
+}
+
+/// Reads the answer to `tcp_receive_memory`'s lookup.
+fn receive_memory_of(bytes: &[u8], remote_port: u16) -> io::Result<Option<u64>> {
+    let Some(Message { kind, payload, .. }) = next_message(bytes)? else {
+        return Err(truncated());
+    };
+    match kind {
+        NLMSG_ERROR => match errno_of(payload) {
+            0 | libc::ENOENT => Ok(None),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        },
+        SOCK_DIAG_BY_FAMILY => {
+            let ours = payload
+                .get(6..8)
+                .is_some_and(|port| u16::from_be_bytes([port[0], port[1]]) == remote_port);
+            if !ours || payload.len() < INET_DIAG_MSG {
+                return Ok(None);
+            }
+            Ok(attribute_u32(&payload[INET_DIAG_MSG..], INET_DIAG_SKMEMINFO).map(u64::from))
+        }
+        _ => Err(io::Error::other("unexpected sock_diag reply")),
+    }
+}
+
 /// An exact `SOCK_DIAG_BY_FAMILY` request for the TCP socket `local` -> `remote`.
 fn lookup_request(local: SocketAddr, remote: SocketAddr) -> Vec<u8> {
     let family = if local.is_ipv4() { AF_INET } else { AF_INET6 } as u8;
@@ -320,16 +373,28 @@ fn parse_listener(payload: &[u8]) -> Option<Listener> {
     })
 }
 
+/// The first u32 of the first attribute of `kind` in a run of rtattrs.
+fn attribute_u32(attrs: &[u8], kind: u16) -> Option<u32> {
+    let value = attribute(attrs, kind)?;
+    Some(u32::from_ne_bytes(value.get(0..4)?.try_into().ok()?))
+}
+
 /// The u64 value of the first attribute of `kind` in a run of rtattrs.
-fn attribute_u64(mut attrs: &[u8], kind: u16) -> Option<u64> {
+fn attribute_u64(attrs: &[u8], kind: u16) -> Option<u64> {
+    let value = attribute(attrs, kind)?;
+    Some(u64::from_ne_bytes(value.get(0..8)?.try_into().ok()?))
+}
+
+/// The value of the first attribute of `kind` in a run of rtattrs.
+fn attribute(mut attrs: &[u8], kind: u16) -> Option<&[u8]> {
     while attrs.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
         let this = u16::from_ne_bytes([attrs[2], attrs[3]]);
         if len < 4 || len > attrs.len() {
             return None;
         }
-        if this == kind && len >= 12 {
-            return Some(u64::from_ne_bytes(attrs[4..12].try_into().ok()?));
+        if this == kind {
+            return Some(&attrs[4..len]);
         }
         attrs = &attrs[align4(len).min(attrs.len())..];
     }

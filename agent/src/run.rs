@@ -16,7 +16,7 @@ use crate::{
     admin::{self, AdminState},
     cgroup,
     cli::RunArgs,
-    config::{Config, CopyMode},
+    config::{Accelerate, Config, CopyMode},
     connection::{KernelMaps, Proxy},
     forward::kernel::KernelForwarder,
     intercept::{Inbound, InboundScope, Intercept, OriginalDstMap},
@@ -87,6 +87,16 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
         Arc::clone(&host_origin),
     ));
     let kernel = kernel_forwarder(&config, &mut intercept, &metrics);
+    let accelerator = match config.accelerate {
+        Accelerate::Off => None,
+        Accelerate::Local => {
+            let accelerator = intercept
+                .accelerator()
+                .context("--accelerate local (see `sockmesh check`)")?;
+            tracing::warn!("--accelerate local is experimental (docs/design-sk-msg.md)");
+            Some(Arc::new(accelerator))
+        }
+    };
     // Cancelled at shutdown: listeners stop accepting, HTTP keep-alive connections wind down.
     let proxy_shutdown = CancellationToken::new();
     // Every connection task, and what each starts beside itself; shutdown drains them.
@@ -97,6 +107,7 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
         KernelMaps {
             original_dsts: intercept.original_dst_map()?,
             inbound: Arc::clone(&inbound),
+            accelerator,
         },
         kernel,
         &config,

@@ -21,6 +21,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::accel::AccelLink;
+
 use super::{
     ByteCounters,
     opaque::{Failure, Outcome, reset},
@@ -44,6 +46,48 @@ pub async fn copy_bidirectional(
     copy_observed(client, server, counters, |_| {}, |_| {}, None).await
 }
 
+/// `--accelerate local`: `copy_bidirectional` for a connection paired with the application's
+/// socket, telling `link` what was read from and written to the client, and reading from the
+/// server only while the application has room (the kernel does not bound its queue).
+pub async fn copy_accelerated(
+    client: TcpStream,
+    server: TcpStream,
+    counters: &ByteCounters,
+    link: &AccelLink,
+) -> Outcome {
+    let hooks = ClientHooks {
+        wrote: &|bytes| link.wrote(bytes),
+        has_room: &|| link.app_has_room(),
+    };
+    copy_with(
+        client,
+        server,
+        counters,
+        |bytes| link.read(bytes.len()),
+        |_| {},
+        None,
+        hooks,
+    )
+    .await
+}
+
+/// What the copy tells about its writes to the client, and asks before reading what it would
+/// write to it (`--accelerate local`).
+#[derive(Clone, Copy)]
+struct ClientHooks<'a> {
+    /// Bytes written to the client.
+    wrote: &'a (dyn Fn(u64) + Sync),
+    /// Whether the client may be given more now.
+    has_room: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl ClientHooks<'_> {
+    const NONE: ClientHooks<'static> = ClientHooks {
+        wrote: &|_| {},
+        has_room: &|| true,
+    };
+}
+
 /// Bytes the proxy puts into the server-to-client direction once, when `when` is cancelled
 /// and then as soon as `may_go` says the stream is between two messages (HTTP/2: a GOAWAY at
 /// shutdown, between two frames). `may_go` is asked only when every byte read has been
@@ -58,12 +102,33 @@ pub struct Interjection<'a> {
 /// before it is written on: an observer of the bytes (HTTP/2's frames) that changes none,
 /// and puts in only `to_client`'s bytes, if any.
 pub async fn copy_observed(
+    client: TcpStream,
+    server: TcpStream,
+    counters: &ByteCounters,
+    from_client: impl FnMut(&[u8]),
+    from_server: impl FnMut(&[u8]),
+    to_client: Option<Interjection<'_>>,
+) -> Outcome {
+    copy_with(
+        client,
+        server,
+        counters,
+        from_client,
+        from_server,
+        to_client,
+        ClientHooks::NONE,
+    )
+    .await
+}
+
+async fn copy_with(
     mut client: TcpStream,
     mut server: TcpStream,
     counters: &ByteCounters,
     from_client: impl FnMut(&[u8]),
     from_server: impl FnMut(&[u8]),
     to_client: Option<Interjection<'_>>,
+    hooks: ClientHooks<'_>,
 ) -> Outcome {
     let result = {
         let (client_read, client_write) = client.split();
@@ -74,13 +139,18 @@ pub async fn copy_observed(
             from_client,
             None,
             |bytes| counters.client_to_server(bytes),
+            ClientHooks::NONE.has_room,
         );
         let to_client = copy_one_way(
             server_read,
             client_write.as_ref(),
             from_server,
             to_client,
-            |bytes| counters.server_to_client(bytes),
+            |bytes| {
+                counters.server_to_client(bytes);
+                (hooks.wrote)(bytes);
+            },
+            hooks.has_room,
         );
         tokio::try_join!(to_server, to_client)
     };
@@ -115,9 +185,19 @@ async fn copy_one_way(
     mut observe: impl FnMut(&[u8]),
     mut interjection: Option<Interjection<'_>>,
     count: impl Fn(u64),
+    has_room: &(dyn Fn() -> bool + Sync),
 ) -> io::Result<()> {
     let mut armed = false;
+    let mut no_room_for = NO_ROOM_FIRST_WAIT;
     loop {
+        if !has_room() {
+            // Nothing wakes us when the application reads (redirected bytes leave its socket
+            // writable): look again after a while, less often the longer it does not read.
+            tokio::time::sleep(no_room_for).await;
+            no_room_for = (no_room_for * 2).min(NO_ROOM_LAST_WAIT);
+            continue;
+        }
+        no_room_for = NO_ROOM_FIRST_WAIT;
         if armed && let Some(pending) = &interjection {
             match (pending.may_go)() {
                 Some(true) => {
@@ -202,6 +282,11 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `--accelerate local`: how soon to look again whether the application has read, at first
+/// and at most.
+const NO_ROOM_FIRST_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+const NO_ROOM_LAST_WAIT: std::time::Duration = std::time::Duration::from_millis(16);
 
 /// Passes an end of stream on. A peer that is already gone is not an error here: its own
 /// direction reports that.

@@ -27,6 +27,7 @@ use self::{
     pipe::PipePool,
 };
 use crate::{
+    accel::AccelLink,
     config::CopyMode,
     metrics::{Metrics, TcpLabels},
 };
@@ -113,6 +114,22 @@ impl OpaqueForwarding {
                 copy::copy_bidirectional(client, server, counters).await
             }
         }
+    }
+}
+
+impl OpaqueForwarding {
+    /// An opaque connection paired with the application's socket (`--accelerate local`):
+    /// copied in user space to the end. Its client socket must be read with recv (splice does
+    /// not see redirected bytes) and never handed to the kernel forwarder (a stream verdict on
+    /// it would change how it receives).
+    pub async fn forward_accelerated(
+        &self,
+        client: TcpStream,
+        server: TcpStream,
+        counters: &ByteCounters,
+        link: &AccelLink,
+    ) -> Outcome {
+        copy::copy_accelerated(client, server, counters, link).await
     }
 }
 

@@ -436,6 +436,21 @@ impl Collector for KernelCollector {
             let labels = DecisionLabels { decision };
             ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
         }
+        let accelerated = [
+            ("redirected", counters.accel_redirected),
+            ("fell_back", counters.accel_fell_back),
+        ];
+        let mut family = encoder.encode_descriptor(
+            "sockmesh_kernel_accelerate",
+            "--accelerate local: socket directions that started redirecting, application \
+             sockets that fell back to TCP at the bound",
+            None,
+            probe.metric_type(),
+        )?;
+        for (decision, value) in accelerated {
+            let labels = DecisionLabels { decision };
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
         let errors = ConstCounter::new(counters.errors);
         let metric = encoder.encode_descriptor(
             "sockmesh_kernel_errors",

@@ -1,0 +1,314 @@
+//! `--accelerate local` (experimental): connections to opaque ports move their bytes between
+//! the application's socket and the agent's by sk_msg ingress redirects. Real clients and
+//! servers, byte-exact both ways, and the rules that keep it safe: the bound on what either
+//! side may be given unread, the application socket of a connection that is not accelerated
+//! taken out of the fast path before it receives a byte (FIONREAD stays right), and an agent
+//! killed with accelerated connections open leaves no application hanging.
+
+use std::{fs, process::Stdio, sync::mpsc, thread, time::Duration};
+
+use integration_tests::{
+    Agent, AgentOptions, TestCgroup,
+    clients::python,
+    require_privileged,
+    servers::{EchoServer, PatternServer, SYSTEM_PYTHON, ServerProcess, peer_script, write_file},
+};
+
+const LIMIT: Duration = Duration::from_secs(120);
+/// `agent_common::ACCEL_BOUND` and the largest message one redirect moves.
+const BOUND: u64 = 1 << 20;
+const MESSAGE: u64 = 64 * 1024;
+const ACCEL_MAPS: [&str; 3] = ["ACCEL_SOCKS", "ACCEL_PAIRS", "ACCEL_READS"];
+
+fn accelerated_agent(cgroup: &TestCgroup, opaque_port: u16) -> Agent {
+    Agent::start_with(
+        cgroup,
+        AgentOptions {
+            args: vec![
+                "--accelerate=local".to_string(),
+                format!("--opaque-ports={opaque_port}"),
+            ],
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn chatty_and_bulk_connections_are_byte_exact_through_the_fast_path() {
+    require_privileged!();
+    for listen in ["127.0.0.1:0", "[::1]:0"] {
+        let echo = EchoServer::start(listen);
+        let cgroup = TestCgroup::new("accel");
+        let agent = accelerated_agent(&cgroup, echo.addr().port());
+        let (conns, rounds, bulk) = (20u64, 20u64, 2_000_000u64);
+        // Round trips of 100 bytes, then 2 MB echoed while sending, half-close, EOF; the
+        // client non-blocking and edge-triggered (blocking ones: see the EAGAIN test below).
+        let report = python(
+            &cgroup,
+            &[
+                &peer_script("duplex_client.py"),
+                &echo.addr().to_string(),
+                &conns.to_string(),
+                &rounds.to_string(),
+                &bulk.to_string(),
+            ],
+            LIMIT,
+        );
+        assert!(report.starts_with("ok connections=20"), "{report}");
+
+        let port = echo.addr().port().to_string();
+        let per_direction = conns * (rounds * 100 + bulk);
+        agent.assert_metric(
+            "sockmesh_opaque_connections_total",
+            &[("mode", "accelerated")],
+            conns,
+        );
+        // Both directions of every connection redirected: the agent's from its first write,
+        // the application's once the agent had read what it sent before the pairing.
+        agent.assert_metric(
+            "sockmesh_kernel_accelerate_total",
+            &[("decision", "redirected")],
+            2 * conns,
+        );
+        agent.assert_metric(
+            "tcp_write_bytes_total",
+            &[("target_port", &port)],
+            per_direction,
+        );
+        agent.assert_metric(
+            "tcp_read_bytes_total",
+            &[("target_port", &port)],
+            per_direction,
+        );
+        agent.assert_metric(
+            "tcp_close_total",
+            &[("target_port", &port), ("errno", "")],
+            conns,
+        );
+        agent.assert_maps_empty(&ACCEL_MAPS);
+    }
+}
+
+/// Python inside the meshed cgroup: connects to ADDR, sends 1,000 bytes of the client pattern,
+/// waits until its receive queue stops growing (FIONREAD), prints the most it held, then reads
+/// the server's pattern to EOF, prints how much of it arrived intact, and half-closes.
+const SLOW_READER: &str = r#"
+import fcntl, socket, sys, termios, array, time
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host.strip("[]"), int(port)), timeout=60)
+s.sendall(bytes((i % 251) ^ 1 for i in range(1000)))
+def queued():
+    n = array.array("i", [0]); fcntl.ioctl(s.fileno(), termios.FIONREAD, n); return n[0]
+most, still, deadline = 0, 0, time.monotonic() + 20
+while still < 10 and time.monotonic() < deadline:
+    time.sleep(0.1)
+    now = queued()
+    still = still + 1 if now == most and now > 0 else 0
+    most = max(most, now)
+print("queued", most)
+pattern = bytes((i % 251) ^ 2 for i in range(251)) * 300
+total = 0
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    start = total % 251
+    if data != pattern[start:start + len(data)]:
+        print("corrupt at", total); sys.exit(1)
+    total += len(data)
+print("received", total)
+s.shutdown(socket.SHUT_WR)
+"#;
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn a_client_that_stops_reading_is_given_at_most_the_bound() {
+    require_privileged!();
+    let reply = 32u64 << 20;
+    let server = PatternServer::start("127.0.0.1:0", reply);
+    let cgroup = TestCgroup::new("accelslow");
+    let agent = accelerated_agent(&cgroup, server.addr().port());
+    let report = python(
+        &cgroup,
+        &["-c", SLOW_READER, &server.addr().to_string()],
+        LIMIT,
+    );
+    let value = |key: &str| -> u64 {
+        report
+            .lines()
+            .find_map(|line| line.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {report}"))
+    };
+    // The agent stops reading from the server once the client holds the bound unread (over
+    // plain TCP the client's receive buffer would stop the server the same way).
+    let queued = value("queued ");
+    assert!(queued > BOUND / 2 && queued <= BOUND + MESSAGE, "{report}");
+    assert_eq!(value("received "), reply, "{report}");
+    let received = server.received(1);
+    assert_eq!(received[0].bytes, 1000, "{:?}", received[0]);
+    assert_eq!(received[0].error, None);
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "accelerated")],
+        1,
+    );
+    agent.assert_maps_empty(&ACCEL_MAPS);
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn nginx_serves_a_large_file_to_a_slow_client_through_the_fast_path() {
+    require_privileged!();
+    let dir = std::env::temp_dir().join(format!("sockmesh-accel-nginx-{}", std::process::id()));
+    let root = dir.join("root");
+    fs::create_dir_all(&root).expect("nginx root");
+    write_file(&root.join("big.bin"), 50 << 20);
+    let nginx = ServerProcess::nginx_h2c(&root);
+    let cgroup = TestCgroup::new("accelnginx");
+    let agent = accelerated_agent(&cgroup, nginx.addr.port());
+    let fetched = dir.join("fetched.bin");
+    let status = integration_tests::process::run_ok(
+        cgroup
+            .command("curl")
+            .args(["-s", "--http2-prior-knowledge", "--limit-rate", "40M"])
+            .args(["-o"])
+            .arg(&fetched)
+            .args(["-w", "%{http_code}"])
+            .arg(format!("http://{}/big.bin", nginx.addr)),
+        LIMIT,
+    );
+    assert_eq!(status, "200");
+    let sum = |path: &std::path::Path| {
+        integration_tests::process::run_ok(std::process::Command::new("sha256sum").arg(path), LIMIT)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(sum(&fetched), sum(&root.join("big.bin")));
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "accelerated")],
+        1,
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// Python inside the meshed cgroup: one echo round trip on each of two connections, one to an
+/// opaque port (ADDR1) and one not (ADDR2); on the second, the bytes the echo server sends
+/// back must be counted by FIONREAD (a socket left in a sockhash would read 0 on 6.18).
+const FIONREAD_CLIENT: &str = r#"
+import fcntl, socket, sys, termios, array, time
+def connect(addr):
+    host, port = addr.rsplit(":", 1)
+    return socket.create_connection((host.strip("[]"), int(port)), timeout=30)
+for name, addr in (("opaque", sys.argv[1]), ("detected", sys.argv[2])):
+    s = connect(addr)
+    s.sendall(b"x" * 1000)
+    deadline, n = time.monotonic() + 10, array.array("i", [0])
+    while time.monotonic() < deadline:
+        fcntl.ioctl(s.fileno(), termios.FIONREAD, n)
+        if n[0] >= 1000:
+            break
+        time.sleep(0.05)
+    got = b""
+    while len(got) < 1000:
+        got += s.recv(1000 - len(got))
+    print(name, n[0], got == b"x" * 1000)
+    s.close()
+"#;
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn fionread_is_right_on_accelerated_and_on_released_sockets() {
+    require_privileged!();
+    let opaque = EchoServer::start("127.0.0.1:0");
+    let detected = EchoServer::start("127.0.0.1:0");
+    let cgroup = TestCgroup::new("accelfion");
+    let agent = accelerated_agent(&cgroup, opaque.addr().port());
+    let report = python(
+        &cgroup,
+        &[
+            "-c",
+            FIONREAD_CLIENT,
+            &opaque.addr().to_string(),
+            &detected.addr().to_string(),
+        ],
+        LIMIT,
+    );
+    assert!(report.contains("opaque 1000 True"), "{report}");
+    assert!(report.contains("detected 1000 True"), "{report}");
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "accelerated")],
+        1,
+    );
+    agent.assert_maps_empty(&ACCEL_MAPS);
+}
+
+/// Python inside the meshed cgroup: one echo round trip, then waits for the file ARG2 (the
+/// agent has been killed), sends again and reports what the connection did within 10 s.
+const AFTER_KILL_CLIENT: &str = r#"
+import os, socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=30)
+s.sendall(b"ping"); assert s.recv(4) == b"ping"
+print("chatted", flush=True)
+deadline = time.monotonic() + 30
+while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
+    time.sleep(0.05)
+s.settimeout(10)
+try:
+    s.sendall(b"again")
+    data = s.recv(5)
+    print("eof" if not data else "data")
+except ConnectionResetError:
+    print("reset")
+except BrokenPipeError:
+    print("reset")
+except socket.timeout:
+    print("hung")
+"#;
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn an_agent_killed_with_accelerated_connections_open_leaves_nothing_hanging() {
+    require_privileged!();
+    let echo = EchoServer::start("127.0.0.1:0");
+    let cgroup = TestCgroup::new("accelkill");
+    let mut agent = accelerated_agent(&cgroup, echo.addr().port());
+    let killed = std::env::temp_dir().join(format!("sockmesh-accel-killed-{}", std::process::id()));
+    let _ = fs::remove_file(&killed);
+    let mut client = cgroup
+        .command(SYSTEM_PYTHON)
+        .args(["-c", AFTER_KILL_CLIENT, &echo.addr().to_string()])
+        .arg(&killed)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python client");
+    let stdout = client.stdout.take().expect("client stdout");
+    let (line_tx, line_rx) = mpsc::channel();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = line_tx.send(line);
+        }
+    });
+    let first = line_rx.recv_timeout(LIMIT).expect("the client chatted");
+    assert_eq!(first, "chatted");
+    agent.signal(libc::SIGKILL);
+    agent.wait_exit();
+    fs::write(&killed, b"").expect("tell the client");
+    let outcome = line_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the client reported");
+    let _ = client.wait();
+    let _ = fs::remove_file(&killed);
+    // The agent's socket is gone: the application's next bytes go by plain TCP to a closed
+    // socket and are answered with a reset (or its read sees the agent's close), never a hang.
+    assert!(outcome == "reset" || outcome == "eof", "{outcome}");
+}
