@@ -24,8 +24,8 @@ use std::{
 };
 
 use agent_common::{
-    ACCEL_BOUND, ACCEL_PUBLISH_EVERY, ACCEL_SIDE_AGENT, ACCEL_UNDECIDED, AccelReads, AccelSocket,
-    ConnTuple, map_names, program_names,
+    ACCEL_BOUND, ACCEL_PUBLISH_EVERY, ACCEL_SIDE_AGENT, ACCEL_UNDECIDED, AccelPair, AccelReads,
+    AccelSocket, ConnTuple, map_names, program_names,
 };
 use aya::{
     Ebpf,
@@ -67,6 +67,7 @@ pub struct Accelerator {
     socks: Mutex<SockHash<MapData, ConnTuple>>,
     state: Mutex<SkStorage<MapData, AccelSocket>>,
     reads: Mutex<HashMap<MapData, ConnTuple, AccelReads>>,
+    pairs: Mutex<HashMap<MapData, ConnTuple, AccelPair>>,
     /// The sk_msg program's attachment to ACCEL_SOCKS: dropping it detaches.
     _link: Box<dyn Send + Sync>,
 }
@@ -78,6 +79,7 @@ impl Accelerator {
         let state: SkStorage<MapData, AccelSocket> = take_map(ebpf, map_names::ACCEL_STATE)?;
         let reads: HashMap<MapData, ConnTuple, AccelReads> =
             take_map(ebpf, map_names::ACCEL_READS)?;
+        let pairs: HashMap<MapData, ConnTuple, AccelPair> = take_map(ebpf, map_names::ACCEL_PAIRS)?;
         let name = program_names::ACCEL;
         let program_error = |source| AccelError::Program {
             program: name,
@@ -95,6 +97,7 @@ impl Accelerator {
             socks: Mutex::new(socks),
             state: Mutex::new(state),
             reads: Mutex::new(reads),
+            pairs: Mutex::new(pairs),
             _link: Box::new(link),
         })
     }
@@ -113,6 +116,12 @@ impl Accelerator {
             self.release(app);
             return None;
         };
+        // sockops left the application's socket out (it had sent already, or a map was full):
+        // nothing to pair with, and the agent's socket stays out of sockhashes too.
+        // (A sockhash cannot be looked up from user space; its count entry goes with it.)
+        if self.pairs.lock().get(&app, 0).is_err() {
+            return None;
+        }
         let state = AccelSocket {
             pair: app,
             side: ACCEL_SIDE_AGENT,

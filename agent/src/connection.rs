@@ -119,6 +119,15 @@ struct Target {
     app_tuple: Option<ConnTuple>,
 }
 
+/// Where a connection goes and how, decided before its first byte moves.
+struct Routed {
+    dst: SocketAddr,
+    opaque_port: bool,
+    /// `--accelerate local`: paired with the application's socket (boxed: rarely there, and
+    /// held for the connection's life).
+    accelerated: Option<Box<AccelLink>>,
+}
+
 /// One proxied connection, start to finish. `origin` is the namespace (host or pod) whose
 /// listener accepted it.
 pub async fn handle(
@@ -129,22 +138,16 @@ pub async fn handle(
     direction: Direction,
 ) {
     let _counted = (direction == Direction::Inbound).then(|| proxy.open_inbound.hold());
-    let found = match direction {
-        Direction::Outbound => proxy.original_dst(&client, peer, &origin),
-        Direction::Inbound => proxy.inbound_target(&client, &origin),
-    };
-    let Some(Target {
+    let Some(Routed {
         dst,
-        workload_cgroup,
-        app_tuple,
-    }) = found
+        opaque_port,
+        accelerated,
+    }) = proxy.route(&client, peer, &origin, direction)
     else {
         tracing::debug!(%peer, ?direction, "no original destination; not a proxied connection");
         opaque::reset(&client);
         return;
     };
-    let opaque_port = proxy.is_opaque(&origin, workload_cgroup, dst.port());
-    let accelerated = proxy.accelerate(&client, app_tuple, &origin, opaque_port);
     let started = Instant::now();
     let conn = ConnInfo {
         id: proxy.tap.connection_id(),
@@ -223,8 +226,9 @@ enum OpaquePath {
     Detect,
     /// An opaque port.
     Port,
-    /// An opaque port, paired with the application's socket (`--accelerate local`).
-    Accelerated(AccelLink),
+    /// An opaque port, paired with the application's socket (`--accelerate local`). Boxed,
+    /// like the copy it leads to: an experimental path must not size every connection's task.
+    Accelerated(Box<AccelLink>),
 }
 
 /// Detects the protocol and forwards accordingly. Returns the detection result and how the
@@ -241,10 +245,12 @@ async fn forward(
         proxy.record_detection(&opaque_port(), labels);
         let _ = client.set_nodelay(true);
         proxy.count_opaque_mode("accelerated");
-        let outcome = proxy
-            .opaque
-            .forward_accelerated(client, server, &counters, &link)
-            .await;
+        let outcome = Box::pin(
+            proxy
+                .opaque
+                .forward_accelerated(client, server, &counters, &link),
+        )
+        .await;
         return (opaque_port().protocol.result_label(), outcome.into());
     }
     let classified = if matches!(opaque, OpaquePath::Port) {
@@ -336,6 +342,33 @@ async fn answer_unreachable(
 
 impl Proxy {
     /// Where an accepted connection was going (and counts how that was found out).
+    /// The destination, whether it is an opaque port, and (`--accelerate local`) the pairing.
+    fn route(
+        &self,
+        client: &TcpStream,
+        peer: SocketAddr,
+        origin: &Arc<Origin>,
+        direction: Direction,
+    ) -> Option<Routed> {
+        let Target {
+            dst,
+            workload_cgroup,
+            app_tuple,
+        } = match direction {
+            Direction::Outbound => self.original_dst(client, peer, origin),
+            Direction::Inbound => self.inbound_target(client, origin),
+        }?;
+        let opaque_port = self.is_opaque(origin, workload_cgroup, dst.port());
+        let accelerated = self
+            .accelerate(client, app_tuple, origin, opaque_port)
+            .map(Box::new);
+        Some(Routed {
+            dst,
+            opaque_port,
+            accelerated,
+        })
+    }
+
     fn original_dst(
         &self,
         client: &TcpStream,

@@ -94,9 +94,12 @@ def main():
     deadline = time.monotonic() + LIMIT_SECONDS
     for conn in by_fd.values():
         conn.on_writable()
-    while any(not conn.eof for conn in by_fd.values()):
+    def finished(conn):
+        return conn.eof and conn.closed_write
+
+    while not all(finished(conn) for conn in by_fd.values()):
         if time.monotonic() > deadline:
-            stuck = [(c.sent, c.received) for c in by_fd.values() if not c.eof][:3]
+            stuck = [(c.sent, c.received) for c in by_fd.values() if not finished(c)][:3]
             raise SystemExit(f"stalled: (sent, received) of the first unfinished: {stuck}")
         for fd, events in poll.poll(1.0):
             conn = by_fd[fd]
@@ -105,6 +108,8 @@ def main():
             if events & select.EPOLLOUT:
                 conn.on_writable()
     for conn in by_fd.values():
+        if conn.sent != conn.total:
+            raise SystemExit(f"sent {conn.sent} of {conn.total}")
         if conn.received != (0 if send_only else conn.total):
             raise SystemExit(f"received {conn.received} of {conn.total}")
         conn.sock.close()

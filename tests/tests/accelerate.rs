@@ -156,6 +156,72 @@ fn a_client_that_stops_reading_is_given_at_most_the_bound() {
     agent.assert_maps_empty(&ACCEL_MAPS);
 }
 
+/// An echo server that, once a connection has sent `pause_after` bytes, stops reading it for
+/// `pause`, then echoes the rest.
+fn start_pausing_echo(pause_after: u64, pause: Duration) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the pausing echo");
+    let addr = listener.local_addr().expect("its address");
+    thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            thread::spawn(move || {
+                let (mut stream, mut buf, mut seen) = (stream, vec![0u8; 65536], 0u64);
+                let mut paused = false;
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    seen += n as u64;
+                    if seen >= pause_after && !paused {
+                        paused = true;
+                        thread::sleep(pause);
+                    }
+                }
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn a_server_that_stops_reading_sends_the_client_back_to_tcp_flow_control() {
+    require_privileged!();
+    // Round trips make both directions redirect; then the server stops reading for 5 s while
+    // the client streams: the agent's writes to it block, the agent stops reading the client,
+    // and once the client has redirected the bound unread its socket goes on by plain TCP,
+    // whose window stops it. Then everything is echoed, in order.
+    let (rounds, bulk) = (20u64, 16u64 << 20);
+    let echo = start_pausing_echo(rounds * 100 + (256 << 10), Duration::from_secs(5));
+    let cgroup = TestCgroup::new("accelfull");
+    let agent = accelerated_agent(&cgroup, echo.port());
+    let report = python(
+        &cgroup,
+        &[
+            &peer_script("duplex_client.py"),
+            &echo.to_string(),
+            "1",
+            &rounds.to_string(),
+            &bulk.to_string(),
+        ],
+        LIMIT,
+    );
+    assert!(report.starts_with("ok connections=1"), "{report}");
+    agent.assert_metric(
+        "sockmesh_kernel_accelerate_total",
+        &[("decision", "fell_back")],
+        1,
+    );
+    let port = echo.port().to_string();
+    agent.assert_metric(
+        "tcp_write_bytes_total",
+        &[("target_port", &port)],
+        rounds * 100 + bulk,
+    );
+    agent.assert_maps_empty(&ACCEL_MAPS);
+}
+
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
 fn nginx_serves_a_large_file_to_a_slow_client_through_the_fast_path() {

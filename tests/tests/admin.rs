@@ -379,6 +379,11 @@ fn check_passes_here_and_names_a_missing_cgroup() {
         probe.contains("ingress redirect wakes the reader (FIONREAD 1000, MSG_PEEK 1000)"),
         "{probe}"
     );
+    // The experimental fast path's program loads and attaches here.
+    assert!(
+        ok.contains("[info] accelerate     --accelerate local can run here"),
+        "{ok}"
+    );
 
     let failed = run(
         Command::new(sockmesh_bin()).args(["check", "--cgroup", "/sys/fs/cgroup/no-such-cgroup"]),

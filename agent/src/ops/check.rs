@@ -1,6 +1,7 @@
 //! `sockmesh check`: can this node run the agent? Each check prints what it found and, when it
 //! fails, how to fix it. Exits non-zero when any check fails. An `[info]` line reports what the
-//! kernel's sk_msg redirects do, for the planned fast path (docs/design-sk-msg.md).
+//! kernel's sk_msg redirects do, another whether the experimental `--accelerate local` can run
+//! (docs/design-sk-msg.md).
 
 use std::{fs, path::Path};
 
@@ -48,6 +49,7 @@ pub fn run(cgroup: Option<&Path>) -> Result<()> {
         }
     }
     println!("[info] {:<14} {}", "sk_msg", sk_msg_fast_path());
+    println!("[info] {:<14} {}", "accelerate", accelerate_local());
     let failed = checks.iter().filter(|check| !check.passed).count();
     if failed > 0 {
         bail!("{failed} of {} checks failed", checks.len());
@@ -67,12 +69,28 @@ pub fn all(cgroup: Option<&Path>) -> Vec<Check> {
     ]
 }
 
-/// What the sk_msg probe found, for the planned `--accelerate local` fast path. Informational:
-/// the agent does not use sk_msg, so a kernel without it passes `check`.
+/// What the sk_msg probe found, for the `--accelerate local` fast path. Informational: the
+/// agent uses sk_msg only in that experimental mode, so a kernel without it passes `check`.
 fn sk_msg_fast_path() -> String {
     match super::sk_msg_probe::run() {
         Ok(findings) => findings.describe(),
         Err(error) => format!("not probed: {:#}", anyhow::Error::from(error)),
+    }
+}
+
+/// Whether this kernel takes `--accelerate local`'s program (loaded and attached to a map of
+/// its own, then dropped). Informational: the mode is experimental and off by default.
+fn accelerate_local() -> String {
+    let object = crate::intercept::ebpf_object();
+    let loaded = aya::EbpfLoader::new()
+        .load(object)
+        .map_err(anyhow::Error::from)
+        .and_then(|mut ebpf| Ok(crate::accel::Accelerator::attach(&mut ebpf).map(drop)?));
+    match loaded {
+        Ok(()) => "--accelerate local can run here (experimental, off by default: on 6.18 \
+                   blocking full-duplex applications get EAGAIN; docs/design-sk-msg.md)"
+            .to_string(),
+        Err(error) => format!("--accelerate local cannot run here: {error:#}"),
     }
 }
 

@@ -24,6 +24,8 @@ pub enum Setup {
     Sockmesh,
     SockmeshSplice,
     SockmeshCopy,
+    /// `--accelerate local` (experimental), every TCP backend an opaque port.
+    SockmeshAccel,
     /// The server runs in an agent's meshed cgroup, the client outside: inbound capture.
     SockmeshInbound,
     Haproxy,
@@ -38,6 +40,7 @@ impl Setup {
             Self::Sockmesh => "sockmesh",
             Self::SockmeshSplice => "sockmesh-splice-only",
             Self::SockmeshCopy => "sockmesh-userspace-copy",
+            Self::SockmeshAccel => "sockmesh-accelerate-local",
             Self::SockmeshInbound => "sockmesh-inbound",
             Self::Haproxy => "haproxy-tcp-splice",
             Self::NginxStream => "nginx-stream",
@@ -122,6 +125,15 @@ impl Env {
             let agent = env.start_agent(setup, extra)?;
             env.agents.insert(setup, agent);
         }
+        // The fast path applies to opaque ports only: make every backend one.
+        let ports: Vec<String> = env
+            .backends
+            .values()
+            .map(|addr| addr.port().to_string())
+            .collect();
+        let accelerate = format!("--accelerate=local --opaque-ports={}", ports.join(","));
+        let agent = env.start_agent(Setup::SockmeshAccel, Some(&accelerate))?;
+        env.agents.insert(Setup::SockmeshAccel, agent);
         let inbound = env.start_agent(Setup::SockmeshInbound, None)?;
         env.start_inbound_backends(&inbound)?;
         env.inbound_agent = Some(inbound);
@@ -146,9 +158,11 @@ impl Env {
     /// Where a client of `setup` connects to reach `backend`; None if the setup cannot.
     pub fn target(&self, setup: Setup, backend: Backend) -> Option<SocketAddr> {
         match setup {
-            Setup::Direct | Setup::Sockmesh | Setup::SockmeshSplice | Setup::SockmeshCopy => {
-                self.backends.get(&backend).copied()
-            }
+            Setup::Direct
+            | Setup::Sockmesh
+            | Setup::SockmeshSplice
+            | Setup::SockmeshCopy
+            | Setup::SockmeshAccel => self.backends.get(&backend).copied(),
             Setup::SockmeshInbound => self.inbound_backends.get(&backend).copied(),
             Setup::Haproxy => self.haproxy.get(&backend).copied(),
             Setup::NginxStream => self.nginx_stream.get(&backend).copied(),
@@ -386,7 +400,7 @@ impl Env {
                 &admin.to_string(),
             ])
             .args(["--pin-dir", &pin_dir, "--log-level", "warn"])
-            .args(extra);
+            .args(extra.into_iter().flat_map(str::split_whitespace));
         self.spawn(setup.name(), &mut command)?;
         let pid = self.children.last().map(Child::id).unwrap_or(0);
         let agent = Agent {

@@ -119,11 +119,12 @@ pub const ALL: [Scenario; 15] = [
     Scenario::InboundHttp1Wrk,
 ];
 
-const TCP_SETUPS: [Setup; 6] = [
+const TCP_SETUPS: [Setup; 7] = [
     Setup::Direct,
     Setup::Sockmesh,
     Setup::SockmeshSplice,
     Setup::SockmeshCopy,
+    Setup::SockmeshAccel,
     Setup::Haproxy,
     Setup::NginxStream,
 ];
