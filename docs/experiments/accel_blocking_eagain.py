@@ -1,7 +1,7 @@
 """docs/design-sk-msg.md, "Kernel facts found while building it", fact 3: a blocking recv()
 in one thread while another thread sends on the same socket. Run inside the meshed cgroup,
 against ADDR (host:port), an opaque port whose server reads and never answers, through an
-agent with the fast path (branch wip/accelerate-local, --accelerate local) and directly.
+agent with `--accelerate local` and directly.
 Prints what the reader's recv() returned and how many 64 KiB sends went out first:
 ['eof'] when it waited for its data as it should (the server closes after our half-close),
 ['eagain'] when the blocking recv gave up (BlockingIOError).
