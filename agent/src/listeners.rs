@@ -373,27 +373,28 @@ fn parse_listener(payload: &[u8]) -> Option<Listener> {
     })
 }
 
-/// The first u32 of the first attribute of `kind` in a run of rtattrs.
+/// The first u32 of the first attribute of `kind` that holds one, in a run of rtattrs.
 fn attribute_u32(attrs: &[u8], kind: u16) -> Option<u32> {
-    let value = attribute(attrs, kind)?;
-    Some(u32::from_ne_bytes(value.get(0..4)?.try_into().ok()?))
+    let value = attribute(attrs, kind, 4)?;
+    Some(u32::from_ne_bytes(value[..4].try_into().ok()?))
 }
 
-/// The u64 value of the first attribute of `kind` in a run of rtattrs.
+/// The value of the first attribute of `kind` that holds a u64, in a run of rtattrs.
 fn attribute_u64(attrs: &[u8], kind: u16) -> Option<u64> {
-    let value = attribute(attrs, kind)?;
-    Some(u64::from_ne_bytes(value.get(0..8)?.try_into().ok()?))
+    let value = attribute(attrs, kind, 8)?;
+    Some(u64::from_ne_bytes(value[..8].try_into().ok()?))
 }
 
-/// The value of the first attribute of `kind` in a run of rtattrs.
-fn attribute(mut attrs: &[u8], kind: u16) -> Option<&[u8]> {
+/// The value of the first attribute of `kind` with at least `min_len` bytes in a run of
+/// rtattrs (a shorter one of that kind is skipped, as the kernel never sends one).
+fn attribute(mut attrs: &[u8], kind: u16, min_len: usize) -> Option<&[u8]> {
     while attrs.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
         let this = u16::from_ne_bytes([attrs[2], attrs[3]]);
         if len < 4 || len > attrs.len() {
             return None;
         }
-        if this == kind {
+        if this == kind && len >= 4 + min_len {
             return Some(&attrs[4..len]);
         }
         attrs = &attrs[align4(len).min(attrs.len())..];
@@ -477,6 +478,21 @@ mod tests {
         error.extend_from_slice(&i32::MIN.to_ne_bytes());
         assert!(parse_messages(&error, &mut Vec::new()).is_err());
         assert!(lookup_reply_names(&error, 1).is_err());
+    }
+
+    /// Found by fuzz/ (sock_diag_reply) after the attribute reader was shared with the
+    /// receive-memory lookup: a cgroup id attribute too short to hold one must be skipped for a
+    /// later whole one, as before, not end the search.
+    #[test]
+    fn a_short_attribute_is_skipped_for_a_whole_one() {
+        let mut attrs = 8u16.to_ne_bytes().to_vec();
+        attrs.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        attrs.extend_from_slice(&[1, 0, 0, 0]);
+        attrs.extend_from_slice(&12u16.to_ne_bytes());
+        attrs.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        attrs.extend_from_slice(&42u64.to_ne_bytes());
+        assert_eq!(attribute_u64(&attrs, INET_DIAG_CGROUP_ID), Some(42));
+        assert_eq!(attribute_u32(&attrs, INET_DIAG_CGROUP_ID), Some(1));
     }
 
     #[test]

@@ -10,6 +10,7 @@ EOF. Every byte is checked against the pattern. Prints "ok connections=N bytes=B
 client pattern goes out, and only the end of stream comes back.
 """
 
+import resource
 import select
 import socket
 import sys
@@ -81,6 +82,9 @@ class Conn:
 
 def main():
     global SEED
+    # One socket per connection: a thousand of them need more than the usual 1,024 files.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     addr, conns, rounds, bulk = sys.argv[1], *map(int, sys.argv[2:5])
     send_only = sys.argv[5:] == ["send-only"]
     if send_only:

@@ -90,6 +90,144 @@ fn chatty_and_bulk_connections_are_byte_exact_through_the_fast_path() {
     }
 }
 
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn a_gigabyte_each_way_and_a_thousand_chatty_connections_stay_byte_exact() {
+    require_privileged!();
+    let echo = EchoServer::start("127.0.0.1:0");
+    let cgroup = TestCgroup::new("accelbig");
+    let agent = accelerated_agent(&cgroup, echo.addr().port());
+    let addr = echo.addr().to_string();
+    // One connection: 10 round trips, then 1 GB echoed while sending.
+    let gigabyte = 1u64 << 30;
+    let report = python(
+        &cgroup,
+        &[
+            &peer_script("duplex_client.py"),
+            &addr,
+            "1",
+            "10",
+            &gigabyte.to_string(),
+        ],
+        Duration::from_secs(300),
+    );
+    assert!(report.starts_with("ok connections=1"), "{report}");
+    // A thousand connections at once, each 10 round trips and 10 KB echoed.
+    let report = python(
+        &cgroup,
+        &[
+            &peer_script("duplex_client.py"),
+            &addr,
+            "1000",
+            "10",
+            "10000",
+        ],
+        Duration::from_secs(300),
+    );
+    assert!(report.starts_with("ok connections=1000"), "{report}");
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "accelerated")],
+        1001,
+    );
+    agent.assert_metric(
+        "sockmesh_kernel_accelerate_total",
+        &[("decision", "redirected")],
+        2 * 1001,
+    );
+    let port = echo.addr().port().to_string();
+    agent.assert_metric(
+        "tcp_read_bytes_total",
+        &[("target_port", &port)],
+        (1000 + gigabyte) + 1000 * (1000 + 10_000),
+    );
+    agent.assert_maps_empty(&ACCEL_MAPS);
+}
+
+/// Python inside the meshed cgroup: streams to the echo server at ARG1 while reading, and after
+/// ARG2 bytes echoed resets the connection (SO_LINGER 0); or, with ARG2 "wait-reset", sends
+/// one message and reads until the server's reset. Prints "reset" or what happened instead.
+const RESETTING_CLIENT: &str = r#"
+import socket, struct, sys
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=30)
+if sys.argv[2] == "wait-reset":
+    s.sendall(b"go")
+    got = 0
+    try:
+        while True:
+            data = s.recv(65536)
+            if not data:
+                print("eof after", got); sys.exit(0)
+            got += len(data)
+    except ConnectionResetError:
+        print("reset"); sys.exit(0)
+limit, echoed = int(sys.argv[2]), 0
+while echoed < limit:
+    s.sendall(b"r" * 65536)
+    echoed += len(s.recv(65536))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+print("reset")
+"#;
+
+/// A server that answers every connection with 1 MiB and then a reset (SO_LINGER 0).
+fn start_resetting_server() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the resetting server");
+    let addr = listener.local_addr().expect("its address");
+    thread::spawn(move || {
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            let mut hello = [0u8; 2];
+            let _ = stream.read_exact(&mut hello);
+            let _ = stream.write_all(&vec![b's'; 1 << 20]);
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        }
+    });
+    addr
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn a_reset_mid_stream_on_either_side_reaches_the_other() {
+    require_privileged!();
+    // The client resets while streaming: the agent resets the server's side too.
+    let echo = EchoServer::start("127.0.0.1:0");
+    let cgroup = TestCgroup::new("accelrst");
+    let agent = accelerated_agent(&cgroup, echo.addr().port());
+    let report = python(
+        &cgroup,
+        &["-c", RESETTING_CLIENT, &echo.addr().to_string(), "4000000"],
+        LIMIT,
+    );
+    assert_eq!(report.trim(), "reset");
+    let port = echo.addr().port().to_string();
+    agent.assert_metric(
+        "tcp_close_total",
+        &[("target_port", &port), ("errno", "ECONNRESET")],
+        1,
+    );
+    agent.assert_maps_empty(&ACCEL_MAPS);
+    drop(agent);
+
+    // The server resets after 1 MiB: the client reads what came before it, then the reset.
+    let server = start_resetting_server();
+    let cgroup = TestCgroup::new("accelrst2");
+    let agent = accelerated_agent(&cgroup, server.port());
+    let report = python(
+        &cgroup,
+        &["-c", RESETTING_CLIENT, &server.to_string(), "wait-reset"],
+        LIMIT,
+    );
+    assert_eq!(report.trim(), "reset");
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "accelerated")],
+        1,
+    );
+    agent.assert_maps_empty(&ACCEL_MAPS);
+}
+
 /// Python inside the meshed cgroup: connects to ADDR, sends 1,000 bytes of the client pattern,
 /// waits until its receive queue stops growing (FIONREAD), prints the most it held, then reads
 /// the server's pattern to EOF, prints how much of it arrived intact, and half-closes.
@@ -311,6 +449,41 @@ fn fionread_is_right_on_accelerated_and_on_released_sockets() {
         1,
     );
     agent.assert_maps_empty(&ACCEL_MAPS);
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn an_agent_stopped_with_sigterm_lets_an_accelerated_connection_finish() {
+    require_privileged!();
+    // The server pauses 3 s mid-stream: the connection is open when the agent is told to stop.
+    let (rounds, bulk) = (10u64, 4u64 << 20);
+    let echo = start_pausing_echo(rounds * 100 + (64 << 10), Duration::from_secs(3));
+    let cgroup = TestCgroup::new("accelterm");
+    let mut agent = accelerated_agent(&cgroup, echo.port());
+    let child = cgroup
+        .command(SYSTEM_PYTHON)
+        .arg(peer_script("duplex_client.py"))
+        .args([
+            echo.to_string(),
+            "1".into(),
+            rounds.to_string(),
+            bulk.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("duplex client");
+    let client = thread::spawn(move || child.wait_with_output().expect("duplex client"));
+    let open = integration_tests::process::eventually(LIMIT, || {
+        agent.metrics().count("tcp_open_connections", &[]) == 1
+    });
+    assert!(open, "the connection never opened");
+    agent.signal(libc::SIGTERM);
+    let output = client.join().expect("client thread");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(report.starts_with("ok connections=1"), "{output:?}");
+    let status = agent.wait_exit();
+    assert!(status.success(), "{status}");
 }
 
 /// Python inside the meshed cgroup: one echo round trip, then waits for the file ARG2 (the

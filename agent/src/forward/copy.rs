@@ -1,5 +1,6 @@
-//! Opaque forwarding through user space (read, then write), for chatty connections the kernel
-//! does not take and for `--copy-mode userspace`. The buffer is the proxy thread's, lent for
+//! Forwarding through user space (read, then write): chatty opaque connections the kernel does
+//! not take, `--copy-mode userspace`, h2c frames passed through (`copy_observed`), and
+//! connections paired with the application's socket (`copy_accelerated`). The buffer is the proxy thread's, lent for
 //! one read and its write: a connection holds no buffer of its own unless a write would block,
 //! and then only the bytes still to write. (tokio's copy_bidirectional keeps 2 x 8 KiB per
 //! connection for its whole life: 1,000 busy chatty connections cost 20.6 KiB each with it.)
