@@ -194,7 +194,9 @@ async fn copy_one_way(
         if !has_room() {
             // Nothing wakes us when the application reads (redirected bytes leave its socket
             // writable): look again after a while, less often the longer it does not read.
-            tokio::time::sleep(no_room_for).await;
+            // Boxed: only `--accelerate local` gets here, and a timer inline would add its
+            // size (twice: one per direction) to every copied connection.
+            Box::pin(tokio::time::sleep(no_room_for)).await;
             no_room_for = (no_room_for * 2).min(NO_ROOM_LAST_WAIT);
             continue;
         }

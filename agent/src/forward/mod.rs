@@ -12,9 +12,12 @@ pub mod kernel;
 pub mod opaque;
 pub mod pipe;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, AtomicUsize, Ordering},
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 use prometheus_client::metrics::counter::Counter;
@@ -81,7 +84,7 @@ impl OpaqueForwarding {
     ) -> Outcome {
         if self.copy_mode == CopyMode::Userspace {
             count_mode("userspace");
-            return copy::copy_bidirectional(client, server, counters).await;
+            return user_space_copy(client, server, counters).await;
         }
         let _open = Held::count(&self.open);
         let Some(kernel) = &self.kernel else {
@@ -102,19 +105,27 @@ impl OpaqueForwarding {
         // here as well as the kernel can.
         if self.open.load(Ordering::Relaxed) > self.kernel_while_open {
             count_mode("userspace");
-            return copy::copy_bidirectional(client, server, counters).await;
+            return user_space_copy(client, server, counters).await;
         }
-        match kernel
-            .forward(client, server, counters, || count_mode("sockmap"))
-            .await
-        {
+        // Boxed like the copy: only connections that turned out chatty get this far.
+        match Box::pin(kernel.forward(client, server, counters, || count_mode("sockmap"))).await {
             Handoff::Forwarded(outcome) => outcome,
             Handoff::Declined(client, server) => {
                 count_mode("userspace");
-                copy::copy_bidirectional(client, server, counters).await
+                user_space_copy(client, server, counters).await
             }
         }
     }
+}
+
+/// The user-space copy, boxed: inline, its state (both directions' reads and writes) would
+/// size every opaque connection's task, though most are spliced or forwarded by the kernel.
+fn user_space_copy<'a>(
+    client: TcpStream,
+    server: TcpStream,
+    counters: &'a ByteCounters,
+) -> Pin<Box<impl Future<Output = Outcome> + 'a>> {
+    Box::pin(copy::copy_bidirectional(client, server, counters))
 }
 
 impl OpaqueForwarding {

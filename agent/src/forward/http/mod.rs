@@ -109,10 +109,13 @@ pub async fn forward(
     version: Version,
     proxy: Arc<HttpProxy>,
 ) -> Result<(), HttpError> {
+    // Both boxed: inline, the HTTP/1 session (its buffers' handles, the upstream) or the
+    // HTTP/2 observer's state (two HPACK decoders) would size every connection's task, opaque
+    // ones too; this way a connection allocates the one it uses, once.
     match version {
-        Version::Http1 => Ok(h1::forward(client, Some((server, counters)), conn, proxy).await?),
-        // Boxed: the HTTP/2 observer's state (two HPACK decoders) would otherwise size every
-        // connection's task, opaque and HTTP/1 ones too.
+        Version::Http1 => {
+            Ok(Box::pin(h1::forward(client, Some((server, counters)), conn, proxy)).await?)
+        }
         Version::Http2 => {
             match Box::pin(h2::forward(client, server, conn, counters, proxy)).await {
                 Outcome::Closed => Ok(()),
@@ -131,7 +134,7 @@ pub async fn serve_unavailable(
     proxy: Arc<HttpProxy>,
 ) -> Result<(), HttpError> {
     match version {
-        Version::Http1 => Ok(h1::forward(client, None, conn, proxy).await?),
+        Version::Http1 => Ok(Box::pin(h1::forward(client, None, conn, proxy)).await?),
         Version::Http2 => Ok(Box::pin(h2::serve_unavailable(client, conn, proxy)).await?),
     }
 }
