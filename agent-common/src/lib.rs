@@ -58,6 +58,16 @@ pub mod map_names {
     /// `--accelerate local`: per-socket side and decision (socket storage).
     pub const ACCEL_STATE: &str = "ACCEL_STATE";
 
+    /// sockmesh's socket maps (sockmap/sockhash): `--accelerate local` pauses while any other
+    /// is loaded on the node (a socket in two tools' socket maps breaks both).
+    pub const SOCKET_MAPS: [&str; 5] = [
+        FWD_PEERS,
+        FWD_ACTIVE,
+        PROBE_SOCKS,
+        INBOUND_SOCKS,
+        ACCEL_SOCKS,
+    ];
+
     /// Every map the agent pins, in a stable order.
     pub const ALL: [&str; 22] = [
         CONFIG,

@@ -359,6 +359,11 @@ impl Intercept {
             .map(|map| ServedNetnsMap(Mutex::new(map)))
     }
 
+    /// `CONFIG`, for `--accelerate local`'s switch (`accel::foreign`).
+    pub fn config_map(&mut self) -> Result<Array<MapData, ProxyConfig>> {
+        self.typed_map(map_names::CONFIG)
+    }
+
     pub fn liveness_map(&mut self) -> Result<Array<MapData, AgentLiveness>> {
         self.typed_map(map_names::LIVENESS)
     }

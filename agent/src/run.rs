@@ -12,6 +12,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    accel::foreign::ForeignMapGate,
     accept::{ProxyThreads, Scope},
     admin::{self, AdminState},
     cgroup,
@@ -123,6 +124,9 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
         shutdown_requested: Notify::new(),
     });
     let shutdown = CancellationToken::new();
+    if config.accelerate == Accelerate::Local {
+        start_foreign_map_gate(&mut intercept, &admin_state.metrics, &shutdown)?;
+    }
 
     // Listeners first: once the programs are attached, connects arrive at once.
     let admin_listener = admin::bind(config.admin_addr).await?;
@@ -452,6 +456,22 @@ async fn start_pod_mode(
     let cni = CniSocket::bind(socket)?;
     tracing::info!(socket = %socket.display(), "serving CNI registrations");
     Ok(tokio::spawn(cni.serve(pods, shutdown.child_token())))
+}
+
+/// `--accelerate local` pauses while other programs' socket maps are loaded: looked at once
+/// now, before the programs attach, then every second.
+fn start_foreign_map_gate(
+    intercept: &mut Intercept,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let mut gate = ForeignMapGate::new(
+        intercept.config_map()?,
+        metrics.accelerate_foreign_socket_maps.clone(),
+    );
+    gate.check();
+    tokio::spawn(gate.watch(shutdown.child_token()));
+    Ok(())
 }
 
 /// The liveness gate's publisher: the budget leaves room for every served pod's listeners.

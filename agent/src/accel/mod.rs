@@ -38,6 +38,8 @@ use tokio::net::TcpStream;
 
 use crate::{listeners, netns::Origin};
 
+pub mod foreign;
+
 /// A connection's first reads are all published: the application's first bytes went by TCP
 /// before pairing, and it may redirect only once the agent has read them.
 const PUBLISH_FIRST_READS: u64 = 16;

@@ -208,6 +208,8 @@ pub struct Metrics {
     /// The connection budget the kernel enforces, and the redirected connections open now.
     pub connection_budget: Gauge,
     pub open_redirects: Gauge,
+    /// `--accelerate local`: other programs' socket maps loaded now (the fast path pauses).
+    pub accelerate_foreign_socket_maps: Gauge,
     pub accept_errors_total: Family<AcceptErrorLabels, Counter>,
     /// Original destinations of connections that ended before the agent accepted them, removed.
     pub unaccepted_removed_total: Counter,
@@ -239,6 +241,7 @@ impl Metrics {
             served_pods: Gauge::default(),
             connection_budget: Gauge::default(),
             open_redirects: Gauge::default(),
+            accelerate_foreign_socket_maps: Gauge::default(),
             accept_errors_total: Family::default(),
             unaccepted_removed_total: Counter::default(),
             policy_reload_total: Family::default(),
@@ -321,6 +324,11 @@ impl Metrics {
             "sockmesh_open_redirects",
             "Redirected client connections open now, as the kernel counts them",
             metrics.open_redirects.clone(),
+        );
+        registry.register(
+            "sockmesh_accelerate_foreign_socket_maps",
+            "With --accelerate local: socket maps of other programs loaded on the node; new connections are not accelerated while any is",
+            metrics.accelerate_foreign_socket_maps.clone(),
         );
         registry.register(
             "sockmesh_accept_errors",

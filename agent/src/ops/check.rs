@@ -87,10 +87,30 @@ fn accelerate_local() -> String {
         .map_err(anyhow::Error::from)
         .and_then(|mut ebpf| Ok(crate::accel::Accelerator::attach(&mut ebpf).map(drop)?));
     match loaded {
-        Ok(()) => "--accelerate local can run here (experimental, off by default: on 6.18 \
-                   blocking full-duplex applications get EAGAIN; docs/design-sk-msg.md)"
-            .to_string(),
+        Ok(()) => format!(
+            "--accelerate local can run here (experimental, off by default: on 6.18 \
+             blocking full-duplex applications get EAGAIN; docs/design-sk-msg.md){}",
+            foreign_socket_maps()
+        ),
         Err(error) => format!("--accelerate local cannot run here: {error:#}"),
+    }
+}
+
+/// Other programs' socket maps, which pause the fast path while they are loaded.
+fn foreign_socket_maps() -> String {
+    match crate::accel::foreign::foreign_socket_maps() {
+        Ok(maps) if maps.is_empty() => String::new(),
+        Ok(maps) => {
+            let maps: Vec<String> = maps.iter().map(ToString::to_string).collect();
+            format!(
+                "; paused while other programs' socket maps are loaded, as now: {}",
+                maps.join(", ")
+            )
+        }
+        Err(error) => format!(
+            "; paused while the node's eBPF maps cannot be listed, as now: {:#}",
+            anyhow::Error::from(error)
+        ),
     }
 }
 
