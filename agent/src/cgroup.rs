@@ -122,6 +122,29 @@ pub fn subtree(root: &Path, mount: &Path) -> Vec<(u64, String)> {
     found
 }
 
+/// Whether this process runs in `root` or below it (its sockets then meet the hooks attached to
+/// `root`). True when that cannot be told: the caller then asks as if it did.
+pub fn own_cgroup_within(root: &Path) -> bool {
+    let own = fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| unified_path(&text).map(str::to_string));
+    let (Some(own), Ok(mount)) = (own, cgroup2_mount()) else {
+        return true;
+    };
+    let own = mount.join(own.trim_start_matches('/'));
+    match (fs::canonicalize(own), fs::canonicalize(root)) {
+        (Ok(own), Ok(root)) => own.starts_with(root),
+        _ => true,
+    }
+}
+
+/// The cgroup v2 path in /proc/self/cgroup (the line "0::PATH").
+fn unified_path(proc_cgroup: &str) -> Option<&str> {
+    proc_cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+}
+
 /// Moves the calling process into `cgroup`.
 pub fn enter(cgroup: &Path) -> Result<()> {
     let procs = cgroup.join("cgroup.procs");
@@ -158,6 +181,30 @@ mod tests {
             None
         );
         assert_eq!(find_cgroup2_mount("garbage"), None);
+    }
+
+    #[test]
+    fn reads_the_unified_cgroup_of_proc_self_cgroup() {
+        let hybrid = "12:cpu,cpuacct:/user.slice\n1:name=systemd:/user.slice\n0::/sockmesh/pod1\n";
+        assert_eq!(unified_path(hybrid), Some("/sockmesh/pod1"));
+        assert_eq!(unified_path("0::/\n"), Some("/"));
+        assert_eq!(unified_path("3:memory:/x\n"), None);
+    }
+
+    #[test]
+    fn this_process_is_within_its_own_cgroup_and_not_a_sibling() {
+        let Some(own) = fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|text| unified_path(&text).map(str::to_string))
+        else {
+            return;
+        };
+        let Ok(mount) = cgroup2_mount() else { return };
+        let own = mount.join(own.trim_start_matches('/'));
+        assert!(own_cgroup_within(&own));
+        assert!(own_cgroup_within(&mount));
+        // A directory that is no ancestor of ours (the test cannot create cgroups unprivileged).
+        assert!(!own_cgroup_within(Path::new("/proc")));
     }
 
     #[test]

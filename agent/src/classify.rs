@@ -115,8 +115,9 @@ pub async fn classify(
         }
     };
     // Waiting for more bytes raised the client's low-water mark; whoever reads next expects
-    // the default.
-    if peeked.len > 0 {
+    // the default. (Most clients send their first message whole: no mark was raised, and
+    // this is one system call per connection saved.)
+    if peeked.raised_low_water {
         let _ = set_rcvlowat(client, 1);
     }
     Classified {
@@ -172,6 +173,8 @@ enum PeekOutcome {
 struct Peeked {
     buf: Vec<u8>,
     len: usize,
+    /// Whether the client's low-water mark was raised above the default.
+    raised_low_water: bool,
 }
 
 impl Peeked {
@@ -204,6 +207,7 @@ impl Peeked {
                     return Ok(PeekOutcome::Eof);
                 }
                 let low_water = libc::c_int::try_from(self.len + 1).unwrap_or(libc::c_int::MAX);
+                self.raised_low_water = true;
                 set_rcvlowat(client, low_water)?;
                 // Recheck: a byte may have arrived before the mark went up.
                 if peek(client, &mut self.buf)? > self.len {

@@ -45,6 +45,9 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub tap: Arc<Tap>,
     original_dsts: OriginalDstMap,
+    /// Whether the agent runs inside the meshed cgroup, where the getsockopt hook answers
+    /// SO_ORIGINAL_DST on its own sockets.
+    agent_is_meshed: bool,
     /// The meshed listeners: which cgroup an inbound connection's workload is in.
     inbound: Arc<Inbound>,
     /// How opaque connections move their bytes.
@@ -88,6 +91,7 @@ impl Proxy {
             metrics,
             tap,
             original_dsts: maps.original_dsts,
+            agent_is_meshed: crate::cgroup::own_cgroup_within(&config.cgroup),
             inbound: maps.inbound,
             opaque: OpaqueForwarding::new(config.copy_mode, kernel, config.sockmap_connections),
             accelerator: maps.accelerator,
@@ -381,7 +385,8 @@ impl Proxy {
             local,
             netns_cookie: origin.netns_cookie,
         };
-        let (found, lookup) = original_dst::lookup(client, &accepted, &self.original_dsts);
+        let (found, lookup) =
+            original_dst::lookup(client, &accepted, &self.original_dsts, self.agent_is_meshed);
         self.metrics
             .original_dst_lookups_total
             .get_or_create(&LookupLabels {

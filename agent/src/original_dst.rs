@@ -1,6 +1,7 @@
 //! Original destination: where a redirected client meant to connect. Asked first the way
 //! iptables REDIRECT users ask (getsockopt SO_ORIGINAL_DST, answered by our cgroup hook when the
-//! agent runs inside the meshed cgroup), then from the pinned map by the connection's addresses.
+//! agent runs inside the meshed cgroup, and only asked then), then from the pinned map by the
+//! connection's addresses.
 //! Either way the map entry is removed once read: the proxy is its only consumer.
 
 use std::{
@@ -53,16 +54,23 @@ pub struct Found {
     pub cgroup: u64,
 }
 
-/// Resolves the original destination of an accepted connection.
+/// Resolves the original destination of an accepted connection. `ask_getsockopt`: whether
+/// SO_ORIGINAL_DST can be answered at all (the agent's sockets are in the meshed cgroup); if
+/// not, asking would only cost a failing system call per connection.
 pub fn lookup(
     socket: &impl AsFd,
     accepted: &Accepted,
     map: &OriginalDstMap,
+    ask_getsockopt: bool,
 ) -> (Option<Found>, Lookup) {
     let tuple = conn_tuple(accepted);
     // SO_ORIGINAL_DST is answered from the map entry, so the entry is taken after it. It goes
     // either way (the proxy is its only reader), and it names the cgroup.
-    let answered = so_original_dst(socket, accepted.local.is_ipv4());
+    let answered = if ask_getsockopt {
+        so_original_dst(socket, accepted.local.is_ipv4())
+    } else {
+        Err(io::ErrorKind::NotFound.into())
+    };
     let entry = map.take(&tuple);
     if let Ok(dst) = answered {
         let cgroup = entry.map_or(0, |entry| entry.cgroup);
