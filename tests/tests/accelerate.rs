@@ -551,3 +551,89 @@ fn an_agent_killed_with_accelerated_connections_open_leaves_nothing_hanging() {
     // socket and are answered with a reset (or its read sees the agent's close), never a hang.
     assert!(outcome == "reset" || outcome == "eof", "{outcome}");
 }
+
+/// Established connections to the agent's listener (accepted or not) and the bytes each has
+/// queued, per `ss`.
+fn queued_at_listener(port: u16) -> Vec<u64> {
+    let out = integration_tests::process::run_ok(
+        std::process::Command::new("ss").args([
+            "-Htn",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ]),
+        Duration::from_secs(10),
+    );
+    out.lines()
+        .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn clients_that_send_before_the_agent_accepts_stay_byte_exact() {
+    require_privileged!();
+    let echo = EchoServer::start("127.0.0.1:0");
+    let cgroup = TestCgroup::new("accelearly");
+    let agent = accelerated_agent(&cgroup, echo.addr().port());
+    // Stopped for less than the liveness timeout, so connects are still redirected: into the
+    // listener's accept queue, where each client's first bytes wait by plain TCP.
+    agent.signal(libc::SIGSTOP);
+    let (conns, rounds, bulk) = (20u64, 5u64, 2_000_000u64);
+    let child = cgroup
+        .command(SYSTEM_PYTHON)
+        .arg(peer_script("duplex_client.py"))
+        .args([
+            echo.addr().to_string(),
+            conns.to_string(),
+            rounds.to_string(),
+            bulk.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("duplex client");
+    let client = thread::spawn(move || child.wait_with_output().expect("duplex client"));
+    // Every client connected and has its first 100 bytes queued at the agent, which has
+    // accepted none.
+    let mut queued = Vec::new();
+    let sent_early = integration_tests::process::eventually(Duration::from_millis(700), || {
+        queued = queued_at_listener(agent.outbound_port);
+        queued.len() as u64 == conns && queued.iter().all(|&bytes| bytes > 0)
+    });
+    agent.signal(libc::SIGCONT);
+    assert!(
+        sent_early,
+        "queued at the agent before it accepted: {queued:?}"
+    );
+    let output = client.join().expect("client thread");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(report.starts_with("ok connections=20"), "{output:?}");
+    let port = echo.addr().port().to_string();
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "accelerated")],
+        conns,
+    );
+    let per_direction = conns * (rounds * 100 + bulk);
+    agent.assert_metric(
+        "tcp_write_bytes_total",
+        &[("target_port", &port)],
+        per_direction,
+    );
+    agent.assert_metric(
+        "tcp_read_bytes_total",
+        &[("target_port", &port)],
+        per_direction,
+    );
+    // Both directions of every connection redirected: the agent's from its first write, the
+    // application's once the agent had read the bytes it sent by TCP before being accepted.
+    agent.assert_metric(
+        "sockmesh_kernel_accelerate_total",
+        &[("decision", "redirected")],
+        2 * conns,
+    );
+    agent.assert_maps_empty(&ACCEL_MAPS);
+}
