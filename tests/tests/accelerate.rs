@@ -637,3 +637,108 @@ fn clients_that_send_before_the_agent_accepts_stay_byte_exact() {
     );
     agent.assert_maps_empty(&ACCEL_MAPS);
 }
+
+/// A server that speaks and half-closes first: after the client's "hello" it sends 1 MiB of
+/// its pattern and shuts its side down, then reads the client's stream to the end. Each
+/// connection's result (bytes of the client's pattern read, or where it broke) goes to the
+/// returned channel.
+fn start_half_closing_server() -> (std::net::SocketAddr, mpsc::Receiver<Result<u64, String>>) {
+    use std::io::Read;
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind the half-closing server");
+    let addr = listener.local_addr().expect("its address");
+    let (results, received) = mpsc::channel();
+    thread::spawn(move || {
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            let results = results.clone();
+            thread::spawn(move || {
+                let mut hello = [0u8; 5];
+                let result = stream
+                    .read_exact(&mut hello)
+                    .and_then(|()| {
+                        integration_tests::pattern::write_stream(&mut stream, 1 << 20, 2)
+                    })
+                    .and_then(|()| stream.shutdown(std::net::Shutdown::Write))
+                    .and_then(|()| integration_tests::pattern::read_stream(&mut stream, 1));
+                let _ = results.send(result.map_err(|error| error.to_string()));
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// Python inside the meshed cgroup, blocking and single-threaded: "hello", then the server's
+/// 1 MiB to its end of stream, then 4 MiB of its own pattern after that end, then its own.
+const AFTER_EOF_CLIENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+pattern = lambda seed: bytes((i % 251) ^ seed for i in range(251)) * 1024
+server_pattern, client_pattern = pattern(2), pattern(1)
+for _ in range(int(sys.argv[2])):
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.sendall(b"hello")
+    got = 0
+    while True:
+        data = s.recv(65536)
+        if not data:
+            break
+        start = got % 251
+        if data != server_pattern[start:start + len(data)]:
+            sys.exit(f"corrupt at {got}")
+        got += len(data)
+    if got != 1 << 20:
+        sys.exit(f"got {got} before the end of stream")
+    sent = 0
+    while sent < 4 << 20:
+        chunk = client_pattern[sent % 251:sent % 251 + 65536]
+        s.sendall(chunk)
+        sent += len(chunk)
+    s.shutdown(socket.SHUT_WR)
+    if s.recv(1) != b"":
+        sys.exit("data after the end of stream")
+    s.close()
+print("ok")
+"#;
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn a_server_that_half_closes_first_still_hears_the_client_out() {
+    require_privileged!();
+    let (server, results) = start_half_closing_server();
+    let cgroup = TestCgroup::new("accelhalf");
+    let agent = accelerated_agent(&cgroup, server.port());
+    let conns = 5u64;
+    let report = python(
+        &cgroup,
+        &[
+            "-c",
+            AFTER_EOF_CLIENT,
+            &server.to_string(),
+            &conns.to_string(),
+        ],
+        LIMIT,
+    );
+    assert_eq!(report.trim(), "ok");
+    for _ in 0..conns {
+        let read = results
+            .recv_timeout(LIMIT)
+            .expect("a result from the server");
+        assert_eq!(
+            read,
+            Ok(4 << 20),
+            "what the server read of the client after its FIN"
+        );
+    }
+    // Both directions of each redirected: the client's once the agent had read its "hello".
+    agent.assert_metric(
+        "sockmesh_kernel_accelerate_total",
+        &[("decision", "redirected")],
+        2 * conns,
+    );
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "accelerated")],
+        conns,
+    );
+    agent.assert_maps_empty(&ACCEL_MAPS);
+}
