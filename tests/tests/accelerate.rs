@@ -33,6 +33,38 @@ fn accelerated_agent(cgroup: &TestCgroup, opaque_port: u16) -> Agent {
     )
 }
 
+/// duplex_client.py in the background: `conns` connections to `addr`, each `rounds` round
+/// trips and then `bulk` bytes echoed; its output once it is done.
+fn spawn_duplex_client(
+    cgroup: &TestCgroup,
+    addr: std::net::SocketAddr,
+    conns: u64,
+    rounds: u64,
+    bulk: u64,
+) -> thread::JoinHandle<std::process::Output> {
+    let child = cgroup
+        .command(SYSTEM_PYTHON)
+        .arg(peer_script("duplex_client.py"))
+        .args([
+            addr.to_string(),
+            conns.to_string(),
+            rounds.to_string(),
+            bulk.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("duplex client");
+    thread::spawn(move || child.wait_with_output().expect("duplex client"))
+}
+
+/// The agent forwarded `bytes` each way to the server on `port`.
+fn assert_bytes_each_way(agent: &Agent, port: &str, bytes: u64) {
+    for metric in ["tcp_write_bytes_total", "tcp_read_bytes_total"] {
+        agent.assert_metric(metric, &[("target_port", port)], bytes);
+    }
+}
+
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
 fn chatty_and_bulk_connections_are_byte_exact_through_the_fast_path() {
@@ -71,16 +103,7 @@ fn chatty_and_bulk_connections_are_byte_exact_through_the_fast_path() {
             &[("decision", "redirected")],
             2 * conns,
         );
-        agent.assert_metric(
-            "tcp_write_bytes_total",
-            &[("target_port", &port)],
-            per_direction,
-        );
-        agent.assert_metric(
-            "tcp_read_bytes_total",
-            &[("target_port", &port)],
-            per_direction,
-        );
+        assert_bytes_each_way(&agent, &port, per_direction);
         agent.assert_metric(
             "tcp_close_total",
             &[("target_port", &port), ("errno", "")],
@@ -460,20 +483,7 @@ fn an_agent_stopped_with_sigterm_lets_an_accelerated_connection_finish() {
     let echo = start_pausing_echo(rounds * 100 + (64 << 10), Duration::from_secs(3));
     let cgroup = TestCgroup::new("accelterm");
     let mut agent = accelerated_agent(&cgroup, echo.port());
-    let child = cgroup
-        .command(SYSTEM_PYTHON)
-        .arg(peer_script("duplex_client.py"))
-        .args([
-            echo.to_string(),
-            "1".into(),
-            rounds.to_string(),
-            bulk.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("duplex client");
-    let client = thread::spawn(move || child.wait_with_output().expect("duplex client"));
+    let client = spawn_duplex_client(&cgroup, echo, 1, rounds, bulk);
     let open = integration_tests::process::eventually(LIMIT, || {
         agent.metrics().count("tcp_open_connections", &[]) == 1
     });
@@ -582,20 +592,7 @@ fn clients_that_send_before_the_agent_accepts_stay_byte_exact() {
     // listener's accept queue, where each client's first bytes wait by plain TCP.
     agent.signal(libc::SIGSTOP);
     let (conns, rounds, bulk) = (20u64, 5u64, 2_000_000u64);
-    let child = cgroup
-        .command(SYSTEM_PYTHON)
-        .arg(peer_script("duplex_client.py"))
-        .args([
-            echo.addr().to_string(),
-            conns.to_string(),
-            rounds.to_string(),
-            bulk.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("duplex client");
-    let client = thread::spawn(move || child.wait_with_output().expect("duplex client"));
+    let client = spawn_duplex_client(&cgroup, echo.addr(), conns, rounds, bulk);
     // Every client connected and has its first 100 bytes queued at the agent, which has
     // accepted none.
     let mut queued = Vec::new();
@@ -618,16 +615,7 @@ fn clients_that_send_before_the_agent_accepts_stay_byte_exact() {
         conns,
     );
     let per_direction = conns * (rounds * 100 + bulk);
-    agent.assert_metric(
-        "tcp_write_bytes_total",
-        &[("target_port", &port)],
-        per_direction,
-    );
-    agent.assert_metric(
-        "tcp_read_bytes_total",
-        &[("target_port", &port)],
-        per_direction,
-    );
+    assert_bytes_each_way(&agent, &port, per_direction);
     // Both directions of every connection redirected: the agent's from its first write, the
     // application's once the agent had read the bytes it sent by TCP before being accepted.
     agent.assert_metric(

@@ -86,6 +86,28 @@ fn echo_through(cgroup: &TestCgroup, echo: &EchoServer, conns: u64) {
     );
 }
 
+/// Connections to the echo server the agent has seen so far, and how many of them went by the
+/// fast path (both directions redirected).
+struct Totals {
+    opened: u64,
+    accelerated: u64,
+}
+
+fn assert_totals(agent: &Agent, echo: &EchoServer, totals: Totals) {
+    let port = echo.addr().port().to_string();
+    agent.assert_metric("tcp_open_total", &[("target_port", &port)], totals.opened);
+    agent.assert_metric(
+        "sockmesh_opaque_connections_total",
+        &[("mode", "accelerated")],
+        totals.accelerated,
+    );
+    agent.assert_metric(
+        "sockmesh_kernel_accelerate_total",
+        &[("decision", "redirected")],
+        2 * totals.accelerated,
+    );
+}
+
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
 fn another_tools_socket_map_pauses_the_fast_path_while_it_is_loaded() {
@@ -114,48 +136,39 @@ fn another_tools_socket_map_pauses_the_fast_path_while_it_is_loaded() {
     // Through the agent all the same (spliced, then forwarded in the kernel once chatty),
     // but none accelerated.
     echo_through(&cgroup, &echo, 5);
-    let port = echo.addr().port().to_string();
-    agent.assert_metric("tcp_open_total", &[("target_port", &port)], 5);
-    agent.assert_metric(
-        "sockmesh_opaque_connections_total",
-        &[("mode", "accelerated")],
-        0,
-    );
-    agent.assert_metric(
-        "sockmesh_kernel_accelerate_total",
-        &[("decision", "redirected")],
-        0,
+    assert_totals(
+        &agent,
+        &echo,
+        Totals {
+            opened: 5,
+            accelerated: 0,
+        },
     );
 
     // Gone: new connections are accelerated again, both directions of each.
     foreign.unload();
     agent.assert_metric("sockmesh_accelerate_foreign_socket_maps", &[], 0);
     echo_through(&cgroup, &echo, 5);
-    agent.assert_metric(
-        "sockmesh_opaque_connections_total",
-        &[("mode", "accelerated")],
-        5,
-    );
-    agent.assert_metric(
-        "sockmesh_kernel_accelerate_total",
-        &[("decision", "redirected")],
-        10,
+    assert_totals(
+        &agent,
+        &echo,
+        Totals {
+            opened: 10,
+            accelerated: 5,
+        },
     );
 
     // Loaded while the agent runs: paused again within the check period.
     let foreign = ForeignSockmap::load();
     agent.assert_metric("sockmesh_accelerate_foreign_socket_maps", &[], 1);
     echo_through(&cgroup, &echo, 5);
-    agent.assert_metric("tcp_open_total", &[("target_port", &port)], 15);
-    agent.assert_metric(
-        "sockmesh_opaque_connections_total",
-        &[("mode", "accelerated")],
-        5,
-    );
-    agent.assert_metric(
-        "sockmesh_kernel_accelerate_total",
-        &[("decision", "redirected")],
-        10,
+    assert_totals(
+        &agent,
+        &echo,
+        Totals {
+            opened: 15,
+            accelerated: 5,
+        },
     );
     foreign.unload();
     agent.assert_maps_empty(&["ACCEL_SOCKS", "ACCEL_PAIRS", "ACCEL_READS"]);
