@@ -8,6 +8,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use agent_common::{
@@ -213,6 +214,9 @@ type TupleMap = HashMap<MapData, ConnTuple, OriginalDst>;
 thread_local! {
     /// This thread's handle on an ORIG_BY_TUPLE map, with the pin it was opened from.
     static TUPLE_MAP: std::cell::RefCell<Option<(PathBuf, TupleMap)>> =
+        const { std::cell::RefCell::new(None) };
+    /// Its descriptor, for the one call aya does not offer (read and remove at once).
+    static TUPLE_MAP_FD: std::cell::RefCell<Option<(PathBuf, OwnedFd)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -535,14 +539,40 @@ impl OriginalDstMap {
         })
     }
 
-    /// Reads and removes the entry of a connection.
+    /// Reads and removes the entry of a connection: one system call per accepted connection
+    /// where the kernel can (5.14), two where it cannot.
     pub fn take(&self, tuple: &ConnTuple) -> Option<OriginalDst> {
+        if !LOOKUP_AND_DELETE_REFUSED.load(Ordering::Relaxed) {
+            match self.take_at_once(tuple) {
+                Some(Ok(found)) => return found,
+                Some(Err(error)) if is_unsupported(&error) => {
+                    tracing::debug!(%error, "this kernel cannot read and remove a map entry at once");
+                    LOOKUP_AND_DELETE_REFUSED.store(true, Ordering::Relaxed);
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "reading ORIG_BY_TUPLE");
+                    return None;
+                }
+                None => return None,
+            }
+        }
         self.with(|map| {
             let dst = map.get(tuple, 0).ok()?;
             let _ = map.remove(tuple);
             Some(dst)
         })
         .flatten()
+    }
+
+    /// `take` in one call; None when the pin cannot be opened.
+    fn take_at_once(&self, tuple: &ConnTuple) -> Option<std::io::Result<Option<OriginalDst>>> {
+        TUPLE_MAP_FD.with_borrow_mut(|slot| {
+            if slot.as_ref().is_none_or(|(pin, _)| *pin != self.pin) {
+                *slot = open_tuple_map_fd(&self.pin).map(|fd| (self.pin.clone(), fd));
+            }
+            slot.as_ref()
+                .map(|(_, fd)| crate::sys::take_original_dst(fd.as_fd(), tuple))
+        })
     }
 
     /// Every connection with an entry (the sweep of connections never accepted reads them).
@@ -562,6 +592,24 @@ impl OriginalDstMap {
         self.with(|map| forget_netns_in(map, netns_cookie))
             .unwrap_or(0)
     }
+}
+
+/// Set once the kernel refused BPF_MAP_LOOKUP_AND_DELETE_ELEM on ORIG_BY_TUPLE (before 5.14).
+static LOOKUP_AND_DELETE_REFUSED: AtomicBool = AtomicBool::new(false);
+
+fn is_unsupported(error: &std::io::Error) -> bool {
+    // ENOTSUPP (524) is the kernel's own "not supported", which libc does not name.
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+    )
+}
+
+fn open_tuple_map_fd(pin: &Path) -> Option<OwnedFd> {
+    let data = MapData::from_pin(pin)
+        .inspect_err(|error| tracing::warn!(%error, pin = %pin.display(), "opening ORIG_BY_TUPLE"))
+        .ok()?;
+    data.fd().as_fd().try_clone_to_owned().ok()
 }
 
 fn open_tuple_map(pin: &Path) -> Option<TupleMap> {

@@ -55,6 +55,58 @@ pub fn link_sk_lookup(program: BorrowedFd<'_>, netns: BorrowedFd<'_>) -> io::Res
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (linux/bpf.h): on hash maps since Linux 5.14.
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// The leading fields of `union bpf_attr` for the map element commands.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Reads and removes a connection's entry of ORIG_BY_TUPLE (`map`) in one call: Ok(None) when
+/// there is none. An error of EINVAL or ENOTSUPP-like kinds means the kernel is older than
+/// 5.14 (the caller then reads and removes in two calls, as aya does).
+pub fn take_original_dst(
+    map: BorrowedFd<'_>,
+    key: &agent_common::ConnTuple,
+) -> io::Result<Option<agent_common::OriginalDst>> {
+    let mut value = mem::MaybeUninit::<agent_common::OriginalDst>::uninit();
+    let attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        pad: 0,
+        key: key as *const agent_common::ConnTuple as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: bpf(2) reads the attr, then the key and writes the value through the two
+    // pointers: both point at live objects of the map's key and value types (agent-common's
+    // ConnTuple and OriginalDst, which the eBPF side declares ORIG_BY_TUPLE with), for the
+    // length of the call; the fd is borrowed, so open.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const MapElemAttr,
+            mem::size_of::<MapElemAttr>() as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        // SAFETY: the kernel filled the whole value (the map's value size is its size);
+        // OriginalDst is plain integers, valid for any bytes.
+        return Ok(Some(unsafe { value.assume_init() }));
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::ENOENT) => Ok(None),
+        _ => Err(error),
+    }
+}
+
 // === Namespaces ===
 
 /// setns(2) into the network namespace `netns` refers to, for the calling thread only. Fails
