@@ -140,7 +140,9 @@ impl Session {
             match Box::pin(self.exchange(&request)).await? {
                 Next::KeepAlive if !self.proxy.draining.is_cancelled() => {}
                 Next::KeepAlive | Next::Close => return Ok(()),
-                Next::Tunnel => return self.tunnel().await,
+                // Boxed: upgrades are rare, and the tunnel's copy would size every HTTP/1
+                // connection's task, idle keep-alive ones included.
+                Next::Tunnel => return Box::pin(self.tunnel()).await,
             }
         }
     }
