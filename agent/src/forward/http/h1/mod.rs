@@ -49,12 +49,16 @@ const BODY_READ: usize = 64 * 1024;
 /// Proxies HTTP/1 between `client` and its original destination (`upstream`: the connection
 /// opened at accept and the connection's byte counters), or answers 502 to an HTTP client
 /// whose upstream is unreachable (`upstream` None).
-pub async fn forward(
+///
+/// Not an `async fn`: its future would keep the arguments beside the session made of them
+/// (rustc lays out an async fn's arguments apart from its locals), about 190 bytes more for
+/// every HTTP/1 connection for its whole life.
+pub fn forward(
     client: TcpStream,
     upstream: Option<(TcpStream, ByteCounters)>,
     conn: ConnInfo,
     proxy: Arc<HttpProxy>,
-) -> io::Result<()> {
+) -> impl Future<Output = io::Result<()>> {
     let mut session = Session {
         client,
         client_buf: BytesMut::new(),
@@ -69,13 +73,15 @@ pub async fn forward(
         authorities: AuthorityLabels::default(),
         proxy,
     };
-    match session.run().await {
-        // A peer closing in the middle of a message is not a socket error.
-        Err(error) if error.kind() != io::ErrorKind::UnexpectedEof => Err(error),
-        _ => {
-            // A clean end: FIN to the client after the last response.
-            let _ = session.client.shutdown().await;
-            Ok(())
+    async move {
+        match session.run().await {
+            // A peer closing in the middle of a message is not a socket error.
+            Err(error) if error.kind() != io::ErrorKind::UnexpectedEof => Err(error),
+            _ => {
+                // A clean end: FIN to the client after the last response.
+                let _ = session.client.shutdown().await;
+                Ok(())
+            }
         }
     }
 }
@@ -122,7 +128,7 @@ impl Session {
                 Err(RequestError::Timeout) => {
                     // Apart from malformed heads: a slow-loris client shows up as these.
                     self.proxy.count_error(&self.conn, "head_timeout");
-                    return self.write_local(408).await;
+                    return Box::pin(self.write_local(408)).await;
                 }
                 Err(RequestError::Head(error)) => {
                     tracing::debug!(%error, "malformed request");
@@ -132,12 +138,13 @@ impl Session {
                     } else {
                         400
                     };
-                    return self.write_local(status).await;
+                    return Box::pin(self.write_local(status)).await;
                 }
             };
-            // Boxed, so that the exchange's state (timers, both directions' I/O) is allocated
-            // per request instead of held by every idle keep-alive connection.
-            match Box::pin(self.exchange(&request)).await? {
+            // Boxed, with the request head, so that the exchange's state (timers, both
+            // directions' I/O) is allocated per request instead of held by every idle
+            // keep-alive connection; so are the local answers above (rare, and a timer each).
+            match Box::pin(self.exchange_owned(request)).await? {
                 Next::KeepAlive if !self.proxy.draining.is_cancelled() => {}
                 Next::KeepAlive | Next::Close => return Ok(()),
                 // Boxed: upgrades are rare, and the tunnel's copy would size every HTTP/1
@@ -183,6 +190,11 @@ impl Session {
                 return Ok(None);
             }
         }
+    }
+
+    /// `exchange`, owning its request head (which then lives in the exchange's box).
+    async fn exchange_owned(&mut self, request: RequestHead) -> io::Result<Next> {
+        self.exchange(&request).await
     }
 
     /// One request and its response.
