@@ -7,6 +7,7 @@ use std::{
     fs,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -97,6 +98,7 @@ impl Env {
     /// No servers and no agents yet; `dir` exists.
     fn empty(dir: &Path, sockmesh: &Path) -> Result<Self> {
         fs::create_dir_all(dir)?;
+        remove_stale_cgroups();
         Ok(Self {
             dir: dir.to_path_buf(),
             children: Vec::new(),
@@ -205,6 +207,19 @@ impl Env {
 
     fn spawn(&mut self, name: &str, command: &mut Command) -> Result<()> {
         let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
+        // Killed (SIGTERM, SIGKILL), the bench never runs its Drop: the kernel then sends each
+        // child SIGTERM as the bench's main thread ends, so no agent, nginx or HAProxy is left
+        // running (agents detach and unpin on SIGTERM).
+        // SAFETY: prctl(2) is async-signal-safe and changes only the child it runs in.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -593,6 +608,28 @@ fn http_body(addr: SocketAddr, path: &str) -> Result<String> {
     }
     let (_, body) = response.split_once("\r\n\r\n").unwrap_or(("", ""));
     Ok(body.to_string())
+}
+
+/// Removes the (empty) cgroups of earlier benches that were killed before they could: each
+/// is named after its bench's pid, and rmdir(2) refuses any cgroup that still has a process.
+fn remove_stale_cgroups() {
+    let Ok(mount) = cgroup2_mount() else { return };
+    let Ok(entries) = fs::read_dir(&mount) else {
+        return;
+    };
+    for entry in entries.filter_map(std::result::Result::ok) {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("sockmesh-bench-"))
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir(entry.path());
+        }
+    }
 }
 
 pub fn cgroup2_mount() -> Result<PathBuf> {
