@@ -211,12 +211,16 @@ pub struct OriginalDstMap {
 
 type TupleMap = HashMap<MapData, ConnTuple, OriginalDst>;
 
+/// One thread's handle on an ORIG_BY_TUPLE map: aya's, and a descriptor of its own for the
+/// one call aya does not offer (read and remove at once).
+struct TupleHandle {
+    map: TupleMap,
+    fd: OwnedFd,
+}
+
 thread_local! {
     /// This thread's handle on an ORIG_BY_TUPLE map, with the pin it was opened from.
-    static TUPLE_MAP: std::cell::RefCell<Option<(PathBuf, TupleMap)>> =
-        const { std::cell::RefCell::new(None) };
-    /// Its descriptor, for the one call aya does not offer (read and remove at once).
-    static TUPLE_MAP_FD: std::cell::RefCell<Option<(PathBuf, OwnedFd)>> =
+    static TUPLE_MAP: std::cell::RefCell<Option<(PathBuf, TupleHandle)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -530,13 +534,18 @@ impl Drop for Intercept {
 impl OriginalDstMap {
     /// Runs `f` on this thread's handle of the map (opened on first use); None when the pin
     /// cannot be opened.
-    fn with<R>(&self, f: impl FnOnce(&mut TupleMap) -> R) -> Option<R> {
+    fn with_handle<R>(&self, f: impl FnOnce(&mut TupleHandle) -> R) -> Option<R> {
         TUPLE_MAP.with_borrow_mut(|slot| {
             if slot.as_ref().is_none_or(|(pin, _)| *pin != self.pin) {
-                *slot = open_tuple_map(&self.pin).map(|map| (self.pin.clone(), map));
+                *slot = open_tuple_map(&self.pin).map(|handle| (self.pin.clone(), handle));
             }
-            slot.as_mut().map(|(_, map)| f(map))
+            slot.as_mut().map(|(_, handle)| f(handle))
         })
+    }
+
+    /// `with_handle` on aya's map.
+    fn with<R>(&self, f: impl FnOnce(&mut TupleMap) -> R) -> Option<R> {
+        self.with_handle(|handle| f(&mut handle.map))
     }
 
     /// Reads and removes the entry of a connection: one system call per accepted connection
@@ -566,13 +575,7 @@ impl OriginalDstMap {
 
     /// `take` in one call; None when the pin cannot be opened.
     fn take_at_once(&self, tuple: &ConnTuple) -> Option<std::io::Result<Option<OriginalDst>>> {
-        TUPLE_MAP_FD.with_borrow_mut(|slot| {
-            if slot.as_ref().is_none_or(|(pin, _)| *pin != self.pin) {
-                *slot = open_tuple_map_fd(&self.pin).map(|fd| (self.pin.clone(), fd));
-            }
-            slot.as_ref()
-                .map(|(_, fd)| crate::sys::take_original_dst(fd.as_fd(), tuple))
-        })
+        self.with_handle(|handle| crate::sys::take_original_dst(handle.fd.as_fd(), tuple))
     }
 
     /// Every connection with an entry (the sweep of connections never accepted reads them).
@@ -605,19 +608,14 @@ fn is_unsupported(error: &std::io::Error) -> bool {
     )
 }
 
-fn open_tuple_map_fd(pin: &Path) -> Option<OwnedFd> {
+fn open_tuple_map(pin: &Path) -> Option<TupleHandle> {
     let data = MapData::from_pin(pin)
         .inspect_err(|error| tracing::warn!(%error, pin = %pin.display(), "opening ORIG_BY_TUPLE"))
         .ok()?;
-    data.fd().as_fd().try_clone_to_owned().ok()
-}
-
-fn open_tuple_map(pin: &Path) -> Option<TupleMap> {
-    let data = MapData::from_pin(pin)
-        .inspect_err(|error| tracing::warn!(%error, pin = %pin.display(), "opening ORIG_BY_TUPLE"))
-        .ok()?;
+    let fd = data.fd().as_fd().try_clone_to_owned().ok()?;
     let map = aya::maps::Map::from_map_data(data).ok()?;
-    TupleMap::try_from(map).ok()
+    let map = TupleMap::try_from(map).ok()?;
+    Some(TupleHandle { map, fd })
 }
 
 fn forget_netns_in(map: &mut TupleMap, netns_cookie: u64) -> usize {
