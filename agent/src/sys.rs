@@ -12,14 +12,38 @@ use std::{
     ptr,
 };
 
+// === bpf(2) ===
+
+/// bpf(2) with `attr`, the leading fields of `union bpf_attr` for `cmd` (the kernel reads only
+/// the size passed and treats the rest as zero): its non-negative result, or the error.
+///
+/// # Safety
+/// `attr` must be what `cmd` expects, and every pointer and descriptor in it valid for
+/// what the kernel does with it during the call.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
+    // SAFETY: the attr is a valid, initialised struct of its own size that outlives the call;
+    // what it points at is the caller's promise.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const A,
+            mem::size_of::<A>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
 // === BPF links ===
 
 /// `BPF_LINK_CREATE` and `BPF_SK_LOOKUP` (linux/bpf.h).
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_SK_LOOKUP: u32 = 36;
 
-/// The leading fields of `union bpf_attr` for `BPF_LINK_CREATE`; the kernel reads only the
-/// size passed and treats the rest as zero.
+/// The leading fields of `union bpf_attr` for `BPF_LINK_CREATE`.
 #[repr(C)]
 struct LinkCreateAttr {
     prog_fd: u32,
@@ -38,19 +62,8 @@ pub fn link_sk_lookup(program: BorrowedFd<'_>, netns: BorrowedFd<'_>) -> io::Res
         attach_type: BPF_SK_LOOKUP,
         flags: 0,
     };
-    // SAFETY: bpf(2) reads `size_of::<LinkCreateAttr>()` bytes from a valid, initialised
-    // struct that outlives the call; both fds are borrowed, so open.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &attr as *const LinkCreateAttr,
-            mem::size_of::<LinkCreateAttr>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: a BPF_LINK_CREATE attr whose two fds are borrowed, so open.
+    let fd = unsafe { bpf(BPF_LINK_CREATE, &attr) }?;
     // SAFETY: a link fd the kernel just returned, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
@@ -83,27 +96,16 @@ pub fn take_original_dst(
         value: value.as_mut_ptr() as u64,
         flags: 0,
     };
-    // SAFETY: bpf(2) reads the attr, then the key and writes the value through the two
-    // pointers: both point at live objects of the map's key and value types (agent-common's
-    // ConnTuple and OriginalDst, which the eBPF side declares ORIG_BY_TUPLE with), for the
-    // length of the call; the fd is borrowed, so open.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &attr as *const MapElemAttr,
-            mem::size_of::<MapElemAttr>() as libc::c_uint,
-        )
-    };
-    if rc == 0 {
+    // SAFETY: the kernel reads the key and writes the value through the two pointers: both
+    // point at live objects of the map's key and value types (agent-common's ConnTuple and
+    // OriginalDst, which the eBPF side declares ORIG_BY_TUPLE with), for the length of the
+    // call; the fd is borrowed, so open.
+    match unsafe { bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr) } {
         // SAFETY: the kernel filled the whole value (the map's value size is its size);
         // OriginalDst is plain integers, valid for any bytes.
-        return Ok(Some(unsafe { value.assume_init() }));
-    }
-    let error = io::Error::last_os_error();
-    match error.raw_os_error() {
-        Some(libc::ENOENT) => Ok(None),
-        _ => Err(error),
+        Ok(_) => Ok(Some(unsafe { value.assume_init() })),
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(error) => Err(error),
     }
 }
 
