@@ -125,17 +125,20 @@ pub fn subtree(root: &Path, mount: &Path) -> Vec<(u64, String)> {
 /// Whether this process runs in `root` or below it (its sockets then meet the hooks attached to
 /// `root`). True when that cannot be told: the caller then asks as if it did.
 pub fn own_cgroup_within(root: &Path) -> bool {
-    let own = fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|text| unified_path(&text).map(str::to_string));
-    let (Some(own), Ok(mount)) = (own, cgroup2_mount()) else {
+    let Some(own) = own_cgroup() else {
         return true;
     };
-    let own = mount.join(own.trim_start_matches('/'));
     match (fs::canonicalize(own), fs::canonicalize(root)) {
         (Ok(own), Ok(root)) => own.starts_with(root),
         _ => true,
     }
+}
+
+/// This process's cgroup v2 directory, under the cgroup2 mount.
+fn own_cgroup() -> Option<PathBuf> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = unified_path(&text)?;
+    Some(cgroup2_mount().ok()?.join(own.trim_start_matches('/')))
 }
 
 /// The cgroup v2 path in /proc/self/cgroup (the line "0::PATH").
@@ -193,14 +196,9 @@ mod tests {
 
     #[test]
     fn this_process_is_within_its_own_cgroup_and_not_a_sibling() {
-        let Some(own) = fs::read_to_string("/proc/self/cgroup")
-            .ok()
-            .and_then(|text| unified_path(&text).map(str::to_string))
-        else {
+        let (Some(own), Ok(mount)) = (own_cgroup(), cgroup2_mount()) else {
             return;
         };
-        let Ok(mount) = cgroup2_mount() else { return };
-        let own = mount.join(own.trim_start_matches('/'));
         assert!(own_cgroup_within(&own));
         assert!(own_cgroup_within(&mount));
         // A directory that is no ancestor of ours (the test cannot create cgroups unprivileged).
