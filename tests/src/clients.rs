@@ -2,15 +2,17 @@
 //! meshprobe, curl and the system Python (the peer scripts, or a `-c` one-off).
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     net::SocketAddr,
     process::{Child, Stdio},
-    sync::mpsc,
-    thread,
     time::Duration,
 };
 
-use crate::{TestCgroup, meshprobe_bin, process::run_ok, servers::SYSTEM_PYTHON};
+use crate::{
+    TestCgroup, meshprobe_bin,
+    process::{run_ok, stdout_lines},
+    servers::SYSTEM_PYTHON,
+};
 
 /// Runs meshprobe with `args` inside `cgroup`; its report (stdout), failing on a non-zero exit.
 pub fn probe(cgroup: &TestCgroup, args: &[&str], limit: Duration) -> String {
@@ -60,18 +62,11 @@ impl Holder {
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting meshprobe hold");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut stdout = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = stdout.read_line(&mut line);
-            let _ = tx.send(line);
-            // The rest (its final report) is read too, or the holder's last print would fail.
-            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-        });
+        // The rest of its output (its final report) is read too, or its last print would fail.
+        let line = stdout_lines(&mut child)
+            .recv_timeout(limit)
+            .unwrap_or_default();
         let holder = Self { child };
-        let line = rx.recv_timeout(limit).unwrap_or_default();
         assert_eq!(line.trim(), format!("held {count}"));
         holder
     }

@@ -1,8 +1,9 @@
 //! Running client commands with a time bound: a hung client fails the test instead of hanging.
 
 use std::{
-    io::Read,
-    process::{Command, Output, Stdio},
+    io::{BufRead, BufReader, Read},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -57,6 +58,25 @@ pub fn run_ok(command: &mut Command, limit: Duration) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The lines `child` writes to its piped stdout, as they come, read by a thread of their own
+/// (the caller bounds each wait with `recv_timeout`). The stdout is taken from `child`, and
+/// read to its end even once nobody listens, so the child's last prints never fail.
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (lines, received) = mpsc::channel();
+    thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        while matches!(reader.read_line(&mut line), Ok(read) if read > 0) {
+            let _ = lines.send(line.trim_end_matches(['\n', '\r']).to_string());
+            line.clear();
+        }
+        // Whatever is left (bytes that are no text) is read too.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    received
 }
 
 /// Polls `condition` every 20 ms for at most `limit`; returns whether it became true.

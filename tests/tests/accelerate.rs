@@ -536,17 +536,7 @@ fn an_agent_killed_with_accelerated_connections_open_leaves_nothing_hanging() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("python client");
-    let stdout = client.stdout.take().expect("client stdout");
-    let (line_tx, line_rx) = mpsc::channel();
-    thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = line_tx.send(line);
-        }
-    });
+    let line_rx = integration_tests::process::stdout_lines(&mut client);
     let first = line_rx.recv_timeout(LIMIT).expect("the client chatted");
     assert_eq!(first, "chatted");
     agent.signal(libc::SIGKILL);

@@ -5,16 +5,14 @@
 //! binaries one after another).
 
 use std::{
-    io::{BufRead, BufReader},
     process::{Child, Stdio},
-    sync::mpsc,
-    thread,
     time::Duration,
 };
 
 use integration_tests::{
     Agent, AgentOptions, TestCgroup,
     clients::python,
+    process::stdout_lines,
     require_privileged,
     servers::{EchoServer, SYSTEM_PYTHON, peer_script},
 };
@@ -37,14 +35,9 @@ impl ForeignSockmap {
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting foreign_sockmap.py");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(LIMIT).unwrap_or_default();
+        let line = stdout_lines(&mut child)
+            .recv_timeout(LIMIT)
+            .unwrap_or_default();
         let id = line
             .trim()
             .strip_prefix("ready id=")
