@@ -389,7 +389,7 @@ impl Env {
 
     fn start_agent(&mut self, setup: Setup, extra: Option<&str>) -> Result<Agent> {
         let cgroup = cgroup2_mount()?.join(format!(
-            "sockmesh-bench-{}-{}",
+            "{CGROUP_PREFIX}{}-{}",
             std::process::id(),
             setup.name()
         ));
@@ -610,6 +610,9 @@ fn http_body(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// An agent's cgroup is this, the bench's pid, '-' and the setup's name.
+const CGROUP_PREFIX: &str = "sockmesh-bench-";
+
 /// Removes the (empty) cgroups of earlier benches that were killed before they could: each
 /// is named after its bench's pid, and rmdir(2) refuses any cgroup that still has a process.
 fn remove_stale_cgroups() {
@@ -621,7 +624,7 @@ fn remove_stale_cgroups() {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|name| name.strip_prefix("sockmesh-bench-"))
+            .and_then(|name| name.strip_prefix(CGROUP_PREFIX))
             .and_then(|rest| rest.split('-').next())
         else {
             continue;
