@@ -65,6 +65,9 @@ fn bind(origin: &Origin, addr: SocketAddr) -> Result<std::net::TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it: the agent's writes to its clients are never held back by
+    // Nagle, and no connection pays a setsockopt of its own for it.
+    socket.set_tcp_nodelay(true)?;
     socket
         .bind(&addr.into())
         .map_err(|source| AcceptError::Bind { addr, source })?;
@@ -137,6 +140,10 @@ pub async fn serve(listener: std::net::TcpListener, scope: Scope) {
             return;
         }
     };
+    let Ok(listener_addr) = listener.local_addr() else {
+        tracing::error!("the proxy listener has no address");
+        return;
+    };
     let mut backoff = ACCEPT_BACKOFF_FIRST;
     loop {
         let accepted = tokio::select! {
@@ -146,7 +153,7 @@ pub async fn serve(listener: std::net::TcpListener, scope: Scope) {
         match accepted {
             Ok((client, peer)) => {
                 backoff = ACCEPT_BACKOFF_FIRST;
-                spawn_connection(&scope, client, peer);
+                spawn_connection(&scope, client, accepted_from(&scope, peer, listener_addr));
             }
             Err(error) => {
                 let errno = errno_name(&error);
@@ -167,18 +174,26 @@ pub async fn serve(listener: std::net::TcpListener, scope: Scope) {
             }
         }
     }
-    drain_backlog(&listener, &scope);
+    drain_backlog(&listener, listener_addr, &scope);
+}
+
+fn accepted_from(scope: &Scope, peer: SocketAddr, listener: SocketAddr) -> connection::Accepted {
+    connection::Accepted {
+        peer,
+        listener,
+        direction: scope.direction,
+    }
 }
 
 /// Accepts what is already queued before the listener closes: closing a listener resets the
 /// connections in its accept queue, and those clients saw their connect succeed. The kernel
 /// stopped redirecting before `stop_accepting` fired, so nothing new arrives.
-fn drain_backlog(listener: &TcpListener, scope: &Scope) {
+fn drain_backlog(listener: &TcpListener, listener_addr: SocketAddr, scope: &Scope) {
     let waker = std::task::Waker::noop();
     let mut context = std::task::Context::from_waker(waker);
     let mut drained = 0usize;
     while let std::task::Poll::Ready(Ok((client, peer))) = listener.poll_accept(&mut context) {
-        spawn_connection(scope, client, peer);
+        spawn_connection(scope, client, accepted_from(scope, peer, listener_addr));
         drained += 1;
     }
     if drained > 0 {
@@ -186,15 +201,14 @@ fn drain_backlog(listener: &TcpListener, scope: &Scope) {
     }
 }
 
-fn spawn_connection(scope: &Scope, client: tokio::net::TcpStream, peer: SocketAddr) {
+fn spawn_connection(scope: &Scope, client: tokio::net::TcpStream, accepted: connection::Accepted) {
     let (origin, proxy) = (Arc::clone(&scope.origin), Arc::clone(&scope.proxy));
-    let direction = scope.direction;
     match &scope.pod_drain {
         // A pod's connection: its pod's removal waits for it, then cuts it short.
         Some(drain) => {
             let (held, abort) = (drain.connections.token(), drain.abort.clone());
             scope.connections.spawn(connection_task(
-                client, peer, origin, proxy, direction, held, abort,
+                client, accepted, origin, proxy, held, abort,
             ));
         }
         // The host's: they end with the agent (its runtimes drop them after the drain), so
@@ -202,7 +216,7 @@ fn spawn_connection(scope: &Scope, client: tokio::net::TcpStream, peer: SocketAd
         None => {
             scope
                 .connections
-                .spawn(connection::handle(client, peer, origin, proxy, direction));
+                .spawn(connection::handle(client, accepted, origin, proxy));
         }
     }
 }
@@ -214,16 +228,15 @@ fn spawn_connection(scope: &Scope, client: tokio::net::TcpStream, peer: SocketAd
 /// connection's task would pay for it.
 async fn connection_task(
     client: tokio::net::TcpStream,
-    peer: SocketAddr,
+    accepted: connection::Accepted,
     origin: Arc<Origin>,
     proxy: Arc<Proxy>,
-    direction: Direction,
     held: tokio_util::task::task_tracker::TaskTrackerToken,
     abort: CancellationToken,
 ) {
     let _held = held;
     tokio::select! {
-        () = connection::handle(client, peer, origin, proxy, direction) => {}
+        () = connection::handle(client, accepted, origin, proxy) => {}
         () = abort.cancelled() => {}
     }
 }
@@ -232,7 +245,7 @@ async fn connection_task(
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, D, E, G, H, F>(_: impl Fn(A, B, C, D, E, G, H) -> F) -> usize {
+    fn future_size<A, B, C, D, E, G, F>(_: impl Fn(A, B, C, D, E, G) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

@@ -132,21 +132,30 @@ struct Routed {
     accelerated: Option<Box<AccelLink>>,
 }
 
+/// How a connection reached the agent.
+#[derive(Clone, Copy, Debug)]
+pub struct Accepted {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The address of the listener that accepted it. An outbound connection's own local
+    /// address is its listener's (bound to one loopback address), so it is known without a
+    /// getsockname; an inbound one's is the workload's, as sk_lookup left it.
+    pub listener: SocketAddr,
+    pub direction: Direction,
+}
+
 /// One proxied connection, start to finish. `origin` is the namespace (host or pod) whose
 /// listener accepted it.
-pub async fn handle(
-    client: TcpStream,
-    peer: SocketAddr,
-    origin: Arc<Origin>,
-    proxy: Arc<Proxy>,
-    direction: Direction,
-) {
+pub async fn handle(client: TcpStream, accepted: Accepted, origin: Arc<Origin>, proxy: Arc<Proxy>) {
+    let Accepted {
+        peer, direction, ..
+    } = accepted;
     let _counted = (direction == Direction::Inbound).then(|| proxy.open_inbound.hold());
     let Some(Routed {
         dst,
         opaque_port,
         accelerated,
-    }) = proxy.route(&client, peer, &origin, direction)
+    }) = proxy.route(&client, accepted, &origin)
     else {
         tracing::debug!(%peer, ?direction, "no original destination; not a proxied connection");
         opaque::reset(&client);
@@ -247,7 +256,6 @@ async fn forward(
 ) -> (&'static str, CloseReason) {
     if let OpaquePath::Accelerated(link) = opaque {
         proxy.record_detection(&opaque_port(), labels);
-        let _ = client.set_nodelay(true);
         proxy.count_opaque_mode("accelerated");
         let outcome = Box::pin(
             proxy
@@ -267,7 +275,7 @@ async fn forward(
     if classified.protocol == Protocol::Opaque(OpaqueReason::Error) {
         return (protocol, pass_on_client_failure(&client, &server));
     }
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY came with the accepted socket: the listener has it (accept.rs).
     let Some(version) = http_version(&classified.protocol) else {
         // Raw bytes both ways, from the first (detection only peeked).
         let outcome = proxy
@@ -350,16 +358,15 @@ impl Proxy {
     fn route(
         &self,
         client: &TcpStream,
-        peer: SocketAddr,
+        accepted: Accepted,
         origin: &Arc<Origin>,
-        direction: Direction,
     ) -> Option<Routed> {
         let Target {
             dst,
             workload_cgroup,
             app_tuple,
-        } = match direction {
-            Direction::Outbound => self.original_dst(client, peer, origin),
+        } = match accepted.direction {
+            Direction::Outbound => self.original_dst(client, accepted, origin),
             Direction::Inbound => self.inbound_target(client, origin),
         }?;
         let opaque_port = self.is_opaque(origin, workload_cgroup, dst.port());
@@ -376,13 +383,12 @@ impl Proxy {
     fn original_dst(
         &self,
         client: &TcpStream,
-        peer: SocketAddr,
+        accepted: Accepted,
         origin: &Origin,
     ) -> Option<Target> {
-        let local = client.local_addr().ok()?;
         let accepted = original_dst::Accepted {
-            peer,
-            local,
+            peer: accepted.peer,
+            local: accepted.listener,
             netns_cookie: origin.netns_cookie,
         };
         let (found, lookup) =
@@ -504,15 +510,15 @@ impl Proxy {
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, D, E, F>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
+    fn future_size<A, B, C, D, F>(_: impl Fn(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
     /// Every proxied connection's task holds this future for as long as the connection is
     /// open, idle ones included: states only some connections reach (the HTTP/2 observer, the
     /// user-space copy, the kernel hand-off, `--accelerate local`, an HTTP/1 exchange) are
-    /// boxed so that they do not size every connection's task. 1,944 bytes in a debug build
-    /// (1,856 in release); the bound leaves little room, so that growth is noticed (an inline
+    /// boxed so that they do not size every connection's task. 1,984 bytes in a debug build
+    /// (1,896 in release); the bound leaves little room, so that growth is noticed (an inline
     /// copy once grew every connection by 216 bytes unseen: `--accelerate local`'s hooks and
     /// timers in it).
     #[test]

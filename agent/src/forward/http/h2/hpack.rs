@@ -119,6 +119,9 @@ static HUFFMAN_CODE_LENGTHS: [u8; 257] = [
 const EOS: u16 = 256;
 const LONGEST_CODE: usize = 30;
 
+/// Codes this long or shorter are decoded by one lookup of the next byte's worth of bits.
+const SHORT_CODE: u32 = 8;
+
 /// The canonical code, by length: its first code, how many codes, where its symbols start.
 struct HuffmanCode {
     first: [u32; LONGEST_CODE + 1],
@@ -126,6 +129,11 @@ struct HuffmanCode {
     offset: [u16; LONGEST_CODE + 1],
     /// Symbols ordered by (code length, symbol).
     symbols: [u16; 257],
+    /// For each value of the next 8 bits, the code of at most 8 bits they begin with, if any:
+    /// (symbol, length), length 0 for none. Most characters of header values (letters,
+    /// digits, common punctuation) have codes of 5-8 bits, so they cost one lookup each
+    /// instead of one step per bit.
+    short: [(u8, u8); 256],
 }
 
 impl HuffmanCode {
@@ -140,6 +148,7 @@ impl HuffmanCode {
             count: [0; LONGEST_CODE + 1],
             offset: [0; LONGEST_CODE + 1],
             symbols: [0; 257],
+            short: [(0, 0); 256],
         };
         for &length in &HUFFMAN_CODE_LENGTHS {
             code.count[usize::from(length)] += 1;
@@ -158,11 +167,87 @@ impl HuffmanCode {
             code.symbols[usize::from(*slot)] = symbol as u16;
             *slot += 1;
         }
+        for (byte, entry) in code.short.iter_mut().enumerate() {
+            *entry = (1..=SHORT_CODE as usize)
+                .find_map(|length| {
+                    let index = (byte as u32 >> (SHORT_CODE as usize - length))
+                        .wrapping_sub(code.first[length]);
+                    (index < code.count[length]).then(|| {
+                        let symbol =
+                            code.symbols[usize::from(code.offset[length]) + index as usize];
+                        (symbol as u8, length as u8)
+                    })
+                })
+                .unwrap_or((0, 0));
+        }
         code
     }
 
-    /// Decodes `encoded` into `out` (appended).
+    /// Decodes `encoded` into `out` (appended). The bits not yet decoded are kept in `window`,
+    /// most significant first; each step decodes one symbol from its top: a short code by
+    /// lookup, a longer one by the canonical search from 9 bits up.
     fn decode(&self, encoded: &[u8], out: &mut Vec<u8>) -> Result<(), HpackError> {
+        let (mut window, mut bits, mut next) = (0u64, 0u32, 0usize);
+        loop {
+            while bits <= 56 && next < encoded.len() {
+                window |= u64::from(encoded[next]) << (56 - bits);
+                bits += 8;
+                next += 1;
+            }
+            let (symbol, length) = self.short[(window >> 56) as usize];
+            let length = u32::from(length);
+            if length != 0 && length <= bits {
+                out.push(symbol);
+                window <<= length;
+                bits -= length;
+                continue;
+            }
+            // No code of 8 bits or fewer starts here; with 8 bits or fewer left, no code does.
+            if bits <= SHORT_CODE {
+                break;
+            }
+            match self.long_code(window, bits)? {
+                Some((symbol, length)) => {
+                    out.push(symbol);
+                    window <<= length;
+                    bits -= length;
+                }
+                None => break,
+            }
+        }
+        // What is left is padding: fewer than 8 bits, all ones (the most significant bits of
+        // EOS). The input is all consumed: the window is refilled before it runs this low.
+        let rest = if bits == 0 { 0 } else { window >> (64 - bits) };
+        if bits > 7 || rest != (1 << bits) - 1 {
+            return Err(HpackError::BadHuffman);
+        }
+        Ok(())
+    }
+
+    /// The code of 9 to 30 bits at the top of `window` (`bits` of it are input): its symbol
+    /// and length, or None if the input ends inside it.
+    fn long_code(&self, window: u64, bits: u32) -> Result<Option<(u8, u32)>, HpackError> {
+        for length in SHORT_CODE + 1..=bits.min(LONGEST_CODE as u32) {
+            let code = (window >> (64 - length)) as u32;
+            let index = code.wrapping_sub(self.first[length as usize]);
+            if index < self.count[length as usize] {
+                let symbol =
+                    self.symbols[usize::from(self.offset[length as usize]) + index as usize];
+                if symbol == EOS {
+                    return Err(HpackError::BadHuffman);
+                }
+                return Ok(Some((symbol as u8, length)));
+            }
+        }
+        if bits >= LONGEST_CODE as u32 {
+            return Err(HpackError::BadHuffman);
+        }
+        Ok(None)
+    }
+
+    /// The same, one bit at a time: the reference `decode` is tested against.
+    #[cfg(test)]
+    fn decode_bitwise(&self, encoded: &[u8], out: &mut Vec<u8>) -> Result<(), HpackError> {
         let (mut code, mut length) = (0u32, 0usize);
         for byte in encoded {
             for shift in (0..8).rev() {
@@ -546,6 +631,87 @@ mod tests {
         assert_eq!(fails(&[0x40, 0x81, 0x00, 0x00]), HpackError::BadHuffman);
         // A size update over the allowed 4096.
         assert_eq!(fails(&[0x3f, 0xe2, 0x1f]), HpackError::TableSizeTooLarge);
+    }
+
+    /// The code of `symbol` as (bits, length), from the canonical code.
+    fn code_of(code: &HuffmanCode, symbol: u16) -> (u64, usize) {
+        let length = usize::from(HUFFMAN_CODE_LENGTHS[usize::from(symbol)]);
+        let position = code.symbols.iter().position(|&s| s == symbol).unwrap();
+        let bits = code.first[length] + (position as u32 - u32::from(code.offset[length]));
+        (u64::from(bits), length)
+    }
+
+    /// `symbols` Huffman-encoded, padded with ones.
+    fn encode(code: &HuffmanCode, symbols: &[u16]) -> Vec<u8> {
+        let (mut out, mut acc, mut bits) = (Vec::new(), 0u64, 0usize);
+        for &symbol in symbols {
+            let (value, length) = code_of(code, symbol);
+            acc = acc << length | value;
+            bits += length;
+            while bits >= 8 {
+                out.push((acc >> (bits - 8)) as u8);
+                bits -= 8;
+            }
+        }
+        if bits > 0 {
+            out.push((acc << (8 - bits) | ((1 << (8 - bits)) - 1)) as u8);
+        }
+        out
+    }
+
+    /// The lookup decoder and the one-bit-at-a-time one agree on every input: valid strings of
+    /// every symbol (short and long codes, padding of every length), the same cut short or with
+    /// EOS inside, and arbitrary bytes.
+    #[test]
+    fn the_lookup_decoder_agrees_with_the_bitwise_one() {
+        let code = HuffmanCode::get();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let agree = |input: &[u8]| {
+            let (mut fast, mut slow) = (Vec::new(), Vec::new());
+            let results = (
+                code.decode(input, &mut fast),
+                code.decode_bitwise(input, &mut slow),
+            );
+            assert_eq!(results.0, results.1, "input {input:02x?}");
+            if results.0.is_ok() {
+                assert_eq!(fast, slow, "input {input:02x?}");
+            }
+            results.0.is_ok()
+        };
+        let mut valid = 0;
+        for round in 0..20_000 {
+            let length = (random() % 24) as usize;
+            let input: Vec<u8> = if round % 2 == 0 {
+                let symbols: Vec<u16> = (0..length)
+                    .map(|_| match random() % 4 {
+                        // Mostly printable ASCII, as header values are; sometimes any byte.
+                        0 => (random() % 256) as u16,
+                        _ => (0x20 + random() % 0x5f) as u16,
+                    })
+                    .collect();
+                let mut encoded = encode(code, &symbols);
+                match random() % 8 {
+                    0 => {
+                        encoded.pop();
+                    }
+                    1 => encoded.extend(encode(code, &[EOS])),
+                    _ => {}
+                }
+                encoded
+            } else {
+                (0..length).map(|_| random() as u8).collect()
+            };
+            if agree(&input) {
+                valid += 1;
+            }
+        }
+        assert!(valid > 5_000, "only {valid} valid inputs were tried");
     }
 
     #[test]
