@@ -15,23 +15,15 @@ pub(crate) mod h1;
 pub(crate) mod h2;
 mod observe;
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use self::observe::{RequestSummary, ResponseRecord};
 use super::{ByteCounters, opaque::Outcome};
 use crate::{
     connect::Dialer,
-    metrics::{
-        Direction, WorkloadLabels,
-        http::{HttpErrorLabels, RequestLabels},
-    },
+    metrics::{Direction, WorkloadLabels, http::HttpErrorLabels},
     netns::Origin,
     tap::Tap,
 };
@@ -139,36 +131,6 @@ pub async fn serve_unavailable(
 }
 
 impl HttpProxy {
-    /// Counts a request and starts its response record; the tap summary is built only while
-    /// somebody watches.
-    fn begin_record(
-        &self,
-        conn: ConnInfo,
-        authority: String,
-        grpc: bool,
-        summary: impl FnOnce() -> RequestSummary,
-    ) -> ResponseRecord {
-        let started = Instant::now();
-        let labels = RequestLabels {
-            direction: conn.direction,
-            target_port: conn.dst.port(),
-            workload: conn.workload.clone(),
-            authority,
-        };
-        self.metrics.http.request_total.get_or_create(&labels).inc();
-        ResponseRecord {
-            metrics: Arc::clone(&self.metrics),
-            tap: Arc::clone(&self.tap),
-            conn,
-            authority: labels.authority,
-            request: self.tap.is_watched().then(summary),
-            grpc,
-            started,
-            status: 0,
-            latency_ms: 0.0,
-        }
-    }
-
     fn count_error(&self, conn: &ConnInfo, reason: &'static str) {
         let labels = HttpErrorLabels {
             direction: conn.direction,
@@ -176,28 +138,6 @@ impl HttpProxy {
             reason,
         };
         self.metrics.http.errors_total.get_or_create(&labels).inc();
-    }
-}
-
-/// One client connection's last authority and its bounded label: a connection's requests
-/// nearly always name the same authority, so the agent-wide label table (a lock and a hash)
-/// is consulted only when it changes.
-#[derive(Default)]
-struct AuthorityLabels {
-    last: parking_lot::Mutex<Option<(String, String)>>,
-}
-
-impl AuthorityLabels {
-    fn label(&self, authority: &str, metrics: &crate::metrics::http::HttpMetrics) -> String {
-        let mut last = self.last.lock();
-        match last.as_ref() {
-            Some((raw, label)) if raw == authority => label.clone(),
-            _ => {
-                let label = metrics.authority_label(authority);
-                *last = Some((authority.to_string(), label.clone()));
-                label
-            }
-        }
     }
 }
 

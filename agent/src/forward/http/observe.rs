@@ -1,39 +1,190 @@
-//! Response observation: every response is recorded once, when its stream ends or is abandoned,
-//! with its status, its gRPC status (trailers, or headers of a trailers-only response) and its
-//! classification. Latency is time to response headers.
+//! Response observation: every request is counted as it comes, and every response is recorded
+//! once, when its stream ends or is abandoned, with its status, its gRPC status (trailers, or
+//! headers of a trailers-only response) and its classification. Latency is time to response
+//! headers.
 
 use std::{sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::{Response, StatusCode};
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 
-use super::ConnInfo;
+use super::{ConnInfo, HttpProxy};
 use crate::{
     metrics::{
         Metrics,
-        http::{HttpMetrics, LatencyLabels, ResponseLabels},
+        http::{LatencyLabels, RequestLabels, ResponseLabels},
     },
     tap::{Tap, TapEvent, now_ms},
 };
 
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
+/// One client connection's request recording: what every record of it shares, and the series
+/// its requests last counted in. A connection's requests nearly always carry the same labels
+/// (one authority, status 200), so the agent-wide families (a lock shared by the proxy
+/// threads, a hash of every label, a copy of each) are consulted only when a label changes,
+/// and a record costs one reference count on this connection's recorder instead of several on
+/// agent-wide ones. Made at the connection's first request; per connection, so its lock is
+/// never contended.
+pub struct ConnRecorder {
+    metrics: Arc<Metrics>,
+    tap: Arc<Tap>,
+    pub conn: ConnInfo,
+    last: parking_lot::Mutex<LastSeries>,
+}
+
+/// The series last used, each with the labels that vary between a connection's requests.
+#[derive(Default)]
+struct LastSeries {
+    /// The raw authority and its bounded label.
+    authority: Option<(String, Arc<str>)>,
+    request: Option<(Arc<str>, Counter)>,
+    latency: Option<(Arc<str>, u16, Histogram)>,
+    response: Option<(ResponseKey, Counter)>,
+}
+
+#[derive(PartialEq)]
+struct ResponseKey {
+    authority: Arc<str>,
+    status: u16,
+    classification: &'static str,
+    grpc_status: String,
+}
+
+impl ConnRecorder {
+    pub fn new(proxy: &HttpProxy, conn: ConnInfo) -> Arc<Self> {
+        Arc::new(Self {
+            metrics: Arc::clone(&proxy.metrics),
+            tap: Arc::clone(&proxy.tap),
+            conn,
+            last: parking_lot::Mutex::default(),
+        })
+    }
+
+    /// Counts a request for `raw_authority` and starts its response record; the tap summary
+    /// is built only while somebody watches.
+    pub fn begin(
+        self: &Arc<Self>,
+        raw_authority: &str,
+        grpc: bool,
+        summary: impl FnOnce() -> RequestSummary,
+    ) -> ResponseRecord {
+        let started = Instant::now();
+        let authority = {
+            let mut last = self.last.lock();
+            let authority = self.authority_label(&mut last, raw_authority);
+            self.count_request(&mut last, &authority);
+            authority
+        };
+        ResponseRecord {
+            recorder: Arc::clone(self),
+            authority,
+            request: self.tap.is_watched().then(summary),
+            grpc,
+            started,
+            status: 0,
+            latency_ms: 0.0,
+        }
+    }
+
+    fn authority_label(&self, last: &mut LastSeries, raw: &str) -> Arc<str> {
+        match &last.authority {
+            Some((seen, label)) if seen == raw => Arc::clone(label),
+            _ => {
+                let label: Arc<str> = self.metrics.http.authority_label(raw).into();
+                last.authority = Some((raw.to_string(), Arc::clone(&label)));
+                label
+            }
+        }
+    }
+
+    fn count_request(&self, last: &mut LastSeries, authority: &Arc<str>) {
+        if !matches!(&last.request, Some((seen, _)) if seen == authority) {
+            let labels = RequestLabels {
+                direction: self.conn.direction,
+                target_port: self.conn.dst.port(),
+                workload: self.conn.workload.clone(),
+                authority: authority.to_string(),
+            };
+            let counter = self
+                .metrics
+                .http
+                .request_total
+                .get_or_create(&labels)
+                .clone();
+            last.request = Some((Arc::clone(authority), counter));
+        }
+        if let Some((_, counter)) = &last.request {
+            counter.inc();
+        }
+    }
+
+    fn observe_latency(&self, authority: &Arc<str>, status: u16, millis: f64) {
+        let mut last = self.last.lock();
+        let stale =
+            !matches!(&last.latency, Some((seen, code, _)) if seen == authority && *code == status);
+        if stale {
+            let labels = LatencyLabels {
+                direction: self.conn.direction,
+                target_port: self.conn.dst.port(),
+                workload: self.conn.workload.clone(),
+                authority: authority.to_string(),
+                status_code: status,
+            };
+            let histogram = self
+                .metrics
+                .http
+                .response_latency_ms
+                .get_or_create(&labels)
+                .clone();
+            last.latency = Some((Arc::clone(authority), status, histogram));
+        }
+        if let Some((_, _, histogram)) = &last.latency {
+            histogram.observe(millis);
+        }
+    }
+
+    fn count_response(&self, key: ResponseKey) {
+        let mut last = self.last.lock();
+        if !matches!(&last.response, Some((seen, _)) if *seen == key) {
+            let labels = ResponseLabels {
+                direction: self.conn.direction,
+                target_port: self.conn.dst.port(),
+                workload: self.conn.workload.clone(),
+                authority: key.authority.to_string(),
+                status_code: key.status,
+                classification: key.classification,
+                grpc_status: key.grpc_status.clone(),
+            };
+            let counter = self
+                .metrics
+                .http
+                .response_total
+                .get_or_create(&labels)
+                .clone();
+            last.response = Some((key, counter));
+        }
+        if let Some((_, counter)) = &last.response {
+            counter.inc();
+        }
+    }
+}
+
 /// What a response is recorded with, once its end (or its abandonment) is known.
 pub struct ResponseRecord {
-    pub metrics: Arc<Metrics>,
-    pub tap: Arc<Tap>,
-    pub conn: ConnInfo,
+    recorder: Arc<ConnRecorder>,
     /// The bounded label value.
-    pub authority: String,
+    authority: Arc<str>,
     /// None when nobody watched the tap as the request came in.
-    pub request: Option<RequestSummary>,
-    pub grpc: bool,
-    pub started: Instant,
+    request: Option<RequestSummary>,
+    grpc: bool,
+    started: Instant,
     /// The response's status, once its head is known.
     pub status: u16,
     /// Time to response headers, once known.
-    pub latency_ms: f64,
+    latency_ms: f64,
 }
 
 /// What the tap shows of a request.
@@ -62,20 +213,10 @@ impl ResponseRecord {
     /// The response head arrived: its latency is known.
     pub fn response_started(&mut self, status: u16) {
         self.status = status;
-        let labels = LatencyLabels {
-            direction: self.conn.direction,
-            target_port: self.conn.dst.port(),
-            workload: self.conn.workload.clone(),
-            authority: self.authority.clone(),
-            status_code: status,
-        };
         let millis = self.started.elapsed().as_secs_f64() * 1000.0;
         self.latency_ms = millis;
-        self.metrics
-            .http
-            .response_latency_ms
-            .get_or_create(&labels)
-            .observe(millis);
+        self.recorder
+            .observe_latency(&self.authority, status, millis);
     }
 
     /// The response ended (`broken`: midway) without gRPC status.
@@ -94,30 +235,27 @@ impl ResponseRecord {
     }
 
     fn record(&self, outcome: &Outcome) {
-        let http: &HttpMetrics = &self.metrics.http;
-        let labels = ResponseLabels {
-            direction: self.conn.direction,
-            target_port: self.conn.dst.port(),
-            workload: self.conn.workload.clone(),
-            authority: self.authority.clone(),
-            status_code: outcome.status,
+        let recorder = &self.recorder;
+        recorder.count_response(ResponseKey {
+            authority: Arc::clone(&self.authority),
+            status: outcome.status,
             classification: outcome.classification(self.grpc),
             grpc_status: if self.grpc {
                 outcome.grpc_status.clone().unwrap_or_default()
             } else {
                 String::new()
             },
-        };
-        http.response_total.get_or_create(&labels).inc();
+        });
         let Some(request) = &self.request else {
             return;
         };
-        self.tap.publish(|| TapEvent::Http {
+        let conn = &recorder.conn;
+        recorder.tap.publish(|| TapEvent::Http {
             ts_ms: now_ms(),
-            id: self.conn.id,
-            direction: self.conn.direction,
-            workload: self.conn.workload.clone(),
-            dst: self.conn.dst,
+            id: conn.id,
+            direction: conn.direction,
+            workload: conn.workload.clone(),
+            dst: conn.dst,
             method: request.method.clone(),
             authority: request.authority.clone(),
             path: request.path.clone(),

@@ -39,7 +39,10 @@ use self::{
     head::{HeadError, RequestHead, ResponseHead},
     upstream::Upstream,
 };
-use super::{AuthorityLabels, ConnInfo, HttpProxy, observe::ResponseRecord};
+use super::{
+    ConnInfo, HttpProxy,
+    observe::{ConnRecorder, ResponseRecord},
+};
 use crate::forward::{ByteCounters, io::Counted};
 
 /// Read size while waiting for a head; bodies read in larger pieces.
@@ -70,7 +73,7 @@ pub fn forward(
             used: false,
         }),
         conn,
-        authorities: AuthorityLabels::default(),
+        recorder: None,
         proxy,
     };
     async move {
@@ -94,7 +97,8 @@ struct Session {
     /// None: the original destination is unreachable.
     upstream: Option<Upstream>,
     conn: ConnInfo,
-    authorities: AuthorityLabels,
+    /// Made at the first request: a connection that never sends one holds none.
+    recorder: Option<Arc<ConnRecorder>>,
     proxy: Arc<HttpProxy>,
 }
 
@@ -291,12 +295,11 @@ impl Session {
         Ok(Next::Close)
     }
 
-    fn begin_record(&self, request: &RequestHead) -> ResponseRecord {
-        let authority = self
-            .authorities
-            .label(&request.authority, &self.proxy.metrics.http);
-        self.proxy
-            .begin_record(self.conn.clone(), authority, false, || {
+    fn begin_record(&mut self, request: &RequestHead) -> ResponseRecord {
+        let (proxy, conn) = (&self.proxy, &self.conn);
+        self.recorder
+            .get_or_insert_with(|| ConnRecorder::new(proxy, conn.clone()))
+            .begin(&request.authority, false, || {
                 super::observe::RequestSummary {
                     method: request.method.clone(),
                     authority: request.authority.clone(),

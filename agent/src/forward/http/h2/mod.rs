@@ -21,8 +21,8 @@ use tokio::net::TcpStream;
 
 use self::streams::Http2Observer;
 use super::{
-    AuthorityLabels, ConnInfo, HttpProxy,
-    observe::{ProxyBody, RequestSummary},
+    ConnInfo, HttpProxy,
+    observe::{ConnRecorder, ProxyBody, RequestSummary},
 };
 use crate::forward::{ByteCounters, copy, opaque::Outcome};
 
@@ -115,10 +115,9 @@ pub(super) async fn serve_unavailable(
     proxy: Arc<HttpProxy>,
 ) -> Result<(), hyper::Error> {
     let service_proxy = Arc::clone(&proxy);
-    let authorities = Arc::new(AuthorityLabels::default());
-    let service_conn = conn.clone();
+    let recorder = ConnRecorder::new(&proxy, conn.clone());
     let service = service_fn(move |request| {
-        let response = service_proxy.answer_unavailable(&request, &service_conn, &authorities);
+        let response = service_proxy.answer_unavailable(&request, &recorder);
         std::future::ready(Ok::<_, Infallible>(response))
     });
     let connection = server_h2::Builder::new(TokioExecutor::new())
@@ -146,19 +145,17 @@ impl HttpProxy {
     fn answer_unavailable(
         &self,
         request: &Request<Incoming>,
-        conn: &ConnInfo,
-        authorities: &AuthorityLabels,
+        recorder: &Arc<ConnRecorder>,
     ) -> Response<ProxyBody> {
         let raw_authority = authority_of(request);
-        let authority = authorities.label(raw_authority, &self.metrics.http);
-        let record = self.begin_record(conn.clone(), authority, is_grpc(request.headers()), || {
+        let record = recorder.begin(raw_authority, is_grpc(request.headers()), || {
             RequestSummary {
                 method: request.method().to_string(),
                 authority: raw_authority.to_string(),
                 path: request.uri().path().to_string(),
             }
         });
-        self.count_error(conn, "upstream_unavailable");
+        self.count_error(&recorder.conn, "upstream_unavailable");
         record.local_response(StatusCode::BAD_GATEWAY)
     }
 }

@@ -21,7 +21,10 @@ use super::{
     hpack::HpackDecoder,
 };
 use crate::{
-    forward::http::{AuthorityLabels, ConnInfo, HttpProxy, observe::RequestSummary},
+    forward::http::{
+        ConnInfo, HttpProxy,
+        observe::{ConnRecorder, RequestSummary},
+    },
     metrics::http::UnobservedLabels,
 };
 
@@ -129,7 +132,7 @@ struct Stream {
 struct Streams {
     proxy: Arc<HttpProxy>,
     conn: ConnInfo,
-    authorities: AuthorityLabels,
+    recorder: Arc<ConnRecorder>,
     open: HashMap<u32, Stream>,
     request: RequestFields,
     /// The server has sent a GOAWAY.
@@ -151,9 +154,9 @@ impl Http2Observer {
             requests: Side::new(FrameScanner::client()),
             responses: Side::new(FrameScanner::server()),
             streams: Streams {
+                recorder: ConnRecorder::new(&proxy, conn.clone()),
                 proxy,
                 conn,
-                authorities: AuthorityLabels::default(),
                 open: HashMap::new(),
                 request: RequestFields::default(),
                 server_went_away: false,
@@ -335,17 +338,12 @@ impl Streams {
         }
         let request = &self.request;
         let raw_authority = request.authority();
-        let authority = self
-            .authorities
-            .label(raw_authority, &self.proxy.metrics.http);
         let record = self
-            .proxy
-            .begin_record(self.conn.clone(), authority, request.grpc, || {
-                RequestSummary {
-                    method: request.method.clone(),
-                    authority: raw_authority.to_string(),
-                    path: request.path.clone(),
-                }
+            .recorder
+            .begin(raw_authority, request.grpc, || RequestSummary {
+                method: request.method.clone(),
+                authority: raw_authority.to_string(),
+                path: request.path.clone(),
             });
         let opened = Stream {
             record,
