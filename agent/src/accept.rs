@@ -249,6 +249,26 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
+    /// The connections a listener accepts have TCP_NODELAY from it (Linux copies the
+    /// listener's TCP options into the socket it accepts): no connection needs a setsockopt.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = bind(&Origin::host(0), SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "the accepted socket has Nagle on"
+        );
+        assert_eq!(
+            accepted.local_addr().unwrap(),
+            listener.local_addr().unwrap(),
+            "an accepted connection's local address is its listener's"
+        );
+        drop(client);
+    }
+
     /// Every open connection's task is this future: it may add little to the connection's
     /// own (bounded in connection.rs).
     #[test]
