@@ -3,7 +3,7 @@
 //! decodes only what it must: every entry the encoder adds to the dynamic table, and the
 //! values of the other fields whose names the caller wants (:status, :authority, ...); the
 //! values of the rest (a server's date and etag, sent again on each response) are skipped
-//! undecoded. No allocation but for table entries.
+//! undecoded. No allocation but for table entries (one each).
 //!
 //! Why not a crate: fluke-hpack builds a HashMap for every Huffman string it decodes (300 us
 //! of CPU per request here), and httlib-hpack panics on malformed input (found by the
@@ -274,8 +274,30 @@ impl HuffmanCode {
     }
 }
 
-/// A table entry: a name and a value.
-type Entry = (Box<[u8]>, Box<[u8]>);
+/// A table entry: its name and value in one allocation (nginx adds several entries to its
+/// table with every response, so each one's cost is paid per request).
+struct Entry {
+    bytes: Box<[u8]>,
+    name_len: usize,
+}
+
+impl Entry {
+    fn new(name: &[u8], value: &[u8]) -> Self {
+        Self {
+            bytes: [name, value].concat().into_boxed_slice(),
+            name_len: name.len(),
+        }
+    }
+
+    fn name_and_value(&self) -> (&[u8], &[u8]) {
+        self.bytes.split_at(self.name_len)
+    }
+
+    /// Its size as RFC 7541 section 4.1 counts it.
+    fn size(&self) -> usize {
+        self.bytes.len() + ENTRY_OVERHEAD
+    }
+}
 
 /// The dynamic table (RFC 7541 section 2.3.2): newest first.
 #[derive(Default)]
@@ -295,7 +317,7 @@ impl DynamicTable {
             return;
         }
         self.evict_to(self.max_size - size);
-        self.entries.push_front((name.into(), value.into()));
+        self.entries.push_front(Entry::new(name, value));
         self.size += size;
     }
 
@@ -306,10 +328,10 @@ impl DynamicTable {
 
     fn evict_to(&mut self, size: usize) {
         while self.size > size {
-            let Some((name, value)) = self.entries.pop_back() else {
+            let Some(entry) = self.entries.pop_back() else {
                 break;
             };
-            self.size -= name.len() + value.len() + ENTRY_OVERHEAD;
+            self.size -= entry.size();
         }
     }
 }
@@ -415,7 +437,7 @@ fn entry(table: &DynamicTable, index: usize) -> Result<(&[u8], &[u8]), HpackErro
         _ => table
             .entries
             .get(index - 62)
-            .map(|(name, value)| (&name[..], &value[..]))
+            .map(Entry::name_and_value)
             .ok_or(HpackError::BadIndex),
     }
 }
