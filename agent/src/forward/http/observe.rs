@@ -41,7 +41,7 @@ struct LastSeries {
     /// The raw authority and its bounded label.
     authority: Option<(String, Arc<str>)>,
     request: Option<(Arc<str>, Counter)>,
-    latency: Option<(Arc<str>, u16, Histogram)>,
+    latency: Option<((Arc<str>, u16), Histogram)>,
     response: Option<(ResponseKey, Counter)>,
 }
 
@@ -101,54 +101,42 @@ impl ConnRecorder {
     }
 
     fn count_request(&self, last: &mut LastSeries, authority: &Arc<str>) {
-        if !matches!(&last.request, Some((seen, _)) if seen == authority) {
+        let counter = series(&mut last.request, Arc::clone(authority), |authority| {
             let labels = RequestLabels {
                 direction: self.conn.direction,
                 target_port: self.conn.dst.port(),
                 workload: self.conn.workload.clone(),
                 authority: authority.to_string(),
             };
-            let counter = self
-                .metrics
+            self.metrics
                 .http
                 .request_total
                 .get_or_create(&labels)
-                .clone();
-            last.request = Some((Arc::clone(authority), counter));
-        }
-        if let Some((_, counter)) = &last.request {
-            counter.inc();
-        }
+                .clone()
+        });
+        counter.inc();
     }
 
     fn observe_latency(&self, authority: &Arc<str>, status: u16, millis: f64) {
         let mut last = self.last.lock();
-        let stale =
-            !matches!(&last.latency, Some((seen, code, _)) if seen == authority && *code == status);
-        if stale {
+        let key = (Arc::clone(authority), status);
+        let histogram = series(&mut last.latency, key, |(authority, status)| {
             let labels = LatencyLabels {
                 direction: self.conn.direction,
                 target_port: self.conn.dst.port(),
                 workload: self.conn.workload.clone(),
                 authority: authority.to_string(),
-                status_code: status,
+                status_code: *status,
             };
-            let histogram = self
-                .metrics
-                .http
-                .response_latency_ms
-                .get_or_create(&labels)
-                .clone();
-            last.latency = Some((Arc::clone(authority), status, histogram));
-        }
-        if let Some((_, _, histogram)) = &last.latency {
-            histogram.observe(millis);
-        }
+            let latency = &self.metrics.http.response_latency_ms;
+            latency.get_or_create(&labels).clone()
+        });
+        histogram.observe(millis);
     }
 
     fn count_response(&self, key: ResponseKey) {
         let mut last = self.last.lock();
-        if !matches!(&last.response, Some((seen, _)) if *seen == key) {
+        let counter = series(&mut last.response, key, |key| {
             let labels = ResponseLabels {
                 direction: self.conn.direction,
                 target_port: self.conn.dst.port(),
@@ -158,18 +146,27 @@ impl ConnRecorder {
                 classification: key.classification,
                 grpc_status: key.grpc_status.clone(),
             };
-            let counter = self
-                .metrics
+            self.metrics
                 .http
                 .response_total
                 .get_or_create(&labels)
-                .clone();
-            last.response = Some((key, counter));
-        }
-        if let Some((_, counter)) = &last.response {
-            counter.inc();
-        }
+                .clone()
+        });
+        counter.inc();
     }
+}
+
+/// The series kept in `slot` if it was made for `key`; else the one `find` looks up in the
+/// agent-wide family, kept in `slot` for the next request.
+fn series<K: PartialEq, S>(slot: &mut Option<(K, S)>, key: K, find: impl FnOnce(&K) -> S) -> &S {
+    let kept = match slot.take() {
+        Some((seen, series)) if seen == key => (seen, series),
+        _ => {
+            let series = find(&key);
+            (key, series)
+        }
+    };
+    &slot.insert(kept).1
 }
 
 /// What a response is recorded with, once its end (or its abandonment) is known.

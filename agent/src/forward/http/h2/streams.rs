@@ -131,7 +131,7 @@ struct Stream {
 /// Everything but the scanners, so that a scanner's events can update it.
 struct Streams {
     proxy: Arc<HttpProxy>,
-    conn: ConnInfo,
+    /// Also the connection's `ConnInfo`, for every metric of it.
     recorder: Arc<ConnRecorder>,
     open: HashMap<u32, Stream>,
     request: RequestFields,
@@ -154,9 +154,8 @@ impl Http2Observer {
             requests: Side::new(FrameScanner::client()),
             responses: Side::new(FrameScanner::server()),
             streams: Streams {
-                recorder: ConnRecorder::new(&proxy, conn.clone()),
+                recorder: ConnRecorder::new(&proxy, conn),
                 proxy,
-                conn,
                 open: HashMap::new(),
                 request: RequestFields::default(),
                 server_went_away: false,
@@ -269,10 +268,10 @@ impl Http2Observer {
     }
 
     fn give_up(&mut self, error: &ScanError) {
-        tracing::debug!(id = self.streams.conn.id, %error, "HTTP/2 connection no longer observed");
+        let conn = &self.streams.recorder.conn;
+        tracing::debug!(id = conn.id, %error, "HTTP/2 connection no longer observed");
         self.unobserved = true;
         self.streams.open.clear();
-        let conn = &self.streams.conn;
         let labels = UnobservedLabels {
             direction: conn.direction,
             reason: error.label(),
