@@ -45,6 +45,8 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     // slow-loris and friends, for the hostile-client tests.
     "slowhttptest",
+    // h2load, for the HTTP/2 tests (an origin closing its connections every 1,000 requests).
+    "nghttp2-client",
     "fonts-dejavu-core",
 ];
 
