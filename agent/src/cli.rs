@@ -266,6 +266,11 @@ pub struct RunArgs {
     /// beside it, in `pods/`. An empty value turns pod mode off.
     #[arg(long, env = "SOCKMESH_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
     pub cni_socket: PathBuf,
+    /// How long a removed pod's metric series stay on /metrics after its connections ended
+    /// (so that the next scrapes see their last values); then they are removed.
+    #[arg(long, env = "SOCKMESH_POD_METRICS_RETENTION", default_value = "5m",
+          value_parser = parse_duration)]
+    pub pod_metrics_retention: Duration,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -321,6 +326,7 @@ impl RunArgs {
             max_connections: self.max_connections,
             policy: self.policy,
             cni_socket: (!self.cni_socket.as_os_str().is_empty()).then_some(self.cni_socket),
+            pod_metrics_retention: self.pod_metrics_retention,
         }
     }
 }

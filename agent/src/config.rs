@@ -305,6 +305,9 @@ pub struct Config {
     pub policy: Option<PathBuf>,
     /// The unix socket `sockmesh-cni` registers pods on (pod mode); None: no pod mode.
     pub cni_socket: Option<PathBuf>,
+    /// How long a removed pod's metric series stay after its connections ended.
+    #[serde(rename = "pod_metrics_retention_ms", serialize_with = "as_millis")]
+    pub pod_metrics_retention: Duration,
 }
 
 impl Config {

@@ -168,6 +168,7 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
                 outbound_port: config.outbound_port,
                 inbound_port: config.inbound_port,
                 drain: config.shutdown_grace,
+                metrics_retention: config.pod_metrics_retention,
                 store: Store::beside(socket),
             }));
             let cni = start_pod_mode(socket, Arc::clone(&pods), &shutdown).await?;

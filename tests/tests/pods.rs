@@ -336,6 +336,66 @@ fn del_closes_the_pods_listeners_and_forgets_it() {
 
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn a_removed_pods_metric_series_go_after_the_retention_unless_it_comes_back() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("podseries");
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            args: vec![
+                format!("--opaque-ports={REDIS_PORT}"),
+                "--pod-metrics-retention=1s".into(),
+            ],
+            ..AgentOptions::default()
+        },
+    );
+    let network = PodNetwork::new(&agent.cni_socket);
+    let a = network.add_pod("a", &cgroup);
+    let b = network.add_pod("b", &cgroup);
+    let (_redis, redis_addr) = redis_in(&b);
+    assert_eq!(ping(&a, redis_addr).trim(), "PONG");
+    agent.assert_metric("tcp_open_total", &[("pod", "a")], 1);
+    let series_of = |pod: &str| {
+        let text = agent.get("/metrics").expect("scraping /metrics").1;
+        let label = format!("pod=\"{pod}\"");
+        text.lines()
+            .filter(|line| !line.starts_with('#') && line.contains(&label))
+            .count()
+    };
+    assert!(series_of("a") > 0);
+
+    // Removed and added again under its name within the retention (a StatefulSet's pod
+    // restarting): its series carry on.
+    assert!(a.sockmesh_cni("DEL").status.success());
+    assert!(a.sockmesh_cni("ADD").status.success());
+    assert!(
+        eventually(LIMIT, || agent
+            .log_text()
+            .contains("a pod of the same name is served again")),
+        "the retention never ran out:\n{}",
+        agent.log_text()
+    );
+    agent.assert_metric("tcp_open_total", &[("pod", "a")], 1);
+
+    // Removed for good: once the retention has passed, nothing of pod a is left on /metrics;
+    // pod b's series (its inbound connection) stay.
+    assert!(a.sockmesh_cni("DEL").status.success());
+    assert!(
+        eventually(LIMIT, || series_of("a") == 0),
+        "pod a's series are still there: {}",
+        series_of("a")
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("forgot a removed pod's metric series")
+    );
+    assert!(series_of("b") > 0, "pod b's series went too");
+    agent.assert_metric("sockmesh_served_pods", &[], 1);
+}
+
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
 fn host_network_pods_are_left_alone() {
     require_privileged!();
     let cgroup = TestCgroup::new("hostnet");

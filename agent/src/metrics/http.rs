@@ -7,11 +7,11 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, histogram::Histogram},
     registry::Registry,
 };
 
-use super::{BoundedLabel, Direction, WorkloadLabels};
+use super::{BoundedLabel, Direction, WorkloadLabels, family::Family};
 
 /// Distinct authority label values before new ones become "other".
 pub const MAX_AUTHORITIES: usize = 100;
@@ -126,6 +126,16 @@ impl HttpMetrics {
             metrics.http2_unobserved_total.clone(),
         );
         metrics
+    }
+
+    /// Removes every series of `workload`; returns how many went.
+    pub fn forget_workload(&self, workload: &WorkloadLabels) -> usize {
+        let other = |labels: &WorkloadLabels| labels != workload;
+        self.request_total.retain(|l| other(&l.workload))
+            + self.response_total.retain(|l| other(&l.workload))
+            + self.response_latency_ms.retain(|l| other(&l.workload))
+            + self.errors_total.retain(|l| other(&l.workload))
+            + self.http2_unobserved_total.retain(|l| other(&l.workload))
     }
 
     /// The authority label for `authority` (bounded, sanitized).

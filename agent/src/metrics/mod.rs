@@ -3,6 +3,7 @@
 //! existing dashboards work. Labels are bounded: direction is a closed enum, target_port has at
 //! most 65536 values, errno is one of a fixed list of names.
 
+mod family;
 pub mod http;
 mod process;
 
@@ -20,14 +21,13 @@ use prometheus_client::{
     },
     metrics::{
         counter::{ConstCounter, Counter},
-        family::Family,
         gauge::Gauge,
         histogram::Histogram,
     },
     registry::Registry,
 };
 
-use self::http::HttpMetrics;
+use self::{family::Family, http::HttpMetrics};
 use agent_common::KernelCounters;
 
 /// Why the kernel's counters could not be read (the source's own error, boxed: metrics knows
@@ -73,7 +73,8 @@ impl serde::Serialize for SharedLabel {
 }
 
 /// The workload a connection belongs to: its pod's Kubernetes namespace and name, both empty
-/// in host mode. Bounded by the pods the agent serves (at most `MAX_SERVED_NETNS`).
+/// in host mode. Bounded by the pods the agent serves (at most `MAX_SERVED_NETNS`) and those
+/// removed within `--pod-metrics-retention` (`Metrics::forget_workload`).
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet, serde::Serialize)]
 pub struct WorkloadLabels {
     pub namespace: SharedLabel,
@@ -348,6 +349,25 @@ impl Metrics {
         }
     }
 
+    /// Removes every series of `workload` (a pod the agent no longer serves); returns how many
+    /// went. Host-mode series (empty workload) are never removed.
+    pub fn forget_workload(&self, workload: &WorkloadLabels) -> usize {
+        if *workload == WorkloadLabels::default() {
+            return 0;
+        }
+        let other = |labels: &WorkloadLabels| labels != workload;
+        self.tcp_open_total.retain(|l| other(&l.workload))
+            + self.tcp_open_connections.retain(|l| other(&l.workload))
+            + self.tcp_read_bytes_total.retain(|l| other(&l.workload))
+            + self.tcp_write_bytes_total.retain(|l| other(&l.workload))
+            + self.tcp_close_total.retain(|l| other(&l.workload))
+            + self.tcp_connect_errors_total.retain(|l| other(&l.workload))
+            + self.detect_total.retain(|l| other(&l.workload))
+            + self.detect_duration_seconds.retain(|l| other(&l.workload))
+            + self.tls_connections_total.retain(|l| other(&l.workload))
+            + self.http.forget_workload(workload)
+    }
+
     /// The sni label for a ClientHello's server name (bounded).
     pub fn sni_label(&self, sni: Option<&str>) -> String {
         sni.map(|name| self.snis.label(name)).unwrap_or_default()
@@ -558,6 +578,47 @@ mod tests {
         assert_eq!(errno_name(&odd), "EOTHER");
         let timeout = std::io::Error::from(std::io::ErrorKind::TimedOut);
         assert_eq!(errno_name(&timeout), "ETIMEDOUT");
+    }
+
+    fn pod(name: &str) -> WorkloadLabels {
+        WorkloadLabels {
+            namespace: SharedLabel::new("shop"),
+            pod: SharedLabel::new(name),
+        }
+    }
+
+    #[test]
+    fn a_forgotten_workload_leaves_no_series_and_the_others_stay() {
+        let metrics = Metrics::new(Box::new(|| Ok(KernelCounters::default())));
+        for workload in [pod("cart-1"), pod("cart-2"), WorkloadLabels::default()] {
+            let tcp = TcpLabels {
+                direction: Direction::Outbound,
+                target_port: 8080,
+                workload: workload.clone(),
+            };
+            metrics.tcp_open_total.get_or_create(&tcp).inc();
+            metrics.tcp_read_bytes_total.get_or_create(&tcp).inc_by(10);
+            let request = http::RequestLabels {
+                direction: Direction::Outbound,
+                target_port: 8080,
+                authority: "api.test".into(),
+                workload,
+            };
+            metrics.http.request_total.get_or_create(&request).inc();
+        }
+        assert_eq!(metrics.forget_workload(&pod("cart-1")), 3);
+        // Host mode's series are not a pod's: never forgotten.
+        assert_eq!(metrics.forget_workload(&WorkloadLabels::default()), 0);
+        let text = metrics.render().unwrap();
+        assert!(!text.contains(r#"pod="cart-1""#), "{text}");
+        assert!(
+            text.contains(r#"request_total{direction="outbound",target_port="8080",authority="api.test",namespace="shop",pod="cart-2"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tcp_read_bytes_total{direction="outbound",target_port="8080",namespace="",pod=""} 10"#),
+            "{text}"
+        );
     }
 
     #[derive(Debug, thiserror::Error)]

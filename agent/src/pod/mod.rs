@@ -76,6 +76,8 @@ pub struct PodsConfig {
     pub inbound_port: u16,
     /// How long a removed pod's open connections may take to finish.
     pub drain: Duration,
+    /// How long a removed pod's metric series stay once its connections ended.
+    pub metrics_retention: Duration,
     pub store: Store,
 }
 
@@ -94,14 +96,15 @@ impl ServedPod {
 
 pub struct Pods {
     config: PodsConfig,
-    served: Mutex<HashMap<String, ServedPod>>,
+    /// Shared with the tasks that forget removed pods' metric series.
+    served: Arc<Mutex<HashMap<String, ServedPod>>>,
 }
 
 impl Pods {
     pub fn new(config: PodsConfig) -> Self {
         Self {
             config,
-            served: Mutex::new(HashMap::new()),
+            served: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -376,6 +379,12 @@ impl Pods {
         );
         pod.drain.connections.close();
         let drain = config.drain;
+        let forget = ForgetSeries {
+            workload: pod.origin.workload.clone(),
+            retention: config.metrics_retention,
+            served: Arc::clone(&self.served),
+            metrics: Arc::clone(&config.proxy.metrics),
+        };
         let PodDrain { connections, abort } = pod.drain;
         config.threads.handles[0].spawn(async move {
             if tokio::time::timeout(drain, connections.wait())
@@ -386,12 +395,64 @@ impl Pods {
                     open = connections.len(),
                     "closing a removed pod's connections"
                 );
+                abort.cancel();
+                // Aborted tasks end at their next poll, on their own threads.
+                let _ = tokio::time::timeout(ABORTED_TASKS_END, connections.wait()).await;
             }
             abort.cancel();
+            forget.after_retention().await;
         });
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, ServedPod>> {
         self.served.lock()
+    }
+}
+
+/// How long the tasks of a removed pod's aborted connections may take to end before its
+/// series are forgotten (a task ends at its next poll; this only bounds the wait).
+const ABORTED_TASKS_END: Duration = Duration::from_secs(5);
+
+/// A removed pod's metric series, forgotten once its connections have ended and the retention
+/// has passed: without this, every pod a node ever ran would keep its series on /metrics (and
+/// in the agent's heap) for the agent's whole life.
+struct ForgetSeries {
+    workload: WorkloadLabels,
+    retention: Duration,
+    served: Arc<Mutex<HashMap<String, ServedPod>>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl ForgetSeries {
+    async fn after_retention(self) {
+        tokio::time::sleep(self.retention).await;
+        // The registry's lock may be held while a pod's listeners are bound: not on a proxy
+        // thread.
+        let _ = tokio::task::spawn_blocking(move || self.now()).await;
+    }
+
+    /// Unless a pod of the same namespace and name is served again (a StatefulSet's pod comes
+    /// back under its name): its series carry on. Under the registry's lock, so that no such
+    /// pod starts counting while the series go.
+    fn now(&self) {
+        let served = self.served.lock();
+        if served
+            .values()
+            .any(|pod| pod.origin.workload == self.workload)
+        {
+            tracing::debug!(
+                namespace = %self.workload.namespace.as_str(),
+                pod = %self.workload.pod.as_str(),
+                "a pod of the same name is served again; its metric series stay"
+            );
+            return;
+        }
+        let removed = self.metrics.forget_workload(&self.workload);
+        tracing::debug!(
+            namespace = %self.workload.namespace.as_str(),
+            pod = %self.workload.pod.as_str(),
+            removed,
+            "forgot a removed pod's metric series"
+        );
     }
 }
