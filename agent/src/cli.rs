@@ -225,9 +225,9 @@ pub struct RunArgs {
     #[arg(long, env = "SOCKMESH_ACCELERATE", value_enum, default_value = "off")]
     pub accelerate: Accelerate,
     /// With `--copy-mode sockmap`: chatty connections are handed to the kernel only while at
-    /// most this many opaque connections are open; with more they are copied in user space,
-    /// whose wake-ups serve many busy connections at once where each kernel redirect wakes
-    /// a kworker.
+    /// most this many opaque connections are busy (moved a byte within about the last
+    /// second); with more they are copied in user space, whose wake-ups serve many busy
+    /// connections at once where each kernel redirect wakes a kworker.
     #[arg(
         long,
         env = "SOCKMESH_SOCKMAP_CONNECTIONS",

@@ -222,7 +222,7 @@ pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
 /// Where `sockmesh-cni` finds the agent (its `agent_socket` default is the same).
 pub const DEFAULT_CNI_SOCKET: &str = sockmesh_cni::DEFAULT_AGENT_SOCKET;
 
-/// Open opaque connections up to which chatty ones are forwarded in the kernel, by default
+/// Busy opaque connections up to which chatty ones are forwarded in the kernel, by default
 /// (`--sockmap-connections`); measured on 2 cores: see docs/performance.md.
 pub const DEFAULT_SOCKMAP_CONNECTIONS: u32 = 4;
 

@@ -87,13 +87,19 @@ impl Proxy {
             dialer,
             draining,
         };
+        let opaque = OpaqueForwarding::new(
+            config.copy_mode,
+            kernel,
+            config.sockmap_connections,
+            metrics.opaque_busy_connections.clone(),
+        );
         Self {
             metrics,
             tap,
             original_dsts: maps.original_dsts,
             agent_is_meshed: crate::cgroup::own_cgroup_within(&config.cgroup),
             inbound: maps.inbound,
-            opaque: OpaqueForwarding::new(config.copy_mode, kernel, config.sockmap_connections),
+            opaque,
             accelerator: maps.accelerator,
             http: Arc::new(http),
             opaque_ports: config.opaque_ports.clone(),
@@ -102,6 +108,17 @@ impl Proxy {
             inbound_port: config.inbound_port,
             open_inbound: OpenInbound::default(),
         }
+    }
+
+    /// Whether opaque connections' activity needs sweeping (they may go to the kernel).
+    pub fn sweeps_activity(&self) -> bool {
+        self.opaque.hands_off_to_the_kernel()
+    }
+
+    /// Brings the count of busy opaque connections (the kernel hand-off's rule, and its gauge)
+    /// up to date.
+    pub fn sweep_activity(&self) {
+        self.opaque.sweep_activity();
     }
 }
 

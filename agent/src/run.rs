@@ -207,6 +207,9 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
         },
         shutdown.child_token(),
     )?;
+    if proxy.sweeps_activity() {
+        start_activity_sweep(Arc::clone(&proxy), shutdown.child_token());
+    }
     let publisher = liveness_publisher(
         &config,
         &mut intercept,
@@ -324,6 +327,21 @@ async fn watch_policy(
             tracing::warn!(error = %crate::metrics::ErrorChain(&error), "applying the policy");
         }
     }
+}
+
+/// Every `busy::SWEEP_EVERY`, finds which opaque connections moved bytes (the kernel
+/// hand-off counts the busy ones).
+fn start_activity_sweep(proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::forward::busy::SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => proxy.sweep_activity(),
+            }
+        }
+    });
 }
 
 /// What the periodic kernel scan looks at: the meshed listeners (reconciled with the

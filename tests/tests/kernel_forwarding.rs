@@ -12,7 +12,9 @@ use std::{
 };
 
 use integration_tests::{
-    Agent, AgentOptions, TestCgroup, clients::probe, meshprobe_bin, require_privileged,
+    Agent, AgentOptions, TestCgroup,
+    clients::{Holder, probe},
+    meshprobe_bin, require_privileged,
     servers::EchoServer,
 };
 
@@ -21,6 +23,10 @@ const ROUNDS: u64 = 20;
 /// Bytes per round trip message (meshprobe's chat message).
 const MESSAGE: u64 = 100;
 const LIMIT: Duration = Duration::from_secs(300);
+/// Longer than a connection takes to count as idle (about a second without a byte).
+const QUIET_LONGER_THAN_IDLE: Duration = Duration::from_secs(2);
+/// Bytes each connection of `meshprobe hold` echoes before it goes idle ("idle connection\n").
+const HELD_MESSAGE: u64 = 16;
 
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
@@ -101,20 +107,32 @@ fn bytes_of_a_kernel_forwarded_connection_are_counted_while_it_is_open() {
     agent.assert_metric("tcp_read_bytes_total", &labels, ROUNDS * MESSAGE + bulk);
 }
 
-/// `meshprobe chat ADDR 1 ROUNDS BULK hold`: one connection that has chatted (so it has been
-/// handed off) and waits, open, until told to send its bulk bytes.
+/// `meshprobe chat ADDR 1 ROUNDS BULK hold|hold-chatting`: one connection that has chatted
+/// (so it has been handed off) and waits, open, until told to send its bulk bytes; idle, or
+/// making a round trip every 20 ms (busy).
 struct HeldChat {
     child: std::process::Child,
     stdout: BufReader<std::process::ChildStdout>,
+    bulk: u64,
 }
 
 impl HeldChat {
+    /// Chats, then holds the connection idle.
     fn start(cgroup: &TestCgroup, echo: &EchoServer, bulk: u64) -> Self {
+        Self::spawn(cgroup, echo, bulk, "hold")
+    }
+
+    /// Chats, then keeps chatting while held.
+    fn start_chatting(cgroup: &TestCgroup, echo: &EchoServer, bulk: u64) -> Self {
+        Self::spawn(cgroup, echo, bulk, "hold-chatting")
+    }
+
+    fn spawn(cgroup: &TestCgroup, echo: &EchoServer, bulk: u64, hold: &str) -> Self {
         let mut child = cgroup
             .command(meshprobe_bin())
             .args(["chat", &echo.addr().to_string(), "1", &ROUNDS.to_string()])
             .arg(bulk.to_string())
-            .arg("hold")
+            .arg(hold)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -123,11 +141,16 @@ impl HeldChat {
         let mut line = String::new();
         stdout.read_line(&mut line).expect("reading meshprobe");
         assert_eq!(line.trim(), "chatted");
-        Self { child, stdout }
+        Self {
+            child,
+            stdout,
+            bulk,
+        }
     }
 
-    /// Sends the bulk bytes, checks their echo and the clean end.
-    fn finish(mut self) {
+    /// Sends the bulk bytes, checks their echo and the clean end. Returns the bytes the
+    /// connection moved each way.
+    fn finish(mut self) -> u64 {
         self.child
             .stdin
             .take()
@@ -141,15 +164,21 @@ impl HeldChat {
         let status = self.child.wait().expect("waiting for meshprobe");
         assert!(status.success(), "meshprobe failed: {rest}");
         assert!(rest.starts_with("ok connections=1"), "{rest}");
+        let held_rounds = rest
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("extra_rounds="))
+            .map_or(0, |rounds| rounds.parse::<u64>().expect("a round count"));
+        (ROUNDS + held_rounds) * MESSAGE + self.bulk
     }
 }
 
-/// With more than `--sockmap-connections` opaque connections open, a chatty one is copied in
+/// With more than `--sockmap-connections` opaque connections busy, a chatty one is copied in
 /// user space (each kernel redirect wakes a kworker, which costs more than it saves with many
-/// connections at once); once fewer are open, the kernel takes chatty ones again.
+/// busy connections at once); once fewer are busy, the kernel takes chatty ones again. The
+/// busy connections here are in the kernel: their activity comes from TCP_INFO.
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
-fn chatty_connections_are_copied_in_user_space_while_many_are_open() {
+fn chatty_connections_are_copied_in_user_space_while_many_are_busy() {
     require_privileged!();
     let echo = EchoServer::start("127.0.0.1:0");
     let cgroup = TestCgroup::new("kfwdlimit");
@@ -168,37 +197,76 @@ fn chatty_connections_are_copied_in_user_space_while_many_are_open() {
             expected,
         )
     };
-    let first = HeldChat::start(&cgroup, &echo, bulk);
+    let first = HeldChat::start_chatting(&cgroup, &echo, bulk);
     mode("sockmap", 1);
-    let second = HeldChat::start(&cgroup, &echo, bulk);
+    let second = HeldChat::start_chatting(&cgroup, &echo, bulk);
     mode("sockmap", 2);
-    // Three open: the third is copied.
-    let third = HeldChat::start(&cgroup, &echo, bulk);
+    // Every scrape brings the kernel-forwarded connections' byte counts up to date; with none
+    // for longer than a connection takes to count as idle, their activity must come from the
+    // agent's own sweep (TCP_INFO).
+    thread::sleep(QUIET_LONGER_THAN_IDLE);
+    // Three busy: the third is copied.
+    let third = HeldChat::start_chatting(&cgroup, &echo, bulk);
     mode("userspace", 1);
     mode("sockmap", 2);
     assert_eq!(agent.map_entries("FWD_ACTIVE"), 4);
-    first.finish();
-    third.finish();
+    let mut moved = first.finish() + third.finish();
     agent.assert_metric("tcp_open_connections", &[], 1);
-    // Two open again: the kernel takes the fourth.
-    let fourth = HeldChat::start(&cgroup, &echo, bulk);
+    // Two busy again: the kernel takes the fourth.
+    let fourth = HeldChat::start_chatting(&cgroup, &echo, bulk);
     mode("sockmap", 3);
-    for held in [second, fourth] {
-        held.finish();
-    }
+    moved += second.finish() + fourth.finish();
     mode("userspace", 1);
     let port = echo.addr().port().to_string();
     let labels = [("target_port", port.as_str())];
-    agent.assert_metric(
-        "tcp_write_bytes_total",
-        &labels,
-        4 * (ROUNDS * MESSAGE + bulk),
+    agent.assert_metric("tcp_write_bytes_total", &labels, moved);
+    agent.assert_metric("tcp_read_bytes_total", &labels, moved);
+    agent.assert_maps_empty(&["FWD_PEERS", "FWD_ACTIVE"]);
+}
+
+/// Idle connections do not keep chatty ones out of the kernel: with three times
+/// `--sockmap-connections` open but idle (a connection pool), a chatty connection is still
+/// forwarded by the kernel, and once it is idle there (TCP_INFO shows no bytes) it does not
+/// count either.
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn idle_connections_leave_the_kernel_to_chatty_ones() {
+    require_privileged!();
+    let echo = EchoServer::start("127.0.0.1:0");
+    let cgroup = TestCgroup::new("kfwdidle");
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            args: vec!["--sockmap-connections=1".to_string()],
+            ..Default::default()
+        },
     );
-    agent.assert_metric(
-        "tcp_read_bytes_total",
-        &labels,
-        4 * (ROUNDS * MESSAGE + bulk),
-    );
+    let bulk = 100_000u64;
+    let mode = |mode: &str, expected: u64| {
+        agent.assert_metric(
+            "sockmesh_opaque_connections_total",
+            &[("mode", mode)],
+            expected,
+        )
+    };
+    let pool = Holder::start(&cgroup, echo.addr(), 3, false, LIMIT);
+    // A connection counts as idle after about a second without a byte.
+    agent.assert_metric("sockmesh_opaque_busy_connections", &[], 0);
+    let first = HeldChat::start(&cgroup, &echo, bulk);
+    mode("sockmap", 1);
+    agent.assert_metric("sockmesh_opaque_busy_connections", &[], 0);
+    let second = HeldChat::start(&cgroup, &echo, bulk);
+    mode("sockmap", 2);
+    let moved = first.finish() + second.finish();
+    pool.release();
+    mode("userspace", 0);
+    // The pool's three connections stayed spliced (one message each way: not chatty).
+    mode("splice", 3);
+    agent.assert_metric("tcp_open_connections", &[], 0);
+    let port = echo.addr().port().to_string();
+    let labels = [("target_port", port.as_str())];
+    let pool_bytes = 3 * HELD_MESSAGE;
+    agent.assert_metric("tcp_write_bytes_total", &labels, moved + pool_bytes);
     agent.assert_maps_empty(&["FWD_PEERS", "FWD_ACTIVE"]);
 }
 

@@ -2,9 +2,10 @@
 //! requests (HTTP/1 forwarded as bytes, h2c through hyper). Opaque connections have one entry
 //! point, `OpaqueForwarding::forward`, which owns their path: `opaque` splices raw TCP through
 //! `pipe`'s pooled pipes, and a connection that turns out chatty is handed to `kernel`
-//! (sockmap) while few connections are open, or else copied (`copy`, through a buffer each
-//! proxy thread lends) to the end.
+//! (sockmap) while few connections are busy (`busy`), or else copied (`copy`, through a
+//! buffer each proxy thread lends) to the end.
 
+pub mod busy;
 pub mod copy;
 pub mod http;
 pub mod io;
@@ -16,15 +17,16 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
 };
 
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
 use tokio::net::TcpStream;
 
 use self::{
+    busy::Activity,
     kernel::{Handoff, KernelForwarder},
     opaque::{ChattyGate, Outcome, Spliced},
     pipe::PipePool,
@@ -38,17 +40,22 @@ use crate::{
 /// Idle pipes each proxy thread keeps for reuse; more are created on demand and closed when
 /// returned.
 const MAX_IDLE_PIPES: usize = 256;
+/// Connections the kernel may forward at once, busy or idle, per `--sockmap-connections`: the
+/// hand-off counts busy connections only, so idle ones could gather in the kernel without
+/// bound and, turning busy together, cost what the rule avoids (a kworker wake-up per message
+/// each).
+const IN_KERNEL_PER_BUSY: usize = 4;
 
 /// How opaque connections move their bytes (`--copy-mode`), and what that takes.
 pub struct OpaqueForwarding {
     copy_mode: CopyMode,
     /// In-kernel forwarding (`--copy-mode sockmap`, when this kernel can do it).
     kernel: Option<Arc<KernelForwarder>>,
-    /// Opaque connections open now (in `forward`).
-    open: AtomicUsize,
-    /// In-kernel forwarding is chosen only while at most this many are open
+    /// Opaque connections open now (in `forward`, with a kernel), busy or idle.
+    activity: Activity,
+    /// In-kernel forwarding is chosen only while at most this many are busy
     /// (`--sockmap-connections`).
-    kernel_while_open: usize,
+    kernel_while_busy: usize,
     pipes: PipePool,
 }
 
@@ -56,22 +63,38 @@ impl OpaqueForwarding {
     pub fn new(
         copy_mode: CopyMode,
         kernel: Option<Arc<KernelForwarder>>,
-        kernel_while_open: usize,
+        kernel_while_busy: usize,
+        busy_gauge: Gauge,
     ) -> Self {
         Self {
             copy_mode,
             kernel,
-            open: AtomicUsize::new(0),
-            kernel_while_open,
+            activity: Activity::new(busy_gauge),
+            kernel_while_busy,
             pipes: PipePool::new(MAX_IDLE_PIPES),
         }
+    }
+
+    /// Whether chatty connections may go to the kernel, so that their activity is worth
+    /// sweeping.
+    pub fn hands_off_to_the_kernel(&self) -> bool {
+        self.copy_mode == CopyMode::Sockmap && self.kernel.is_some()
+    }
+
+    /// Brings the busy count (and its gauge) up to date: called every `busy::SWEEP_EVERY`.
+    pub fn sweep_activity(&self) {
+        if let Some(kernel) = &self.kernel {
+            // The agent sees no bytes of the connections the kernel forwards; TCP_INFO does.
+            kernel.sync_counters();
+        }
+        self.activity.sweep();
     }
 
     /// Moves an opaque connection's bytes both ways, from the first, until both directions
     /// end or one fails. With `--copy-mode sockmap` it starts spliced and, once it turns out
     /// chatty, is handed to the kernel if at most `--sockmap-connections` opaque connections
-    /// are open (and the kernel takes it), or else copied in user space: small messages cost
-    /// less copied than spliced, and with many connections at once user space, whose
+    /// are busy (and the kernel takes it), or else copied in user space: small messages cost
+    /// less copied than spliced, and with many busy connections at once user space, whose
     /// wake-ups serve several of them, costs less than kernel redirects, which wake a kworker
     /// each. Bulk streams and short connections stay spliced. `count_mode` hears how the
     /// bytes moved (sockmap, splice or userspace), once.
@@ -86,11 +109,11 @@ impl OpaqueForwarding {
             count_mode("userspace");
             return user_space_copy(client, server, counters).await;
         }
-        let _open = Held::count(&self.open);
         let Some(kernel) = &self.kernel else {
             count_mode("splice");
             return opaque::splice_to_end(client, server, &self.pipes, counters).await;
         };
+        let _watching = self.activity.watch(Arc::clone(&counters.connection));
         let gate = ChattyGate::new();
         let spliced =
             opaque::splice_bidirectional(client, server, &self.pipes, counters, Some(&gate)).await;
@@ -103,7 +126,7 @@ impl OpaqueForwarding {
         };
         // No pipe holds bytes and every byte read so far is written: copying can go on from
         // here as well as the kernel can.
-        if self.open.load(Ordering::Relaxed) > self.kernel_while_open {
+        if !self.kernel_may_take(kernel) {
             count_mode("userspace");
             return user_space_copy(client, server, counters).await;
         }
@@ -115,6 +138,16 @@ impl OpaqueForwarding {
                 user_space_copy(client, server, counters).await
             }
         }
+    }
+}
+
+impl OpaqueForwarding {
+    /// Whether a connection that turned chatty goes to the kernel: only while few connections
+    /// are busy (this one included), and while the kernel forwards fewer than
+    /// `IN_KERNEL_PER_BUSY` times as many, busy or idle.
+    fn kernel_may_take(&self, kernel: &KernelForwarder) -> bool {
+        self.activity.busy() <= self.kernel_while_busy
+            && kernel.forwarding() < self.kernel_while_busy.saturating_mul(IN_KERNEL_PER_BUSY)
     }
 }
 
@@ -141,22 +174,6 @@ impl OpaqueForwarding {
         link: &AccelLink,
     ) -> Outcome {
         copy::copy_accelerated(client, server, counters, link).await
-    }
-}
-
-/// One count of a gauge, given back when dropped.
-struct Held<'a>(&'a AtomicUsize);
-
-impl<'a> Held<'a> {
-    fn count(gauge: &'a AtomicUsize) -> Self {
-        gauge.fetch_add(1, Ordering::Relaxed);
-        Self(gauge)
-    }
-}
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

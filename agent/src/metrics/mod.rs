@@ -204,6 +204,8 @@ pub struct Metrics {
     pub detect_duration_seconds: Family<DetectLabels, Histogram>,
     pub tls_connections_total: Family<TlsLabels, Counter>,
     pub opaque_connections_total: Family<OpaqueModeLabels, Counter>,
+    /// Opaque connections that moved bytes within about the last second (`--copy-mode sockmap`).
+    pub opaque_busy_connections: Gauge,
     /// Pods served in their own network namespaces (pod mode).
     pub served_pods: Gauge,
     /// The connection budget the kernel enforces, and the redirected connections open now.
@@ -239,6 +241,7 @@ impl Metrics {
             }),
             tls_connections_total: Family::default(),
             opaque_connections_total: Family::default(),
+            opaque_busy_connections: Gauge::default(),
             served_pods: Gauge::default(),
             connection_budget: Gauge::default(),
             open_redirects: Gauge::default(),
@@ -305,6 +308,11 @@ impl Metrics {
             "sockmesh_opaque_connections",
             "Opaque connections by how their bytes were forwarded (sockmap, splice, userspace)",
             metrics.opaque_connections_total.clone(),
+        );
+        registry.register(
+            "sockmesh_opaque_busy_connections",
+            "Opaque connections that moved bytes within about the last second; chatty ones go to the kernel only while at most --sockmap-connections are",
+            metrics.opaque_busy_connections.clone(),
         );
         registry.register(
             "sockmesh_policy_reload",

@@ -3,12 +3,15 @@
 //!
 //!   meshprobe bulk ADDR SEND RECEIVE    send SEND bytes, half-close, expect RECEIVE bytes back
 //!   meshprobe echo ADDR CONNS BYTES     CONNS concurrent connections, each echoes BYTES
-//!   meshprobe chat ADDR CONNS ROUNDS BULK [hold|expect-reset]
+//!   meshprobe chat ADDR CONNS ROUNDS BULK [hold|hold-chatting|expect-reset]
 //!                                       CONNS concurrent connections to an echo server, each
 //!                                       ROUNDS small round trips, then BULK bytes echoed while
 //!                                       sending, half-close, EOF. `hold` (one connection) prints
 //!                                       "chatted" after the round trips and waits for a line on
-//!                                       stdin; `expect-reset` expects a reset after them
+//!                                       stdin; `hold-chatting` does too, making a round trip
+//!                                       every 20 ms while it waits (their count is reported as
+//!                                       `extra_rounds=N`); `expect-reset` expects a reset after
+//!                                       them
 //!   meshprobe peer ADDR                 print getpeername() after connecting
 //!   meshprobe expect-close ADDR         connect and wait for the connection to be closed
 //!   meshprobe churn ADDR COUNT          COUNT connections (4 threads), each reset at once
@@ -28,7 +31,10 @@ use std::{
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     process::ExitCode,
-    sync::{Arc, Barrier},
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::Duration,
 };
@@ -61,6 +67,13 @@ fn main() -> ExitCode {
             num(rounds),
             num(bulk),
             Then::HoldThenBulk,
+        ),
+        ["chat", addr, conns, rounds, bulk, "hold-chatting"] => chat(
+            parse(addr),
+            num(conns),
+            num(rounds),
+            num(bulk),
+            Then::HoldChattingThenBulk,
         ),
         ["chat", addr, conns, rounds, bulk, "expect-reset"] => chat(
             parse(addr),
@@ -330,11 +343,16 @@ fn echo_one(stream: TcpStream, bytes: u64) -> Result<(), String> {
 /// Bytes per chat message: small, as request/response protocols send.
 const CHAT_MESSAGE: usize = 100;
 
+/// While a `hold-chatting` connection waits: one round trip this often, at most this many.
+const HOLD_CHAT_EVERY: Duration = Duration::from_millis(20);
+const HOLD_CHAT_MAX_ROUNDS: u64 = 15_000;
+
 /// What a chatting connection does after its round trips.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Then {
     Bulk,
     HoldThenBulk,
+    HoldChattingThenBulk,
     ExpectReset,
 }
 
@@ -345,7 +363,7 @@ fn chat(
     bulk: u64,
     then: Then,
 ) -> Result<String, String> {
-    if then == Then::HoldThenBulk && conns != 1 {
+    if matches!(then, Then::HoldThenBulk | Then::HoldChattingThenBulk) && conns != 1 {
         return Err("hold needs exactly one connection".into());
     }
     let ending = concurrently(addr, conns, move |stream| {
@@ -360,29 +378,22 @@ fn chat(
 fn chat_one(stream: TcpStream, rounds: u64, bulk: u64, then: Then) -> Result<String, String> {
     let mut stream = stream;
     let mut offset = 0u64;
-    let mut message = [0u8; CHAT_MESSAGE];
-    let mut reply = [0u8; CHAT_MESSAGE];
     for round in 0..rounds {
-        pattern::fill(&mut message, offset, ECHO_SEED);
-        stream
-            .write_all(&message)
-            .map_err(|e| format!("round {round}: send: {e}"))?;
-        stream
-            .read_exact(&mut reply)
-            .map_err(|e| format!("round {round}: receive: {e}"))?;
-        pattern::check(&reply, offset, ECHO_SEED)
-            .map_err(|bad| format!("round {round}: corrupt at byte {bad}"))?;
-        offset += CHAT_MESSAGE as u64;
+        round_trip(&mut stream, &mut offset).map_err(|e| format!("round {round}: {e}"))?;
     }
+    let mut ending = String::new();
     match then {
         Then::ExpectReset => return expect_reset(&mut stream),
         Then::HoldThenBulk => {
-            println!("chatted");
-            std::io::stdout().flush().map_err(|e| e.to_string())?;
-            let mut line = String::new();
+            say_chatted()?;
             std::io::stdin()
-                .read_line(&mut line)
+                .read_line(&mut String::new())
                 .map_err(|e| e.to_string())?;
+        }
+        Then::HoldChattingThenBulk => {
+            say_chatted()?;
+            let extra = chat_until_released(&mut stream, &mut offset)?;
+            ending = format!("extra_rounds={extra}");
         }
         Then::Bulk => {}
     }
@@ -401,7 +412,48 @@ fn chat_one(stream: TcpStream, rounds: u64, bulk: u64, then: Then) -> Result<Str
     if received != bulk {
         return Err(format!("echoed {received} of {bulk} bulk bytes"));
     }
-    Ok(String::new())
+    Ok(ending)
+}
+
+/// One small message to the echo server and its echo, checked; `offset` moves past it.
+fn round_trip(stream: &mut TcpStream, offset: &mut u64) -> Result<(), String> {
+    let mut message = [0u8; CHAT_MESSAGE];
+    let mut reply = [0u8; CHAT_MESSAGE];
+    pattern::fill(&mut message, *offset, ECHO_SEED);
+    stream
+        .write_all(&message)
+        .map_err(|e| format!("send: {e}"))?;
+    stream
+        .read_exact(&mut reply)
+        .map_err(|e| format!("receive: {e}"))?;
+    pattern::check(&reply, *offset, ECHO_SEED).map_err(|bad| format!("corrupt at byte {bad}"))?;
+    *offset += CHAT_MESSAGE as u64;
+    Ok(())
+}
+
+fn say_chatted() -> Result<(), String> {
+    println!("chatted");
+    std::io::stdout().flush().map_err(|e| e.to_string())
+}
+
+/// Round trips every HOLD_CHAT_EVERY until stdin has a line (or ends); returns how many.
+fn chat_until_released(stream: &mut TcpStream, offset: &mut u64) -> Result<u64, String> {
+    let released = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&released);
+    thread::spawn(move || {
+        let _ = std::io::stdin().read_line(&mut String::new());
+        flag.store(true, Ordering::SeqCst);
+    });
+    let mut extra = 0;
+    while !released.load(Ordering::SeqCst) {
+        if extra == HOLD_CHAT_MAX_ROUNDS {
+            return Err(format!("not released after {extra} held round trips"));
+        }
+        round_trip(stream, offset).map_err(|e| format!("held round {extra}: {e}"))?;
+        extra += 1;
+        thread::sleep(HOLD_CHAT_EVERY);
+    }
+    Ok(extra)
 }
 
 /// The next read must fail with a reset (not end cleanly, not time out).

@@ -89,6 +89,11 @@ impl KernelForwarder {
         self.live.sync_all();
     }
 
+    /// Connections the kernel forwards now.
+    pub fn forwarding(&self) -> usize {
+        self.live.lock().len()
+    }
+
     /// Forwards `client` <-> `server` in the kernel until both directions are done or one
     /// fails. Neither receive queue may hold a partly read socket buffer (the kernel forwards
     /// whole buffers, including bytes a reader already took), and every byte read so far must
@@ -288,13 +293,34 @@ impl Pair {
     /// FIN from a reset, so while forwarding it is skipped (the final count settles it).
     fn data_received(&self, socket: &net::TcpStream, side: usize, when: Sync) -> Option<u64> {
         let info = tcp_info(socket).ok()?;
-        let fin = match u32::from(info.tcpi_state) {
-            TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT => true,
-            TCP_CLOSE if when == Sync::Final => self.fin_seen[side].load(Ordering::Relaxed),
-            TCP_CLOSE => return None,
-            _ => false,
+        let settled = match when {
+            Sync::Final => info,
+            // TCP_INFO reads the state before, and without the lock that guards, the byte
+            // count: a FIN arriving in between is counted but not yet in the state. A second
+            // read settles it: if its state shows no FIN either, none had arrived when the
+            // first read counted; if it shows one, its own count includes it.
+            Sync::Live => {
+                let again = tcp_info(socket).ok()?;
+                if self.fin_received(&again, side, when)? {
+                    again
+                } else {
+                    info
+                }
+            }
         };
-        Some(info.tcpi_bytes_received.saturating_sub(u64::from(fin)))
+        let fin = self.fin_received(&settled, side, when)?;
+        Some(settled.tcpi_bytes_received.saturating_sub(u64::from(fin)))
+    }
+
+    /// Whether `info`'s state shows the peer's FIN; `None` for a closed socket while
+    /// forwarding (a FIN or a reset: unknown).
+    fn fin_received(&self, info: &libc::tcp_info, side: usize, when: Sync) -> Option<bool> {
+        match u32::from(info.tcpi_state) {
+            TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT => Some(true),
+            TCP_CLOSE if when == Sync::Final => Some(self.fin_seen[side].load(Ordering::Relaxed)),
+            TCP_CLOSE => None,
+            _ => Some(false),
+        }
     }
 }
 
@@ -317,7 +343,8 @@ fn reset_both(pair: &Pair) {
     }
 }
 
-/// The connections the kernel is forwarding now, for counter updates at scrape time.
+/// The connections the kernel is forwarding now, for counter updates at scrape time (and by
+/// the busy sweep).
 #[derive(Default)]
 struct LiveConnections {
     pairs: Mutex<HashMap<usize, Weak<Pair>>>,
