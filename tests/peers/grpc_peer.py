@@ -7,10 +7,13 @@ Run with Debian's /usr/bin/python3 (package python3-grpcio).
       Unary  returns the request bytes reversed
       Fail   aborts with PERMISSION_DENIED (7), details "denied"
       Chat   bidi stream: answers each message with b"echo:" + message
-  client --target HOST:PORT unary|fail|chat|many [--count K]
+      Hang   never answers (gives up after HANG seconds)
+  client --target HOST:PORT unary|fail|chat|many|hang [--count K]
       unary  prints "unary ok"           fail  prints "fail ok code=7"
       chat   K messages on one bidi stream, prints "chat ok count=K"
       many   K concurrent unary calls on one channel (one connection), prints "many ok count=K"
+      hang   calls Hang and expects UNAVAILABLE (the server is killed meanwhile), prints
+             "hang ok code=14"
       Exits non-zero with a message on stderr on any mismatch or error.
 """
 import argparse
@@ -22,6 +25,7 @@ import grpc
 
 SERVICE = "mesh.Echo"
 DEADLINE = 20  # seconds, per RPC
+HANG = 3 * DEADLINE  # seconds Hang waits before it gives up
 
 
 class Failure(Exception):
@@ -41,6 +45,11 @@ def chat(requests, context):
         yield b"echo:" + message
 
 
+def hang(request, context):
+    time.sleep(HANG)
+    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "never killed")
+
+
 def serve(args):
     # Enough workers for concurrent calls and bidi streams (each holds a worker while open);
     # grpc.so_reuseport=0: a port already in use is an error, not silently shared.
@@ -49,6 +58,7 @@ def serve(args):
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
         "Chat": grpc.stream_stream_rpc_method_handler(chat),
+        "Hang": grpc.unary_unary_rpc_method_handler(hang),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     port = server.add_insecure_port(f"{args.bind}:{args.port}")  # raises if it cannot bind
@@ -76,6 +86,15 @@ def call(args):
                 print(f"fail ok code={error.code().value[0]}")
                 return
             raise Failure(f"fail: the call succeeded with {reply!r}")
+        elif args.call == "hang":
+            try:
+                reply = method("unary_unary", "Hang")(b"x", timeout=DEADLINE)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise Failure(f"hang: expected UNAVAILABLE, got {error.code()}: {error.details()}")
+                print(f"hang ok code={error.code().value[0]}")
+                return
+            raise Failure(f"hang: the call succeeded with {reply!r}")
         elif args.call == "many":
             unary_call = method("unary_unary", "Unary")
             calls = [unary_call.future(f"call-{i}".encode(), timeout=DEADLINE) for i in range(args.count)]
@@ -103,7 +122,7 @@ def main():
     server.add_argument("--port", type=int, default=0)
     client = sub.add_parser("client")
     client.add_argument("--target", required=True)
-    client.add_argument("call", choices=["unary", "fail", "chat", "many"])
+    client.add_argument("call", choices=["unary", "fail", "chat", "many", "hang"])
     client.add_argument("--count", type=int, default=50)
     args = parser.parse_args()
     if args.role == "server" and args.bind in ("", "0.0.0.0", "::", "[::]"):

@@ -189,9 +189,12 @@ fn an_http2_header_block_too_large_to_follow_passes_unchanged() {
     );
 }
 
+/// gRPC calls of every kind through the agent, with their statuses in the metrics; last, a
+/// call in flight when its server dies: the client gets UNAVAILABLE, the agent records a
+/// failure without a status.
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
-fn grpc_unary_bidi_streaming_and_error_status() {
+fn grpc_calls_error_status_and_a_server_that_dies_mid_call() {
     require_privileged!();
     let server = ServerProcess::peer("grpc_peer.py", &[]);
     let cgroup = TestCgroup::new("grpc");
@@ -232,6 +235,21 @@ fn grpc_unary_bidi_streaming_and_error_status() {
     ];
     agent.assert_metric("response_total", &denied, 1);
     agent.assert_metric("request_total", &[("authority", target.as_str())], 53);
+
+    std::thread::scope(|scope| {
+        let hang = scope.spawn(|| grpc_client("hang"));
+        // The agent has seen the request (and passed it on): now the server dies.
+        agent.assert_metric("request_total", &[("authority", target.as_str())], 54);
+        drop(server);
+        let reply = hang.join().expect("the hanging call's thread");
+        assert!(reply.contains("hang ok code=14"), "{reply}");
+    });
+    let unanswered = [
+        ("authority", target.as_str()),
+        ("status_code", "0"),
+        ("classification", "failure"),
+    ];
+    agent.assert_metric("response_total", &unanswered, 1);
 }
 
 #[test]

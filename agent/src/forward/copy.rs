@@ -44,7 +44,7 @@ pub async fn copy_bidirectional(
     server: TcpStream,
     counters: &ByteCounters,
 ) -> Outcome {
-    copy_observed(client, server, counters, |_| {}, |_| {}, None).await
+    copy_observed(client, server, counters, |_| {}, |_| {}, None, &|_| {}).await
 }
 
 /// `--accelerate local`: `copy_bidirectional` for a connection paired with the application's
@@ -60,16 +60,12 @@ pub async fn copy_accelerated(
         wrote: &|bytes| link.wrote(bytes),
         has_room: &|| link.app_has_room(),
     };
-    copy_with(
-        client,
-        server,
-        counters,
-        |bytes| link.read(bytes.len()),
-        |_| {},
-        None,
-        hooks,
-    )
-    .await
+    let observers = Observers {
+        from_client: |bytes: &[u8]| link.read(bytes.len()),
+        from_server: |_: &[u8]| {},
+        ended: &|_| {},
+    };
+    copy_with(client, server, counters, observers, None, hooks).await
 }
 
 /// What the copy tells about its writes to the client, and asks before reading what it would
@@ -99,9 +95,18 @@ pub struct Interjection<'a> {
     pub bytes: &'a [u8],
 }
 
+/// One side of a copied connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Client,
+    Server,
+}
+
 /// `copy_bidirectional`, showing each chunk to `from_client` or `from_server` as it is read,
 /// before it is written on: an observer of the bytes (HTTP/2's frames) that changes none,
-/// and puts in only `to_client`'s bytes, if any.
+/// and puts in only `to_client`'s bytes, if any. `ended` hears of each side's end as it
+/// happens: its end of stream, or a failure reading from or writing to it (an observer of a
+/// protocol needs to know who gave up on what was in flight); a side may be named twice.
 pub async fn copy_observed(
     client: TcpStream,
     server: TcpStream,
@@ -109,28 +114,44 @@ pub async fn copy_observed(
     from_client: impl FnMut(&[u8]),
     from_server: impl FnMut(&[u8]),
     to_client: Option<Interjection<'_>>,
+    ended: &(dyn Fn(Peer) + Sync),
 ) -> Outcome {
+    let observers = Observers {
+        from_client,
+        from_server,
+        ended,
+    };
     copy_with(
         client,
         server,
         counters,
-        from_client,
-        from_server,
+        observers,
         to_client,
         ClientHooks::NONE,
     )
     .await
 }
 
+/// What watches a copy: each direction's bytes as they are read, and each side's end.
+struct Observers<'a, C, S> {
+    from_client: C,
+    from_server: S,
+    ended: &'a (dyn Fn(Peer) + Sync),
+}
+
 async fn copy_with(
     mut client: TcpStream,
     mut server: TcpStream,
     counters: &ByteCounters,
-    from_client: impl FnMut(&[u8]),
-    from_server: impl FnMut(&[u8]),
+    observers: Observers<'_, impl FnMut(&[u8]), impl FnMut(&[u8])>,
     to_client: Option<Interjection<'_>>,
     hooks: ClientHooks<'_>,
 ) -> Outcome {
+    let Observers {
+        from_client,
+        from_server,
+        ended,
+    } = observers;
     let result = {
         let (client_read, client_write) = client.split();
         let (server_read, server_write) = server.split();
@@ -141,6 +162,11 @@ async fn copy_with(
             None,
             |bytes| counters.client_to_server(bytes),
             ClientHooks::NONE.has_room,
+            Ends {
+                source: Peer::Client,
+                destination: Peer::Server,
+                ended,
+            },
         );
         let to_client = copy_one_way(
             server_read,
@@ -152,6 +178,11 @@ async fn copy_with(
                 (hooks.wrote)(bytes);
             },
             hooks.has_room,
+            Ends {
+                source: Peer::Server,
+                destination: Peer::Client,
+                ended,
+            },
         );
         tokio::try_join!(to_server, to_client)
     };
@@ -168,6 +199,19 @@ async fn copy_with(
     }
 }
 
+/// Which peers a direction reads from and writes to, and who hears when one ends.
+struct Ends<'a> {
+    source: Peer,
+    destination: Peer,
+    ended: &'a (dyn Fn(Peer) + Sync),
+}
+
+/// Which end of a direction an error came from.
+enum Broke {
+    Reading(io::Error),
+    Writing(io::Error),
+}
+
 /// What one read and its write did.
 enum Step {
     /// This many bytes were read and written.
@@ -178,16 +222,38 @@ enum Step {
     Blocked { written: usize, rest: Vec<u8> },
 }
 
-/// Moves `from`'s bytes to `to` until `from` ends (then half-closes `to`) or either fails.
-/// `observe` sees them as they are read; `count` hears of them once they are written.
+/// Moves `from`'s bytes to `to` until `from` ends (then half-closes `to`) or either fails,
+/// telling `ends` which peer ended it. `observe` sees the bytes as they are read; `count`
+/// hears of them once they are written.
 async fn copy_one_way(
+    from: ReadHalf<'_>,
+    to: &TcpStream,
+    observe: impl FnMut(&[u8]),
+    interjection: Option<Interjection<'_>>,
+    count: impl Fn(u64),
+    has_room: &(dyn Fn() -> bool + Sync),
+    ends: Ends<'_>,
+) -> io::Result<()> {
+    let result = pump(from, to, observe, interjection, count, has_room).await;
+    let (ended, result) = match result {
+        // The source's end of stream, passed on.
+        Ok(()) => (ends.source, Ok(())),
+        Err(Broke::Reading(error)) => (ends.source, Err(error)),
+        Err(Broke::Writing(error)) => (ends.destination, Err(error)),
+    };
+    (ends.ended)(ended);
+    result
+}
+
+/// `copy_one_way`'s loop: its errors say which end they came from.
+async fn pump(
     mut from: ReadHalf<'_>,
     to: &TcpStream,
     mut observe: impl FnMut(&[u8]),
     mut interjection: Option<Interjection<'_>>,
     count: impl Fn(u64),
     has_room: &(dyn Fn() -> bool + Sync),
-) -> io::Result<()> {
+) -> Result<(), Broke> {
     let mut armed = false;
     let mut no_room_for = NO_ROOM_FIRST_WAIT;
     loop {
@@ -204,7 +270,7 @@ async fn copy_one_way(
         if armed && let Some(pending) = &interjection {
             match (pending.may_go)() {
                 Some(true) => {
-                    write_all(to, pending.bytes).await?;
+                    write_all(to, pending.bytes).await.map_err(Broke::Writing)?;
                     interjection = None;
                 }
                 Some(false) => {}
@@ -229,10 +295,10 @@ async fn copy_one_way(
         };
         match step {
             Step::Moved(bytes) => count(bytes as u64),
-            Step::Eof => return shutdown_write(to),
+            Step::Eof => return shutdown_write(to).map_err(Broke::Writing),
             Step::Blocked { written, rest } => {
                 count(written as u64);
-                write_all(to, &rest).await?;
+                write_all(to, &rest).await.map_err(Broke::Writing)?;
                 count(rest.len() as u64);
             }
         }
@@ -250,9 +316,9 @@ fn read_and_write(
     to: &TcpStream,
     buffer: &mut [u8],
     observe: &mut impl FnMut(&[u8]),
-) -> Poll<io::Result<Step>> {
+) -> Poll<Result<Step, Broke>> {
     let mut filled = ReadBuf::new(buffer);
-    ready!(Pin::new(from).poll_read(cx, &mut filled))?;
+    ready!(Pin::new(from).poll_read(cx, &mut filled)).map_err(Broke::Reading)?;
     let read = filled.filled().len();
     if read == 0 {
         return Poll::Ready(Ok(Step::Eof));
@@ -261,7 +327,7 @@ fn read_and_write(
     let written = match to.try_write(&buffer[..read]) {
         Ok(written) => written,
         Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(error) => return Poll::Ready(Err(error)),
+        Err(error) => return Poll::Ready(Err(Broke::Writing(error))),
     };
     Poll::Ready(Ok(if written == read {
         Step::Moved(read)

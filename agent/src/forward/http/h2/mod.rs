@@ -66,6 +66,7 @@ pub(super) async fn forward(
         |bytes| observer.lock().client_bytes(bytes),
         |bytes| observer.lock().server_bytes(bytes),
         Some(goaway),
+        &|peer| observer.lock().peer_ended(peer),
     )
     .await;
     observer.lock().connection_ended();
@@ -104,6 +105,8 @@ pub fn observe_chunks(chunks: &[(bool, &[u8])]) {
             observer.server_bytes(bytes);
         }
     }
+    // As if the server had ended the connection: the path that records unanswered streams.
+    observer.peer_ended(copy::Peer::Server);
     observer.connection_ended();
 }
 
@@ -267,10 +270,11 @@ mod tests {
 
     fn responses(proxy: &HttpProxy, dst: SocketAddr, status: u16, grpc_status: &str) -> u64 {
         let grpc = !grpc_status.is_empty();
+        // Status 0: no valid response head came, a failure.
         let success = if grpc {
             grpc_status == "0"
         } else {
-            status < 500
+            status != 0 && status < 500
         };
         let labels = ResponseLabels {
             direction: Direction::Outbound,
@@ -292,6 +296,18 @@ mod tests {
     /// `origin` behind `forward`: the client's socket, the origin's address, the proxy and
     /// the forwarding task.
     async fn through_forward() -> (
+        TcpStream,
+        SocketAddr,
+        Arc<HttpProxy>,
+        tokio::task::JoinHandle<Outcome>,
+    ) {
+        through_forward_to(origin).await
+    }
+
+    /// `through_forward` with an origin of the test's own.
+    async fn through_forward_to<F: Future<Output = ()> + Send + 'static>(
+        origin: impl FnOnce(TcpStream) -> F,
+    ) -> (
         TcpStream,
         SocketAddr,
         Arc<HttpProxy>,
@@ -404,6 +420,132 @@ mod tests {
             1
         );
         assert_eq!(test_support::errors(&proxy, "upstream_unavailable"), 0);
+    }
+
+    /// An origin that takes requests and never answers them. Each request notifies
+    /// `received`; once `hang_up` is notified, the origin closes the connection (a crashed or
+    /// restarted server, as the client sees it).
+    async fn unanswering_origin(
+        stream: TcpStream,
+        received: Arc<tokio::sync::Notify>,
+        hang_up: Arc<tokio::sync::Notify>,
+    ) {
+        let service = service_fn(move |_: Request<Incoming>| {
+            received.notify_one();
+            std::future::pending::<Result<Response<Body>, Infallible>>()
+        });
+        let serving = server_h2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service);
+        tokio::select! {
+            _ = serving => {}
+            () = hang_up.notified() => {}
+        }
+    }
+
+    /// Opens an h2c connection over `app_client` and sends one GET to `dst` in the
+    /// background; returns the connection's task (abort it to drop the connection) and the
+    /// request's.
+    async fn one_request(
+        app_client: TcpStream,
+        dst: SocketAddr,
+    ) -> (
+        tokio::task::JoinHandle<hyper::Result<()>>,
+        tokio::task::JoinHandle<hyper::Result<Response<Incoming>>>,
+    ) {
+        let (mut sender, client_connection) =
+            client_h2::handshake(TokioExecutor::new(), TokioIo::new(app_client))
+                .await
+                .unwrap();
+        let client_connection = tokio::spawn(client_connection);
+        let request = Request::get(format!("http://{dst}/never"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = tokio::spawn(async move { sender.send_request(request).await });
+        (client_connection, response)
+    }
+
+    fn requests(proxy: &HttpProxy, dst: SocketAddr) -> u64 {
+        let labels = crate::metrics::http::RequestLabels {
+            direction: Direction::Outbound,
+            target_port: dst.port(),
+            authority: dst.to_string(),
+            workload: Default::default(),
+        };
+        proxy
+            .metrics
+            .http
+            .request_total
+            .get_or_create(&labels)
+            .get()
+    }
+
+    /// The origin closes its connection with a request unanswered: the client never gets a
+    /// response, and the stream is recorded as a failure without a status (the agent passes
+    /// the connection's end on; it does not answer for the origin).
+    #[tokio::test]
+    async fn a_request_the_origin_hangs_up_on_is_a_failure() {
+        let received = Arc::new(tokio::sync::Notify::new());
+        let hang_up = Arc::new(tokio::sync::Notify::new());
+        let (origin_received, origin_hang_up) = (Arc::clone(&received), Arc::clone(&hang_up));
+        let (app_client, dst, proxy, connection) = through_forward_to(move |stream| {
+            unanswering_origin(stream, origin_received, origin_hang_up)
+        })
+        .await;
+        let (client_connection, response) = one_request(app_client, dst).await;
+        tokio::time::timeout(Duration::from_secs(10), received.notified())
+            .await
+            .expect("the origin gets the request");
+        hang_up.notify_one();
+
+        let answer = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("the request ends with its connection")
+            .unwrap();
+        assert!(answer.is_err(), "no response, an error: {answer:?}");
+        tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .expect("forwarding ends with the origin's connection")
+            .unwrap();
+        client_connection.abort();
+        assert_eq!(requests(&proxy, dst), 1);
+        assert_eq!(responses(&proxy, dst, 0, ""), 1);
+    }
+
+    /// The client drops its connection with a request unanswered: it gave up on it, which is
+    /// not the origin's failure, and nothing is recorded for the stream. (Raw frames: hyper's
+    /// client cannot close its socket without resetting the stream first, and a reset from
+    /// the client is never recorded either.)
+    #[tokio::test]
+    async fn a_request_the_client_gives_up_on_is_not_recorded() {
+        let received = Arc::new(tokio::sync::Notify::new());
+        let hang_up = Arc::new(tokio::sync::Notify::new());
+        let (origin_received, origin_hang_up) = (Arc::clone(&received), Arc::clone(&hang_up));
+        let (mut app_client, dst, proxy, connection) = through_forward_to(move |stream| {
+            unanswering_origin(stream, origin_received, origin_hang_up)
+        })
+        .await;
+        let authority = dst.to_string();
+        // :method GET, :scheme http, :path / (static table), :authority (literal).
+        let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
+        block.extend_from_slice(authority.as_bytes());
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+        let length = (block.len() as u32).to_be_bytes();
+        // HEADERS, END_STREAM | END_HEADERS, stream 1.
+        bytes.extend_from_slice(&[length[1], length[2], length[3], 0x1, 0x5, 0, 0, 0, 1]);
+        bytes.extend_from_slice(&block);
+        app_client.write_all(&bytes).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), received.notified())
+            .await
+            .expect("the origin gets the request");
+        drop(app_client);
+
+        tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .expect("forwarding ends with the client's connection")
+            .unwrap();
+        assert_eq!(requests(&proxy, dst), 1);
+        assert_eq!(responses(&proxy, dst, 0, ""), 0);
     }
 
     /// At shutdown the client gets a GOAWAY from the agent: a stream in flight finishes, no

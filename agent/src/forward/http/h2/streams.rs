@@ -5,9 +5,12 @@
 //! grpc-status in trailers or a trailers-only response) without changing a byte.
 //!
 //! A stream is recorded when its response ends: END_STREAM from the server, or RST_STREAM
-//! (broken, if its response had begun). Streams the server never answered are not recorded:
-//! reset before their response, above a GOAWAY's last stream id (the client retries those
-//! itself, as it would directly), or open when the connection ends.
+//! (broken, if its response had begun). Streams the server never answered are not recorded
+//! when they were reset before their response, or above a GOAWAY's last stream id (the
+//! client retries those itself, as it would directly), or when the client ended the
+//! connection with them open (it gave up on them). When the server ended it first (its end
+//! of stream, or a failure reading from or writing to it), a stream it was given and never
+//! answered is a failure with no status (`status_code="0"`): its client never gets a response.
 //!
 //! If a direction cannot be followed (an oversized header block, broken framing, a header
 //! block that does not decode), the connection goes on unobserved: its bytes still pass
@@ -21,13 +24,18 @@ use super::{
     hpack::HpackDecoder,
 };
 use crate::{
-    forward::http::{
-        ConnInfo, HttpProxy,
-        observe::{ConnRecorder, RequestSummary},
+    forward::{
+        copy::Peer,
+        http::{
+            ConnInfo, HttpProxy,
+            observe::{ConnRecorder, RequestSummary},
+        },
     },
     metrics::http::UnobservedLabels,
 };
 
+/// The status recorded for a stream that got no valid response head.
+const NO_STATUS: u16 = 0;
 /// The HPACK dynamic table size every endpoint starts with (RFC 9113 section 6.5.2).
 const DEFAULT_TABLE_SIZE: usize = 4096;
 /// The largest table a mirror decoder keeps, whatever an endpoint allows: memory per
@@ -135,8 +143,9 @@ struct Streams {
     recorder: Arc<ConnRecorder>,
     open: HashMap<u32, Stream>,
     request: RequestFields,
-    /// The server has sent a GOAWAY.
-    server_went_away: bool,
+    /// The lowest last stream id of the server's GOAWAYs, once it has sent one: streams above
+    /// it were never processed.
+    last_processed: Option<u32>,
 }
 
 /// One HTTP/2 connection's observation, fed each direction's bytes as they are read.
@@ -146,6 +155,8 @@ pub struct Http2Observer {
     streams: Streams,
     /// Set once either direction could not be followed.
     unobserved: bool,
+    /// Which side ended the connection first, once one has.
+    first_to_end: Option<Peer>,
 }
 
 impl Http2Observer {
@@ -158,9 +169,10 @@ impl Http2Observer {
                 proxy,
                 open: HashMap::new(),
                 request: RequestFields::default(),
-                server_went_away: false,
+                last_processed: None,
             },
             unobserved: false,
+            first_to_end: None,
         }
     }
 
@@ -251,10 +263,32 @@ impl Http2Observer {
     /// the agent's must not exceed), else whether the server's bytes so far end between two
     /// frames.
     pub fn may_interject(&self) -> Option<bool> {
-        if self.unobserved || self.streams.server_went_away {
+        if self.unobserved || self.streams.last_processed.is_some() {
             return None;
         }
         Some(self.responses.scanner.at_frame_boundary())
+    }
+
+    /// One side of the connection ended (its end of stream, or a failure reading from or
+    /// writing to it). If the server ended it first, the streams it was given and never
+    /// answered are failures without a status, recorded now: the client's resets of them,
+    /// which follow, must not make them look given up.
+    pub fn peer_ended(&mut self, peer: Peer) {
+        if self.first_to_end.is_some() {
+            return;
+        }
+        self.first_to_end = Some(peer);
+        if peer == Peer::Client {
+            return;
+        }
+        let last_processed = self.streams.last_processed.unwrap_or(u32::MAX);
+        let unanswered = self
+            .streams
+            .open
+            .extract_if(|&id, stream| !stream.responded && id <= last_processed);
+        for (_, stream) in unanswered {
+            stream.record.finish_with(NO_STATUS, None, true);
+        }
     }
 
     /// The connection ended: responses cut short are recorded as broken.
@@ -371,7 +405,7 @@ impl Streams {
                 None => {
                     // A response head without :status is malformed: the stream is broken.
                     if let Some(stream) = self.open.remove(&id) {
-                        stream.record.finish_with(0, None, true);
+                        stream.record.finish_with(NO_STATUS, None, true);
                     }
                     return;
                 }
@@ -405,10 +439,14 @@ impl Streams {
         }
     }
 
-    /// The server's GOAWAY: streams above `last_stream` were never processed.
+    /// The server's GOAWAY: streams above `last_stream` were never processed (and those the
+    /// client opens before it has read the GOAWAY will not be either).
     fn refused_above(&mut self, last_stream: u32) {
-        self.server_went_away = true;
+        let last = self
+            .last_processed
+            .map_or(last_stream, |was| was.min(last_stream));
+        self.last_processed = Some(last);
         self.open
-            .retain(|&id, stream| id <= last_stream || stream.responded);
+            .retain(|&id, stream| id <= last || stream.responded);
     }
 }
