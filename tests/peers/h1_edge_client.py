@@ -9,6 +9,7 @@ prints one line "<case> <result>"; the test compares them with what the server m
   smuggle       Content-Length and Transfer-Encoding together: 400, and the connection closes
   badchunk      a chunked body that is not chunked coding: 400, and the connection closes
   hugehead      a head over 64 KiB: 431, and the connection closes
+  nohost        an HTTP/1.0 request without Host (allowed): answered as any other
 """
 import argparse
 import socket
@@ -98,6 +99,12 @@ def main():
     s.sendall(request("/bytes/1", extra="X-Big: " + "a" * 70000 + "\r\n"))
     status, _ = read_response(f)
     print("hugehead", status, "closed" if f.read() == b"" else "open")
+    s.close()
+
+    s, f = connect(addr)
+    s.sendall(b"GET /bytes/3 HTTP/1.0\r\n\r\n")
+    status, data = read_response(f)
+    print("nohost", status, data.hex())
     s.close()
 
 

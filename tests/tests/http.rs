@@ -403,7 +403,8 @@ fn connect_tunnel_continues_as_bytes() {
 /// HTTP/1 is forwarded byte for byte, so the framing cases must come out exactly as the server
 /// sent them: pipelining, HEAD, 100-continue, a server closing an idle keep-alive connection,
 /// a close-delimited body. A request framed two ways at once is refused, not guessed; a broken
-/// chunked body and an oversized head get their error status and a closed connection.
+/// chunked body and an oversized head get their error status and a closed connection. An
+/// HTTP/1.0 request without Host is forwarded like any other.
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
 fn http1_framing_edge_cases_are_forwarded_exactly() {
@@ -431,9 +432,15 @@ fn http1_framing_edge_cases_are_forwarded_exactly() {
             "smuggle 400 closed",
             "badchunk 400 closed",
             "hugehead 431 closed",
+            "nohost 200 030a11",
         ],
         "{report}"
     );
+    // A request without an authority counts under the address it was sent to (as Linkerd
+    // labels it), not as an invalid one.
+    let address = server.addr.to_string();
+    agent.assert_metric("request_total", &[("authority", address.as_str())], 1);
+    agent.assert_metric("request_total", &[("authority", "invalid")], 0);
     agent.assert_metric(
         "sockmesh_http_errors_total",
         &[("reason", "bad_request")],

@@ -93,7 +93,14 @@ impl ConnRecorder {
         match &last.authority {
             Some((seen, label)) if seen == raw => Arc::clone(label),
             _ => {
-                let label: Arc<str> = self.metrics.http.authority_label(raw).into();
+                // A request without one (HTTP/1.0 without Host) is labelled with the address
+                // it was sent to, as Linkerd labels it, rather than as an invalid authority.
+                let label: Arc<str> = if raw.trim().is_empty() {
+                    let address = self.conn.dst.to_string();
+                    self.metrics.http.authority_label(&address).into()
+                } else {
+                    self.metrics.http.authority_label(raw).into()
+                };
                 last.authority = Some((raw.to_string(), Arc::clone(&label)));
                 label
             }
