@@ -1,7 +1,10 @@
 //! HTTP/2 frames as they pass by (RFC 9113 section 4): a scanner fed each chunk of one
-//! direction's bytes, in order, that reports what request metrics need. It keeps only the
-//! payloads it reads (header blocks, SETTINGS, RST_STREAM, the head of GOAWAY) and skips DATA
-//! without copying it; the bytes themselves are forwarded unchanged by the caller.
+//! direction's bytes, in order, that reports what request metrics need. A frame that arrives
+//! whole in one chunk is read where it lies; only a frame split across chunks (and a header
+//! block split across frames) is copied, and only the part it reads (header blocks,
+//! SETTINGS, RST_STREAM, the head of GOAWAY: never DATA), until it is complete. So an idle
+//! connection's scanner holds no bytes. The bytes themselves are forwarded unchanged by the
+//! caller.
 
 use std::fmt;
 
@@ -142,13 +145,26 @@ struct Block {
     push: bool,
 }
 
+impl Block {
+    /// Its event, once all of it is here.
+    fn event(self, bytes: &[u8]) -> Event<'_> {
+        Event::Headers {
+            stream: self.stream,
+            end_stream: self.end_stream,
+            push: self.push,
+            block: bytes,
+        }
+    }
+}
+
 /// One direction of an HTTP/2 connection, scanned frame by frame across reads.
 pub struct FrameScanner {
     preface_left: usize,
     head: [u8; HEAD_LEN],
     head_filled: usize,
-    /// The frame whose payload is being read, and how much of it is left.
+    /// The frame whose payload is being read across chunks, and how much of it is left.
     frame: Option<(Head, usize)>,
+    /// What that frame's event needs of its payload, so far.
     payload: Vec<u8>,
     /// Open while a header block awaits its END_HEADERS; its bytes so far.
     block: Option<Block>,
@@ -209,8 +225,13 @@ impl FrameScanner {
                         self.head_filled = 0;
                         let head = Head::parse(&self.head);
                         self.begin_frame(head)?;
-                        if head.length == 0 {
-                            self.end_frame(head, &mut on_event)?;
+                        if bytes.len() >= head.length {
+                            // The whole payload is here: read in place, nothing kept.
+                            let (payload, rest) = bytes.split_at(head.length);
+                            bytes = rest;
+                            self.end_frame(head, &payload[..head.kept_len()], &mut on_event)?;
+                        } else {
+                            self.frame = Some((head, head.length));
                         }
                     }
                 }
@@ -221,7 +242,10 @@ impl FrameScanner {
                     self.payload.extend_from_slice(&bytes[..keep]);
                     bytes = &bytes[take..];
                     if take == left {
-                        self.end_frame(head, &mut on_event)?;
+                        self.frame = None;
+                        // Released with the frame: idle connections keep no buffer.
+                        let payload = std::mem::take(&mut self.payload);
+                        self.end_frame(head, &payload, &mut on_event)?;
                     } else {
                         self.frame = Some((head, left - take));
                     }
@@ -251,81 +275,66 @@ impl FrameScanner {
                 _ => ScanError::HeaderBlockTooLarge,
             });
         }
-        self.payload.clear();
-        if head.length > 0 {
-            self.frame = Some((head, head.length));
-        }
         Ok(())
     }
 
+    /// A frame is complete; `payload` is the part of it its event needs (`Head::kept_len`).
     fn end_frame(
         &mut self,
         head: Head,
+        payload: &[u8],
         on_event: &mut impl FnMut(Event<'_>) -> Result<(), ScanError>,
     ) -> Result<(), ScanError> {
-        self.frame = None;
         let stream = head.stream;
         match head.kind {
             kind::DATA if head.has(flag::END_STREAM) => on_event(Event::DataEnd { stream }),
             kind::HEADERS | kind::PUSH_PROMISE => {
                 let push = head.kind == kind::PUSH_PROMISE;
-                let fragment = header_fragment(&self.payload, head, push)?;
-                self.block_bytes.clear();
-                self.block_bytes.extend_from_slice(fragment);
-                self.block = Some(Block {
+                let fragment = header_fragment(payload, head, push)?;
+                let block = Block {
                     stream,
                     end_stream: !push && head.has(flag::END_STREAM),
                     push,
-                });
-                self.block_continues(head, on_event)
+                };
+                if head.has(flag::END_HEADERS) {
+                    // The whole block in one frame (nearly always): decoded where it lies.
+                    return on_event(block.event(fragment));
+                }
+                self.block_bytes.clear();
+                self.block_bytes.extend_from_slice(fragment);
+                self.block = Some(block);
+                Ok(())
             }
             kind::CONTINUATION => {
-                if self.block_bytes.len() + self.payload.len() > MAX_HEADER_BLOCK {
+                if self.block_bytes.len() + payload.len() > MAX_HEADER_BLOCK {
                     return Err(ScanError::HeaderBlockTooLarge);
                 }
-                self.block_bytes.extend_from_slice(&self.payload);
-                self.block_continues(head, on_event)
+                self.block_bytes.extend_from_slice(payload);
+                if !head.has(flag::END_HEADERS) {
+                    return Ok(());
+                }
+                let Some(block) = self.block.take() else {
+                    return Ok(());
+                };
+                // Released with the block: idle connections keep no buffer.
+                let bytes = std::mem::take(&mut self.block_bytes);
+                on_event(block.event(&bytes))
             }
-            kind::RST_STREAM if self.payload.len() == 4 => on_event(Event::Reset { stream }),
+            kind::RST_STREAM if payload.len() == 4 => on_event(Event::Reset { stream }),
             kind::RST_STREAM => Err(ScanError::Malformed("RST_STREAM length")),
             kind::SETTINGS if head.has(flag::ACK) => Ok(()),
             kind::SETTINGS => {
-                let header_table_size = settings_header_table_size(&self.payload)?;
+                let header_table_size = settings_header_table_size(payload)?;
                 on_event(Event::Settings { header_table_size })
             }
-            kind::GOAWAY if self.payload.len() == 8 => {
-                let id = [
-                    self.payload[0],
-                    self.payload[1],
-                    self.payload[2],
-                    self.payload[3],
-                ];
+            kind::GOAWAY if payload.len() == 8 => {
+                let id = [payload[0], payload[1], payload[2], payload[3]];
                 let last_stream = u32::from_be_bytes(id) & 0x7fff_ffff;
                 on_event(Event::GoAway { last_stream })
             }
             kind::GOAWAY => Err(ScanError::Malformed("GOAWAY length")),
             _ => Ok(()),
         }
-    }
-
-    /// Reports the open header block if `head` ended it.
-    fn block_continues(
-        &mut self,
-        head: Head,
-        on_event: &mut impl FnMut(Event<'_>) -> Result<(), ScanError>,
-    ) -> Result<(), ScanError> {
-        if !head.has(flag::END_HEADERS) {
-            return Ok(());
-        }
-        let Some(block) = self.block.take() else {
-            return Ok(());
-        };
-        on_event(Event::Headers {
-            stream: block.stream,
-            end_stream: block.end_stream,
-            push: block.push,
-            block: &self.block_bytes,
-        })
     }
 }
 

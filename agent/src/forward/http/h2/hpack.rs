@@ -3,14 +3,15 @@
 //! decodes only what it must: every entry the encoder adds to the dynamic table, and the
 //! values of the other fields whose names the caller wants (:status, :authority, ...); the
 //! values of the rest (a server's date and etag, sent again on each response) are skipped
-//! undecoded. No allocation but for table entries (one each).
+//! undecoded. No allocation but for table entries (one each): names and values are decoded
+//! into scratch buffers of the thread's, so an idle connection's decoder holds only its table.
 //!
 //! Why not a crate: fluke-hpack builds a HashMap for every Huffman string it decodes (300 us
 //! of CPU per request here), and httlib-hpack panics on malformed input (found by the
 //! `h2_frames` fuzz target). fluke-hpack, which passes h2spec, is this decoder's reference in
 //! the fuzz target `hpack`, which compares the two on every input.
 
-use std::{collections::VecDeque, sync::OnceLock};
+use std::{cell::RefCell, collections::VecDeque, sync::OnceLock};
 
 /// How a header block failed to decode. The connection goes on unobserved.
 #[derive(Debug, PartialEq, Eq)]
@@ -341,9 +342,18 @@ pub struct HpackDecoder {
     table: DynamicTable,
     /// The largest size update accepted: what the receiving endpoint's SETTINGS allowed.
     allowed: usize,
-    /// Scratch for decoded names and values, reused.
+}
+
+/// A decoded field's name and value, reused from field to field.
+#[derive(Default)]
+struct Scratch {
     name: Vec<u8>,
     value: Vec<u8>,
+}
+
+thread_local! {
+    /// Lent to one `decode` at a time (the proxy runs one runtime per thread).
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
 impl HpackDecoder {
@@ -355,8 +365,6 @@ impl HpackDecoder {
                 ..DynamicTable::default()
             },
             allowed: size,
-            name: Vec::new(),
-            value: Vec::new(),
         }
     }
 
@@ -371,7 +379,21 @@ impl HpackDecoder {
         &mut self,
         block: &[u8],
         wanted: impl Fn(&[u8]) -> bool,
+        field: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), HpackError> {
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut scratch) => self.decode_with(block, wanted, field, &mut scratch),
+            // Only if a caller's `field` decoded another block: fresh buffers, then.
+            Err(_) => self.decode_with(block, wanted, field, &mut Scratch::default()),
+        })
+    }
+
+    fn decode_with(
+        &mut self,
+        block: &[u8],
+        wanted: impl Fn(&[u8]) -> bool,
         mut field: impl FnMut(&[u8], &[u8]),
+        scratch: &mut Scratch,
     ) -> Result<(), HpackError> {
         let mut input = Input(block);
         while let Some(&first) = input.0.first() {
@@ -382,9 +404,9 @@ impl HpackDecoder {
                 field(name, value);
             } else if first & 0x40 != 0 {
                 // Literal with incremental indexing (section 6.2.1).
-                self.literal(&mut input, 6, &|_| true)?;
-                field(&self.name, &self.value);
-                self.table.insert(&self.name, &self.value);
+                self.literal(&mut input, 6, &|_| true, scratch)?;
+                field(&scratch.name, &scratch.value);
+                self.table.insert(&scratch.name, &scratch.value);
             } else if first & 0x20 != 0 {
                 // Dynamic table size update (section 6.3).
                 let size = input.integer(5)?;
@@ -394,33 +416,34 @@ impl HpackDecoder {
                 self.table.resize(size);
             } else {
                 // Literal without indexing or never indexed (sections 6.2.2, 6.2.3).
-                if self.literal(&mut input, 4, &wanted)? {
-                    field(&self.name, &self.value);
+                if self.literal(&mut input, 4, &wanted, scratch)? {
+                    field(&scratch.name, &scratch.value);
                 }
             }
         }
         Ok(())
     }
 
-    /// A literal field into `self.name` and `self.value`; its value only if `wanted` by
-    /// name. Returns whether the value was decoded.
+    /// A literal field into `scratch`; its value only if `wanted` by name. Returns whether
+    /// the value was decoded.
     fn literal(
-        &mut self,
+        &self,
         input: &mut Input<'_>,
         prefix: u8,
         wanted: &impl Fn(&[u8]) -> bool,
+        scratch: &mut Scratch,
     ) -> Result<bool, HpackError> {
         let index = input.integer(prefix)?;
-        self.name.clear();
+        scratch.name.clear();
         if index == 0 {
-            input.string(&mut self.name)?;
+            input.string(&mut scratch.name)?;
         } else {
             let (name, _) = entry(&self.table, index)?;
-            self.name.extend_from_slice(name);
+            scratch.name.extend_from_slice(name);
         }
-        self.value.clear();
-        if wanted(&self.name) {
-            input.string(&mut self.value)?;
+        scratch.value.clear();
+        if wanted(&scratch.name) {
+            input.string(&mut scratch.value)?;
             Ok(true)
         } else {
             input.skip_string()?;

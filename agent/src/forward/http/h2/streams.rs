@@ -17,7 +17,7 @@
 //! unchanged, its open streams are dropped unrecorded, and it is counted once in
 //! `sockmesh_http2_unobserved_total`.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{cell::RefCell, collections::HashMap, sync::Arc};
 
 use super::{
     frames::{Event, FrameScanner, ScanError},
@@ -75,7 +75,8 @@ impl Side {
     }
 }
 
-/// What a request's header block says, in buffers reused from request to request.
+/// What a request's header block says, in buffers reused from request to request: the
+/// thread's, so an idle connection holds none.
 #[derive(Default)]
 struct RequestFields {
     method: String,
@@ -122,6 +123,11 @@ impl RequestFields {
     }
 }
 
+thread_local! {
+    /// Lent to one request header block at a time.
+    static REQUEST_FIELDS: RefCell<RequestFields> = RefCell::default();
+}
+
 /// What a response's header block (or its trailers) says.
 #[derive(Default)]
 struct ResponseFields {
@@ -142,7 +148,6 @@ struct Streams {
     /// Also the connection's `ConnInfo`, for every metric of it.
     recorder: Arc<ConnRecorder>,
     open: HashMap<u32, Stream>,
-    request: RequestFields,
     /// The lowest last stream id of the server's GOAWAYs, once it has sent one: streams above
     /// it were never processed.
     last_processed: Option<u32>,
@@ -168,7 +173,6 @@ impl Http2Observer {
                 recorder: ConnRecorder::new(&proxy, conn),
                 proxy,
                 open: HashMap::new(),
-                request: RequestFields::default(),
                 last_processed: None,
             },
             unobserved: false,
@@ -356,7 +360,22 @@ impl Streams {
         decoder: &mut HpackDecoder,
         block: &[u8],
     ) -> Result<(), ScanError> {
-        let request = &mut self.request;
+        REQUEST_FIELDS.with(|fields| match fields.try_borrow_mut() {
+            Ok(mut fields) => self.request_headers_with(stream, decoder, block, &mut fields),
+            Err(_) => {
+                let mut fields = RequestFields::default();
+                self.request_headers_with(stream, decoder, block, &mut fields)
+            }
+        })
+    }
+
+    fn request_headers_with(
+        &mut self,
+        stream: u32,
+        decoder: &mut HpackDecoder,
+        block: &[u8],
+        request: &mut RequestFields,
+    ) -> Result<(), ScanError> {
         request.clear();
         let watched = self.proxy.tap.is_watched();
         let wanted = |name: &[u8]| RequestFields::wanted(name, watched);
@@ -369,7 +388,6 @@ impl Streams {
         if self.open.len() >= MAX_OPEN_STREAMS {
             return Err(ScanError::TooManyStreams);
         }
-        let request = &self.request;
         let raw_authority = request.authority();
         let record = self
             .recorder
@@ -426,6 +444,15 @@ impl Streams {
         stream
             .record
             .finish_with(status, stream.grpc_status, !stream.responded);
+        self.release_if_idle();
+    }
+
+    /// With no stream open, the map's buckets go (a stream's entry is large): an idle
+    /// connection holds none.
+    fn release_if_idle(&mut self) {
+        if self.open.is_empty() && self.open.capacity() > 0 {
+            self.open = HashMap::new();
+        }
     }
 
     /// RST_STREAM from either side: a response that had begun is broken; a request never
@@ -437,6 +464,7 @@ impl Streams {
             let status = stream.record.status;
             stream.record.finish_with(status, stream.grpc_status, true);
         }
+        self.release_if_idle();
     }
 
     /// The server's GOAWAY: streams above `last_stream` were never processed (and those the
