@@ -114,8 +114,11 @@ enum Probe {
         addr: std::net::SocketAddr,
         count: usize,
         /// Make one HTTP/1.1 keep-alive request on each connection first.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "http2")]
         http: bool,
+        /// Make one h2c request on each connection first.
+        #[arg(long)]
+        http2: bool,
     },
     /// Header-less junk to an HTTP server, reconnecting when closed, up to MEGABYTES.
     Junk {
@@ -161,7 +164,19 @@ fn run(task: Task) -> Result<()> {
         Task::BenchProbe { probe } => match probe {
             Probe::Greeting { addr, count } => bench::probe::greeting(addr, count),
             Probe::Connrate { addr, seconds } => bench::probe::connection_rate(addr, seconds),
-            Probe::Hold { addr, count, http } => bench::probe::hold(addr, count, http),
+            Probe::Hold {
+                addr,
+                count,
+                http,
+                http2,
+            } => {
+                let carry = match (http, http2) {
+                    (true, _) => bench::probe::Carry::Http1,
+                    (_, true) => bench::probe::Carry::Http2,
+                    _ => bench::probe::Carry::Nothing,
+                };
+                bench::probe::hold(addr, count, carry)
+            }
             Probe::Junk { addr, megabytes } => bench::probe::junk(addr, megabytes),
         },
     }

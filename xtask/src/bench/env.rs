@@ -482,6 +482,34 @@ impl Agent {
         Ok(value.trim().parse::<f64>()? as u64)
     }
 
+    /// The agent's proxied connections open now (the sum of its tcp_open_connections gauges).
+    pub fn open_connections(&self) -> Result<u64> {
+        let metrics = http_body(self.admin, "/metrics").context("scraping the agent")?;
+        let open: f64 = metrics
+            .lines()
+            .filter(|line| line.starts_with("tcp_open_connections{"))
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        Ok(open as u64)
+    }
+
+    /// Waits (up to 30 s) until the agent's open connections stop changing (the same count
+    /// five looks in a row, 50 ms apart); returns the count.
+    pub fn settled_open_connections(&self) -> Result<u64> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let (mut last, mut same) = (self.open_connections()?, 0);
+        while same < 5 {
+            if std::time::Instant::now() > deadline {
+                bail!("the agent's open connections did not settle (last {last})");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            let open = self.open_connections()?;
+            same = if open == last { same + 1 } else { 0 };
+            last = open;
+        }
+        Ok(last)
+    }
+
     /// CPU seconds (user + system) the agent has used.
     pub fn cpu_seconds(&self) -> f64 {
         process_cpu_seconds(self.pid).unwrap_or(0.0)

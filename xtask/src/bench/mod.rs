@@ -61,7 +61,11 @@ pub fn run(root: &Path, sockmesh: &Path, options: &Options) -> Result<()> {
     let mut results = Results::default();
     let scenarios: Vec<Scenario> = ALL
         .into_iter()
-        .chain([Scenario::IdleMemory, Scenario::IdleHttpMemory])
+        .chain([
+            Scenario::IdleMemory,
+            Scenario::IdleHttpMemory,
+            Scenario::IdleHttp2Memory,
+        ])
         .filter(|scenario| selected(scenario, options.only.as_deref()))
         .collect();
     if scenarios.is_empty() {

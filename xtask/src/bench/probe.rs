@@ -55,14 +55,17 @@ pub fn connection_rate(addr: SocketAddr, seconds: f64) -> Result<()> {
 /// Opens `count` connections, prints "ready", and holds them idle until stdin closes. With
 /// `http`, each first makes one keep-alive HTTP/1.1 request, as an idle pooled client
 /// connection has.
-pub fn hold(addr: SocketAddr, count: usize, http: bool) -> Result<()> {
+pub fn hold(addr: SocketAddr, count: usize, carry: Carry) -> Result<()> {
     raise_fd_limit();
     let mut held = Vec::with_capacity(count);
     for i in 0..count {
         let mut stream = TcpStream::connect(addr).with_context(|| format!("connection {i}"))?;
-        if http {
-            one_request(&mut stream).with_context(|| format!("request on connection {i}"))?;
-        }
+        let request = match carry {
+            Carry::Nothing => Ok(()),
+            Carry::Http1 => one_request(&mut stream),
+            Carry::Http2 => one_h2c_request(&mut stream, addr),
+        };
+        request.with_context(|| format!("request on connection {i}"))?;
         held.push(stream);
     }
     println!("ready");
@@ -94,6 +97,70 @@ pub fn junk(addr: SocketAddr, megabytes: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What each held connection carries before it goes idle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carry {
+    Nothing,
+    /// One HTTP/1.1 keep-alive request.
+    Http1,
+    /// One h2c (prior knowledge) request; the connection stays open.
+    Http2,
+}
+
+/// An h2c GET /index.html in raw frames (the preface, an empty SETTINGS, one HEADERS of
+/// static-table fields and the authority); acknowledges the server's SETTINGS and reads until
+/// the response's stream ends.
+fn one_h2c_request(stream: &mut TcpStream, addr: SocketAddr) -> Result<()> {
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    let authority = addr.to_string();
+    // :method GET, :scheme http, :path /index.html (static 2, 6, 5), :authority (literal).
+    let mut block = vec![0x82, 0x86, 0x85, 0x41, u8::try_from(authority.len())?];
+    block.extend_from_slice(authority.as_bytes());
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend_from_slice(&h2_frame_head(0, 0x4, 0, 0));
+    bytes.extend_from_slice(&h2_frame_head(
+        block.len(),
+        0x1,
+        END_STREAM | END_HEADERS,
+        1,
+    ));
+    bytes.extend_from_slice(&block);
+    stream.write_all(&bytes)?;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let mut at = 0;
+    loop {
+        while received.len() >= at + 9 {
+            let length = usize::from(received[at]) << 16
+                | usize::from(received[at + 1]) << 8
+                | usize::from(received[at + 2]);
+            let (kind, flags) = (received[at + 3], received[at + 4]);
+            let id = u32::from_be_bytes(received[at + 5..at + 9].try_into()?) & 0x7fff_ffff;
+            if received.len() < at + 9 + length {
+                break;
+            }
+            at += 9 + length;
+            if kind == 0x4 && flags & 0x1 == 0 {
+                stream.write_all(&h2_frame_head(0, 0x4, 0x1, 0))?;
+            }
+            anyhow::ensure!(kind != 0x7, "GOAWAY from the server");
+            if id == 1 && matches!(kind, 0x0 | 0x1) && flags & END_STREAM != 0 {
+                return Ok(());
+            }
+        }
+        let read = stream.read(&mut buf)?;
+        anyhow::ensure!(read > 0, "closed before the response ended");
+        received.extend_from_slice(&buf[..read]);
+    }
+}
+
+fn h2_frame_head(length: usize, kind: u8, flags: u8, stream: u32) -> [u8; 9] {
+    let [_, l0, l1, l2] = u32::try_from(length).unwrap_or(0).to_be_bytes();
+    let [s0, s1, s2, s3] = stream.to_be_bytes();
+    [l0, l1, l2, kind, flags, s0, s1, s2, s3]
 }
 
 /// GET /index.html, keeping the connection alive; reads the whole response (a Content-Length

@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::env::{Backend, Env, Setup};
+use super::{
+    env::{Backend, Env, Setup},
+    probe::Carry,
+};
 
 /// One number a scenario produces.
 #[derive(Clone, Copy, Debug)]
@@ -81,6 +84,8 @@ pub enum Scenario {
     IdleMemory,
     /// Idle keep-alive connections that have each carried one HTTP/1.1 request.
     IdleHttpMemory,
+    /// Idle h2c connections that have each carried one request.
+    IdleHttp2Memory,
 }
 
 pub const ALL: [Scenario; 15] = [
@@ -151,7 +156,7 @@ impl Scenario {
             Self::InboundRedisGet => &INBOUND_TCP_SETUPS,
             Self::InboundHttp1Wrk => &INBOUND_HTTP_SETUPS,
             Self::IdleMemory => &[Setup::Sockmesh, Setup::SockmeshSplice, Setup::SockmeshCopy],
-            Self::IdleHttpMemory => &[Setup::Sockmesh],
+            Self::IdleHttpMemory | Self::IdleHttp2Memory => &[Setup::Sockmesh],
             // The attack needs the HTTP origin, which only these reach.
             Self::RedisUnderAttack { .. } => &[Setup::Direct, Setup::Sockmesh],
             _ => &TCP_SETUPS,
@@ -213,6 +218,9 @@ impl Scenario {
                 "KiB",
                 false,
             )],
+            Self::IdleHttp2Memory => {
+                vec![metric("agent memory per idle h2c connection", "KiB", false)]
+            }
         }
     }
 
@@ -272,8 +280,9 @@ impl Scenario {
                 Ok(vec![Some(parse_number(&out)?)])
             }
             Self::RedisUnderAttack { attack } => redis_under_attack(env, setup, scale, attack),
-            Self::IdleMemory => idle_memory(env, setup, scale, false),
-            Self::IdleHttpMemory => idle_memory(env, setup, scale, true),
+            Self::IdleMemory => idle_memory(env, setup, scale, Carry::Nothing),
+            Self::IdleHttpMemory => idle_memory(env, setup, scale, Carry::Http1),
+            Self::IdleHttp2Memory => idle_memory(env, setup, scale, Carry::Http2),
         }
     }
 }
@@ -499,17 +508,20 @@ fn redis_under_attack(
 /// Holds idle connections through the agent; reports the agent's memory growth per connection.
 /// Agent heap growth per idle connection (socket buffers are the kernel's and not counted);
 /// `http`: each has carried one HTTP/1.1 request.
-fn idle_memory(env: &Env, setup: Setup, scale: Scale, http: bool) -> Result<Vec<Option<f64>>> {
+fn idle_memory(env: &Env, setup: Setup, scale: Scale, carry: Carry) -> Result<Vec<Option<f64>>> {
     let agent = env
         .agents
         .get(&setup)
         .context("idle memory needs an agent")?;
-    let backend = if http {
-        Backend::OriginHttp1
-    } else {
-        Backend::Pong
+    let (backend, flag) = match carry {
+        Carry::Nothing => (Backend::Pong, None),
+        Carry::Http1 => (Backend::OriginHttp1, Some("--http")),
+        Carry::Http2 => (Backend::OriginHttp2, Some("--http2")),
     };
     let target = target(env, setup, backend)?;
+    // Connections the last scenario closed must be gone from the agent, or their freeing
+    // would be subtracted from this one's growth.
+    let open_before = agent.settled_open_connections()?;
     let before = agent.heap_bytes()?;
     let mut holder = env
         .client(setup, &xtask_exe()?)
@@ -519,7 +531,7 @@ fn idle_memory(env: &Env, setup: Setup, scale: Scale, http: bool) -> Result<Vec<
             &target.to_string(),
             &scale.idle_connections.to_string(),
         ])
-        .args(http.then_some("--http"))
+        .args(flag)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -530,12 +542,15 @@ fn idle_memory(env: &Env, setup: Setup, scale: Scale, http: bool) -> Result<Vec<
         let _ = holder.kill();
         bail!("the holder did not open its connections");
     }
-    thread::sleep(Duration::from_millis(500));
+    // Connections beyond the agent's budget went direct: only those it holds count.
+    let held = agent
+        .settled_open_connections()?
+        .saturating_sub(open_before);
     let after = agent.heap_bytes()?;
     drop(holder.stdin.take().map(|mut stdin| stdin.flush()));
     let _ = holder.wait();
-    let per_connection =
-        after.saturating_sub(before) as f64 / scale.idle_connections as f64 / 1024.0;
+    anyhow::ensure!(held > 0, "the agent held none of the idle connections");
+    let per_connection = after.saturating_sub(before) as f64 / held as f64 / 1024.0;
     Ok(vec![Some(per_connection)])
 }
 
