@@ -68,6 +68,18 @@ def serve(args):
         time.sleep(3600)
 
 
+def expect_error(name, unary_call, code):
+    """Calls `unary_call`, which must fail with `code`; prints "<name> ok code=N"."""
+    try:
+        reply = unary_call(b"x", timeout=DEADLINE)
+    except grpc.RpcError as error:
+        if error.code() != code:
+            raise Failure(f"{name}: expected {code.name}, got {error.code()}: {error.details()}")
+        print(f"{name} ok code={error.code().value[0]}")
+        return
+    raise Failure(f"{name}: the call succeeded with {reply!r}")
+
+
 def call(args):
     options = [("grpc.enable_http_proxy", 0)]  # ignore http_proxy/https_proxy env vars
     with grpc.insecure_channel(args.target, options=options) as channel:
@@ -78,23 +90,9 @@ def call(args):
                 raise Failure(f"unary: unexpected reply {reply!r}")
             print("unary ok")
         elif args.call == "fail":
-            try:
-                reply = method("unary_unary", "Fail")(b"x", timeout=DEADLINE)
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.PERMISSION_DENIED:
-                    raise Failure(f"fail: expected PERMISSION_DENIED, got {error.code()}: {error.details()}")
-                print(f"fail ok code={error.code().value[0]}")
-                return
-            raise Failure(f"fail: the call succeeded with {reply!r}")
+            expect_error("fail", method("unary_unary", "Fail"), grpc.StatusCode.PERMISSION_DENIED)
         elif args.call == "hang":
-            try:
-                reply = method("unary_unary", "Hang")(b"x", timeout=DEADLINE)
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise Failure(f"hang: expected UNAVAILABLE, got {error.code()}: {error.details()}")
-                print(f"hang ok code={error.code().value[0]}")
-                return
-            raise Failure(f"hang: the call succeeded with {reply!r}")
+            expect_error("hang", method("unary_unary", "Hang"), grpc.StatusCode.UNAVAILABLE)
         elif args.call == "many":
             unary_call = method("unary_unary", "Unary")
             calls = [unary_call.future(f"call-{i}".encode(), timeout=DEADLINE) for i in range(args.count)]

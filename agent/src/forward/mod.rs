@@ -78,7 +78,8 @@ impl OpaqueForwarding {
     /// Whether chatty connections may go to the kernel, so that their activity is worth
     /// sweeping.
     pub fn hands_off_to_the_kernel(&self) -> bool {
-        self.copy_mode == CopyMode::Sockmap && self.kernel.is_some()
+        // There is a kernel forwarder only with `--copy-mode sockmap`.
+        self.kernel.is_some()
     }
 
     /// Brings the busy count (and its gauge) up to date: called every `busy::SWEEP_EVERY`.

@@ -200,7 +200,7 @@ mod tests {
         net::TcpStream,
     };
 
-    use super::forward;
+    use super::{forward, frames::tests::frame};
     use crate::{
         forward::{
             http::{HttpProxy, test_support},
@@ -442,6 +442,26 @@ mod tests {
         }
     }
 
+    /// `forward` to an `unanswering_origin`: the client's socket, the origin's address, the
+    /// proxy, the forwarding task, and the origin's `received` and `hang_up`.
+    async fn through_forward_to_unanswering() -> (
+        TcpStream,
+        SocketAddr,
+        Arc<HttpProxy>,
+        tokio::task::JoinHandle<Outcome>,
+        Arc<tokio::sync::Notify>,
+        Arc<tokio::sync::Notify>,
+    ) {
+        let received = Arc::new(tokio::sync::Notify::new());
+        let hang_up = Arc::new(tokio::sync::Notify::new());
+        let (origin_received, origin_hang_up) = (Arc::clone(&received), Arc::clone(&hang_up));
+        let (app_client, dst, proxy, connection) = through_forward_to(move |stream| {
+            unanswering_origin(stream, origin_received, origin_hang_up)
+        })
+        .await;
+        (app_client, dst, proxy, connection, received, hang_up)
+    }
+
     /// Opens an h2c connection over `app_client` and sends one GET to `dst` in the
     /// background; returns the connection's task (abort it to drop the connection) and the
     /// request's.
@@ -484,13 +504,8 @@ mod tests {
     /// the connection's end on; it does not answer for the origin).
     #[tokio::test]
     async fn a_request_the_origin_hangs_up_on_is_a_failure() {
-        let received = Arc::new(tokio::sync::Notify::new());
-        let hang_up = Arc::new(tokio::sync::Notify::new());
-        let (origin_received, origin_hang_up) = (Arc::clone(&received), Arc::clone(&hang_up));
-        let (app_client, dst, proxy, connection) = through_forward_to(move |stream| {
-            unanswering_origin(stream, origin_received, origin_hang_up)
-        })
-        .await;
+        let (app_client, dst, proxy, connection, received, hang_up) =
+            through_forward_to_unanswering().await;
         let (client_connection, response) = one_request(app_client, dst).await;
         tokio::time::timeout(Duration::from_secs(10), received.notified())
             .await
@@ -517,23 +532,16 @@ mod tests {
     /// the client is never recorded either.)
     #[tokio::test]
     async fn a_request_the_client_gives_up_on_is_not_recorded() {
-        let received = Arc::new(tokio::sync::Notify::new());
-        let hang_up = Arc::new(tokio::sync::Notify::new());
-        let (origin_received, origin_hang_up) = (Arc::clone(&received), Arc::clone(&hang_up));
-        let (mut app_client, dst, proxy, connection) = through_forward_to(move |stream| {
-            unanswering_origin(stream, origin_received, origin_hang_up)
-        })
-        .await;
+        let (mut app_client, dst, proxy, connection, received, _hang_up) =
+            through_forward_to_unanswering().await;
         let authority = dst.to_string();
         // :method GET, :scheme http, :path / (static table), :authority (literal).
         let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
         block.extend_from_slice(authority.as_bytes());
         let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        bytes.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
-        let length = (block.len() as u32).to_be_bytes();
+        bytes.extend(frame(0x4, 0, 0, &[]));
         // HEADERS, END_STREAM | END_HEADERS, stream 1.
-        bytes.extend_from_slice(&[length[1], length[2], length[3], 0x1, 0x5, 0, 0, 0, 1]);
-        bytes.extend_from_slice(&block);
+        bytes.extend(frame(0x1, 0x5, 1, &block));
         app_client.write_all(&bytes).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), received.notified())
             .await
