@@ -52,6 +52,10 @@ fn check_against_httparse(buf: &[u8], parsed: &Result<Option<RequestHead>, HeadE
             assert_eq!(parsed, &Ok(None));
             return false;
         }
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_BYTES => {
+            assert_eq!(parsed, &Err(HeadError::TooLarge));
+            return false;
+        }
         Ok(httparse::Status::Complete(len)) => len,
     };
     let (method, target, version) = (

@@ -81,6 +81,9 @@ fn check_against_httparse(
             return assert_eq!(parsed, &Err(HeadError::TooLarge));
         }
         Ok(httparse::Status::Partial) => return assert_eq!(parsed, &Ok(None)),
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_BYTES => {
+            return assert_eq!(parsed, &Err(HeadError::TooLarge));
+        }
         Ok(httparse::Status::Complete(len)) => len,
     };
     let (status, version) = (

@@ -208,9 +208,12 @@ fn absolute_form(target: &str) -> Option<&str> {
     target.split_once("://").map(|(_, rest)| rest)
 }
 
-/// The head's length once httparse has all of it; None while it is incomplete.
+/// The head's length once httparse has all of it; None while it is incomplete. A head over
+/// the limit is refused whether it came in pieces or in one read (a read can hold more than
+/// the limit), so where the client's segments fall never decides the answer.
 fn head_len(parsed: httparse::Result<usize>, buf: &[u8]) -> Result<Option<usize>, HeadError> {
     match parsed {
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_BYTES => Err(HeadError::TooLarge),
         Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
@@ -359,6 +362,11 @@ mod tests {
         }
         let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD_BYTES));
         assert_eq!(refused(&huge), HeadError::TooLarge);
+        // Whole, but over the limit: refused as it would be in pieces.
+        assert_eq!(refused(&format!("{huge}\r\n\r\n")), HeadError::TooLarge);
+        let padding = "a".repeat(MAX_HEAD_BYTES - "GET / HTTP/1.1\r\nX: \r\n\r\n".len());
+        let at_limit = format!("GET / HTTP/1.1\r\nX: {padding}\r\n\r\n");
+        assert_eq!(request(&at_limit).len, MAX_HEAD_BYTES);
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X{i}: y\r\n")).collect();
         assert_eq!(
             refused(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
