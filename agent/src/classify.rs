@@ -16,7 +16,8 @@ use crate::{
 };
 
 /// Most client bytes peeked at while detecting. Large enough for a whole TLS ClientHello (post-
-/// quantum key shares push them past 1 KiB) and any sane HTTP/1 request line.
+/// quantum key shares push them past 1 KiB), also when split across records (5 bytes more
+/// each), and any sane HTTP/1 request line.
 pub const MAX_DETECT_BYTES: usize = 16 * 1024 + 5;
 const INITIAL_BUFFER: usize = 1024;
 

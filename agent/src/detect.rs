@@ -1,6 +1,8 @@
 //! Protocol detection: a pure decision over the first bytes a client sent. No I/O here; the
 //! `classify` stage feeds it bytes as they arrive and acts on the answer.
 
+use std::borrow::Cow;
+
 /// What the bytes so far say about the client's protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Detection {
@@ -133,24 +135,28 @@ const CLIENT_HELLO: u8 = 0x01;
 const SERVER_NAME_EXTENSION: u16 = 0x0000;
 const HOST_NAME: u8 = 0x00;
 
-/// A TLS record carrying a ClientHello: `16 03 0x len(2) | 01 len(3) ...`.
+/// A TLS ClientHello: `16 03 0x len(2) | 01 len(3) ...`. A client may split its hello across
+/// several handshake records (RFC 8446 section 5.1; some do, to get past middleboxes that read
+/// only the first record): the hello is read from the records' bodies put together.
 fn detect_tls(buf: &[u8]) -> Detection {
-    let mut reader = Reader::new(buf);
-    let header = (reader.u8(), reader.u8(), reader.u8(), reader.u16());
-    let (Some(_), Some(major), Some(minor), Some(record_len)) = header else {
-        return needs_more_if(buf.len() < 5 && tls_header_plausible(buf));
+    let Some(first) = RecordHeader::read(buf) else {
+        return needs_more_if(buf.len() < RECORD_HEADER && tls_header_plausible(buf));
     };
-    if major != 3 || minor > 4 || record_len == 0 {
+    if !first.is_handshake() {
         return Detection::Opaque;
     }
-    match reader.u8() {
+    match buf.get(RECORD_HEADER) {
         None => return Detection::NeedMore,
-        Some(CLIENT_HELLO) => {}
+        Some(&CLIENT_HELLO) => {}
         Some(_) => return Detection::Opaque,
     }
-    match client_hello_sni(&mut reader) {
-        Ok(sni) => Detection::Tls { sni },
-        Err(Truncated) => Detection::NeedMore,
+    match first_handshake_message(buf) {
+        Ok(message) => Detection::Tls {
+            sni: sni_in_hello(&mut Reader::new(&message[HANDSHAKE_HEADER..])),
+        },
+        Err(Unfinished::Truncated) => Detection::NeedMore,
+        // It began as TLS; a later record that is not a handshake record means a broken hello.
+        Err(Unfinished::Broken) => Detection::Tls { sni: None },
     }
 }
 
@@ -166,16 +172,94 @@ fn needs_more_if(condition: bool) -> Detection {
     }
 }
 
+const RECORD_HEADER: usize = 5;
+/// msg_type(1) length(3).
+const HANDSHAKE_HEADER: usize = 4;
+
+/// `type(1) version(2) length(2)`.
+struct RecordHeader {
+    kind: u8,
+    major: u8,
+    minor: u8,
+    len: usize,
+}
+
+impl RecordHeader {
+    fn read(buf: &[u8]) -> Option<Self> {
+        let header = buf.get(..RECORD_HEADER)?;
+        Some(Self {
+            kind: header[0],
+            major: header[1],
+            minor: header[2],
+            len: usize::from(u16::from_be_bytes([header[3], header[4]])),
+        })
+    }
+
+    /// A non-empty handshake record of TLS 1.0-1.3 (records never say 1.3 on the wire, but
+    /// clients write 3.1 to 3.3 and a 3.4 does no harm).
+    fn is_handshake(&self) -> bool {
+        self.kind == TLS_HANDSHAKE && self.major == 3 && self.minor <= 4 && self.len > 0
+    }
+}
+
 struct Truncated;
 
-/// Walks a ClientHello (after its type byte) to the server_name extension. Truncated while the
-/// declared handshake is not all there; once it is, a malformed hello simply has no SNI.
-fn client_hello_sni(reader: &mut Reader<'_>) -> Result<Option<String>, Truncated> {
-    let (Some(high), Some(len)) = (reader.u8(), reader.u16()) else {
-        return Err(Truncated);
-    };
-    let mut hello = reader.take((usize::from(high) << 16) | usize::from(len))?;
-    Ok(sni_in_hello(&mut hello))
+enum Unfinished {
+    /// More records (or more of one) are needed.
+    Truncated,
+    /// A record the message needs is not a handshake record.
+    Broken,
+}
+
+/// The handshake message that starts `buf`'s first record, header included: borrowed when
+/// that record holds all of it (nearly always), else put together from the records it spans.
+fn first_handshake_message(buf: &[u8]) -> Result<Cow<'_, [u8]>, Unfinished> {
+    let mut rest = buf;
+    let mut gathered: Cow<'_, [u8]> = Cow::Borrowed(&[]);
+    loop {
+        let Some(header) = RecordHeader::read(rest) else {
+            let plausible = rest.first().is_none_or(|&kind| kind == TLS_HANDSHAKE)
+                && tls_header_plausible(rest);
+            return Err(if plausible {
+                Unfinished::Truncated
+            } else {
+                Unfinished::Broken
+            });
+        };
+        if !header.is_handshake() {
+            return Err(Unfinished::Broken);
+        }
+        let body = &rest[RECORD_HEADER..];
+        let fragment = &body[..body.len().min(header.len)];
+        gathered = if gathered.is_empty() {
+            Cow::Borrowed(fragment)
+        } else {
+            let mut joined = gathered.into_owned();
+            joined.extend_from_slice(fragment);
+            Cow::Owned(joined)
+        };
+        if let Some(whole) = handshake_len(&gathered).filter(|&len| gathered.len() >= len) {
+            return Ok(match gathered {
+                Cow::Borrowed(bytes) => Cow::Borrowed(&bytes[..whole]),
+                Cow::Owned(mut bytes) => {
+                    bytes.truncate(whole);
+                    Cow::Owned(bytes)
+                }
+            });
+        }
+        if fragment.len() < header.len {
+            return Err(Unfinished::Truncated);
+        }
+        rest = &body[header.len..];
+    }
+}
+
+/// A handshake message's whole length (header included), once its header is there.
+fn handshake_len(message: &[u8]) -> Option<usize> {
+    let header = message.get(..HANDSHAKE_HEADER)?;
+    let body =
+        (usize::from(header[1]) << 16) | (usize::from(header[2]) << 8) | usize::from(header[3]);
+    Some(HANDSHAKE_HEADER + body)
 }
 
 fn sni_in_hello(hello: &mut Reader<'_>) -> Option<String> {
@@ -452,6 +536,54 @@ mod tests {
             Detection::Opaque
         );
         assert_eq!(detect(&[TLS_HANDSHAKE, 0x09]), Detection::Opaque);
+    }
+
+    /// The handshake message of a one-record hello, cut into records of at most `size` bytes.
+    fn in_records(hello: &[u8], size: usize) -> Vec<u8> {
+        let message = &hello[RECORD_HEADER..];
+        let mut records = Vec::new();
+        for fragment in message.chunks(size) {
+            records.extend_from_slice(&[TLS_HANDSHAKE, 0x03, 0x01]);
+            records.extend_from_slice(&(fragment.len() as u16).to_be_bytes());
+            records.extend_from_slice(fragment);
+        }
+        records
+    }
+
+    #[test]
+    fn a_hello_split_across_records_keeps_its_name() {
+        let hello = client_hello(Some("Split.Example.test"));
+        let want = Detection::Tls {
+            sni: Some("split.example.test".into()),
+        };
+        for size in [1, 2, 3, 4, 5, 7, 40, hello.len() - 6] {
+            let records = in_records(&hello, size);
+            assert_eq!(detect(&records), want, "records of {size}");
+            for cut in 1..records.len() {
+                assert_eq!(
+                    detect(&records[..cut]),
+                    Detection::NeedMore,
+                    "records of {size}, cut at {cut}"
+                );
+            }
+            let mut followed = records.clone();
+            followed.extend_from_slice(&[0x17, 0x03, 0x03, 0x00, 0x01, 0xff]);
+            assert_eq!(detect(&followed), want, "records of {size}, then data");
+        }
+    }
+
+    #[test]
+    fn a_split_hello_broken_by_another_record_has_no_name() {
+        let records = in_records(&client_hello(Some("a.test")), 20);
+        let mut broken = records[..25].to_vec();
+        // An application-data record where the hello's second fragment belongs.
+        broken.extend_from_slice(&[0x17, 0x03, 0x03, 0x00, 0x01, 0xff]);
+        broken.extend_from_slice(&records[25..]);
+        assert_eq!(detect(&broken), Detection::Tls { sni: None });
+        assert_eq!(detect(&broken[..26]), Detection::Tls { sni: None });
+        let mut empty_record = records[..25].to_vec();
+        empty_record.extend_from_slice(&[TLS_HANDSHAKE, 0x03, 0x01, 0, 0]);
+        assert_eq!(detect(&empty_record), Detection::Tls { sni: None });
     }
 
     #[test]

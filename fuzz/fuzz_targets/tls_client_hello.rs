@@ -3,7 +3,8 @@
 //! The fuzzer's bytes describe a ClientHello (versions, random, session id, cipher suites,
 //! compression methods, extensions in any order with any kinds, GREASE included, a
 //! server_name extension with one or more entries whose names are DNS names or any bytes,
-//! and what follows the record), which is encoded as a client would send it. Asserts:
+//! the size of the records it is split into, if it is split, and what follows it), which is
+//! encoded as a client would send it. Asserts:
 //! - `detect` reports TLS with exactly the name the hello carries (the first server_name
 //!   extension's first entry if a host_name and a sane DNS name, lowercased; else none);
 //! - every strict prefix of the hello needs more bytes (it is never opaque, nor TLS early);
@@ -49,6 +50,8 @@ fuzz_target!(|data: &[u8]| {
 #[derive(Debug)]
 struct Hello {
     record_minor: u8,
+    /// Split across records of this many bytes of the handshake message each.
+    record_size: Option<usize>,
     legacy_version: [u8; 2],
     random: [u8; 32],
     session_id: Vec<u8>,
@@ -87,6 +90,11 @@ fn name(input: &mut Unstructured<'_>) -> Result<Vec<u8>> {
 impl Hello {
     fn arbitrary(input: &mut Unstructured<'_>) -> Result<Self> {
         let record_minor = input.int_in_range(0..=4)?;
+        let record_size = if input.ratio(1, 4)? {
+            Some(input.int_in_range(1..=300)?)
+        } else {
+            None
+        };
         let legacy_version = input.arbitrary()?;
         let random = input.arbitrary()?;
         let session_id_len = input.int_in_range(0..=32)?;
@@ -135,6 +143,7 @@ impl Hello {
         let after = input.arbitrary()?;
         Ok(Self {
             record_minor,
+            record_size,
             legacy_version,
             random,
             session_id,
@@ -167,9 +176,13 @@ impl Hello {
         let len = u32::try_from(hello.len()).expect("small").to_be_bytes();
         handshake.extend_from_slice(&len[1..]);
         handshake.extend_from_slice(&hello);
-        let mut record = vec![tls::HANDSHAKE, 3, self.record_minor];
-        put_u16_prefixed(&mut record, &handshake);
-        record
+        let size = self.record_size.unwrap_or(usize::from(u16::MAX));
+        let mut records = Vec::new();
+        for fragment in handshake.chunks(size) {
+            records.extend_from_slice(&[tls::HANDSHAKE, 3, self.record_minor]);
+            put_u16_prefixed(&mut records, fragment);
+        }
+        records
     }
 
     /// From the structure, not the bytes: the first server_name extension decides.

@@ -1,7 +1,9 @@
 //! A second, independently written reading of a TLS ClientHello (RFC 8446 4.1.2, RFC 6066 3),
 //! with the agent's documented rules: a record header `16 03 0x` (x <= 4, non-zero length),
 //! a ClientHello handshake, undecided until the handshake's declared length is all there; once
-//! it is, a malformed hello has no server name. Only the first server_name extension, and in
+//! it is, a malformed hello has no server name. The handshake may span records (RFC 8446 5.1):
+//! its bytes are the bodies of the records that follow each other, each of which must be such a
+//! handshake record (else the hello is broken: TLS without a name). Only the first server_name extension, and in
 //! it the first entry, counts; the name must be a plain DNS name (letters, digits, `.-_`) and
 //! is reported lowercased. This one works with absolute offsets, the agent with a cursor.
 
@@ -31,16 +33,41 @@ pub fn expected(buf: &[u8]) -> Detection {
         Some(&CLIENT_HELLO) => {}
         Some(_) => return Detection::Opaque,
     }
-    let Some(length) = buf.get(6..9) else {
-        return Detection::NeedMore;
-    };
-    let length =
-        (usize::from(length[0]) << 16) | (usize::from(length[1]) << 8) | usize::from(length[2]);
-    match buf.get(9..9 + length) {
-        None => Detection::NeedMore,
-        Some(hello) => Detection::Tls {
-            sni: sni_of_hello(hello),
-        },
+    let mut message = Vec::new();
+    let mut at = 0;
+    loop {
+        let Some(header) = buf.get(at..at + 5) else {
+            let partial = &buf[at..];
+            let could_be_record = partial.first().is_none_or(|&b| b == HANDSHAKE)
+                && partial.get(1).is_none_or(|&b| b == 3)
+                && partial.get(2).is_none_or(|&b| b <= 4);
+            return if could_be_record {
+                Detection::NeedMore
+            } else {
+                Detection::Tls { sni: None }
+            };
+        };
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if header[0] != HANDSHAKE || header[1] != 3 || header[2] > 4 || len == 0 {
+            return Detection::Tls { sni: None };
+        }
+        let end = buf.len().min(at + 5 + len);
+        message.extend_from_slice(&buf[at + 5..end]);
+        if let Some(length) = message.get(1..4) {
+            let whole = 4
+                + ((usize::from(length[0]) << 16)
+                    | (usize::from(length[1]) << 8)
+                    | usize::from(length[2]));
+            if let Some(hello) = message.get(4..whole) {
+                return Detection::Tls {
+                    sni: sni_of_hello(hello),
+                };
+            }
+        }
+        if end < at + 5 + len {
+            return Detection::NeedMore;
+        }
+        at = end;
     }
 }
 

@@ -2,7 +2,11 @@
 //! opaque ports without detection, TLS with its server name, and a stalled client that falls
 //! back to opaque with its bytes intact.
 
-use std::{fs, process::Command, time::Duration};
+use std::{
+    fs,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use integration_tests::{
     Agent, AgentOptions, TestCgroup,
@@ -196,6 +200,24 @@ fn tls_is_forwarded_opaque_with_its_server_name() {
     agent.assert_metric(
         "sockmesh_tls_connections_total",
         &[("sni", "api.mesh.test")],
+        1,
+    );
+
+    // A ClientHello split across three records (OpenSSL's smallest record size, and enough
+    // ALPN names to need three): its server name is read from the records put together.
+    let alpn: Vec<String> = (0..80).map(|i| format!("proto{i:03}")).collect();
+    run_ok(
+        cgroup
+            .command("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+            .args(["-servername", "split.mesh.test", "-max_send_frag", "512"])
+            .args(["-alpn", &alpn.join(",")])
+            .stdin(Stdio::null()),
+        LIMIT,
+    );
+    agent.assert_metric(
+        "sockmesh_tls_connections_total",
+        &[("sni", "split.mesh.test")],
         1,
     );
     fs::remove_dir_all(dir).ok();
