@@ -157,3 +157,22 @@ fn every_run_flag_is_in_the_readme() {
         "not in the README's flag table: {missing:?}"
     );
 }
+
+/// The README's commands name the binaries `cargo xtask run` builds, the release ones: a debug
+/// binary is there only after `cargo xtask run --debug` (or the tests), not on a clone that
+/// followed the README.
+#[test]
+fn the_readme_names_the_binaries_cargo_xtask_run_builds() {
+    let readme = repo_file("README.md");
+    let binaries: Vec<&str> = readme
+        .split(|c: char| c.is_whitespace() || c == '`')
+        .filter(|word| word.starts_with("target/") && word.contains("/sockmesh"))
+        .collect();
+    assert!(!binaries.is_empty(), "the README names no built binary");
+    for binary in binaries {
+        assert!(
+            binary.starts_with("target/release/"),
+            "{binary}: `cargo xtask run` builds target/release/"
+        );
+    }
+}
