@@ -33,6 +33,13 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 pub enum AcceptError {
     #[error("creating a listener socket")]
     Socket(#[source] std::io::Error),
+    #[error(
+        "port {} is already in use on {} (another sockmesh agent, or a server: give this \
+         agent other ports)",
+        .addr.port(),
+        .addr.ip()
+    )]
+    InUse { addr: SocketAddr },
     #[error("binding the proxy listener {addr}")]
     Bind {
         addr: SocketAddr,
@@ -50,20 +57,51 @@ type Result<T, E = AcceptError> = std::result::Result<T, E>;
 /// namespace, not yet registered with a runtime. With SO_REUSEPORT each proxy thread binds its
 /// own pair and the kernel spreads connections over them.
 pub fn bind_listeners(origin: &Origin, port: u16) -> Result<Vec<std::net::TcpListener>> {
-    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    let [v4, v6] = loopback(port);
     Ok(vec![bind(origin, v4)?, bind(origin, v6)?])
 }
 
-fn bind(origin: &Origin, addr: SocketAddr) -> Result<std::net::TcpListener> {
+fn loopback(port: u16) -> [SocketAddr; 2] {
+    [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+    ]
+}
+
+/// Fails when something already listens on `port` on loopback in `origin`'s namespace. The
+/// listeners join any SO_REUSEPORT group of the same user, so without this a second agent
+/// given the same port would start and silently take a share of the first one's connections.
+/// The probe binds without SO_REUSEPORT, which only a listener refuses (a previous agent's
+/// connections in TIME_WAIT do not).
+fn ensure_port_free(origin: &Origin, port: u16) -> Result<()> {
+    for addr in loopback(port) {
+        let probe = socket(origin, addr)?;
+        if let Err(source) = probe.bind(&addr.into()) {
+            return Err(if source.kind() == std::io::ErrorKind::AddrInUse {
+                AcceptError::InUse { addr }
+            } else {
+                AcceptError::Bind { addr, source }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A TCP socket for `addr` in `origin`'s namespace, with the options every listener has.
+fn socket(origin: &Origin, addr: SocketAddr) -> Result<Socket> {
     let socket = origin
         .within(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))
         .map_err(AcceptError::Socket)?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
+    Ok(socket)
+}
+
+fn bind(origin: &Origin, addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let socket = socket(origin, addr)?;
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     // Accepted sockets inherit it: the agent's writes to its clients are never held back by
     // Nagle, and no connection pays a setsockopt of its own for it.
@@ -114,6 +152,7 @@ impl ProxyThreads {
     /// Returns a handle on one pair (IPv4, IPv6): each stands for its SO_REUSEPORT group,
     /// which is what sk_lookup assigns connections to.
     pub fn listen(&self, scope: &Scope, port: u16) -> Result<Vec<std::net::TcpListener>> {
+        ensure_port_free(&scope.origin, port)?;
         let mut pairs = Vec::with_capacity(self.handles.len());
         for _ in &self.handles {
             pairs.push(bind_listeners(&scope.origin, port)?);

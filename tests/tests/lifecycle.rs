@@ -6,8 +6,8 @@ use std::{process::Command, sync::mpsc, time::Duration};
 use integration_tests::{
     Agent, TestCgroup,
     clients::probe,
-    meshprobe_bin,
-    process::{eventually, run_ok},
+    free_port, meshprobe_bin,
+    process::{eventually, run, run_ok},
     require_privileged,
     servers::{Gate, PatternServer},
 };
@@ -260,4 +260,68 @@ fn sigterm_closes_idle_keep_alive_connections() {
     std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
     assert_eq!(line.trim(), "closed");
     let _ = client.wait();
+}
+
+/// A second agent given a port the first one listens on refuses to start, with a message that
+/// names the port, and leaves the first one serving: its listeners would otherwise join the
+/// first one's SO_REUSEPORT group and take a share of its connections.
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn a_second_agent_on_the_same_port_refuses_to_start() {
+    require_privileged!();
+    let server = PatternServer::start("127.0.0.1:0", 1000);
+    let cgroup = TestCgroup::new("first-agent");
+    let first = Agent::start(&cgroup);
+    let other = TestCgroup::new("second-agent");
+    let pin_dir = format!(
+        "/sys/fs/bpf/{}",
+        other.path().file_name().unwrap().display()
+    );
+    let cni_socket = integration_tests::temp_dir("second-cni").join("cni.sock");
+    let second = |outbound: u16, inbound: u16| {
+        let output = run(
+            Command::new(integration_tests::sockmesh_bin())
+                .arg("run")
+                .arg("--cgroup")
+                .arg(other.path())
+                .args(["--outbound-port", &outbound.to_string()])
+                .args(["--inbound-port", &inbound.to_string()])
+                .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+                .args(["--pin-dir", &pin_dir])
+                .arg("--cni-socket")
+                .arg(&cni_socket),
+            // It fails before it attaches anything; one that started would be killed here.
+            Duration::from_secs(30),
+        );
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    for (outbound, inbound, taken) in [
+        (first.outbound_port, free_port(), first.outbound_port),
+        (free_port(), first.inbound_port, first.inbound_port),
+    ] {
+        let (code, stderr) = second(outbound, inbound);
+        assert_eq!(code, Some(1), "{stderr}");
+        let message = format!("port {taken} is already in use on 127.0.0.1");
+        assert!(stderr.contains(&message), "{stderr}");
+        assert!(
+            attached_programs(&other).is_empty(),
+            "the second agent left programs attached"
+        );
+    }
+
+    assert_eq!(attached_programs(&cgroup), PROGRAMS);
+    let report = probe(
+        &cgroup,
+        &["bulk", &server.addr().to_string(), "5000", "1000"],
+        LIMIT,
+    );
+    assert!(
+        report.contains(&format!("peer={}", server.addr())),
+        "{report}"
+    );
+    assert_eq!(server.received(1)[0].bytes, 5000);
+    first.assert_metric("tcp_open_total", &[], 1);
 }
