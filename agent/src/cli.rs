@@ -285,6 +285,25 @@ pub struct ExecArgs {
 }
 
 impl RunArgs {
+    /// The agent's three ports must differ: its listeners on one port would share the
+    /// kernel's SO_REUSEPORT group (outbound and inbound connections mixed), and the admin
+    /// server could not bind beside them. Returns the message for the command-line error.
+    pub fn check_ports(&self) -> Result<(), String> {
+        let ports = [
+            ("--outbound-port", self.outbound_port),
+            ("--inbound-port", self.inbound_port),
+            ("--admin-addr", self.admin_addr.port()),
+        ];
+        for (i, (flag, port)) in ports.iter().enumerate() {
+            if let Some((other, _)) = ports[i + 1..].iter().find(|(_, p)| p == port) {
+                return Err(format!(
+                    "{flag} and {other} both use port {port}: the agent needs three different ports"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The one typed configuration, given the cgroup the caller resolved.
     pub fn into_config(self, cgroup: PathBuf) -> Config {
         let skip_outbound_ports =

@@ -4,7 +4,7 @@
 use std::{os::unix::process::CommandExt, process::ExitCode};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 
 use agent::{
@@ -17,6 +17,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => {
+            if let Err(message) = args.check_ports() {
+                Cli::command()
+                    .error(clap::error::ErrorKind::ArgumentConflict, message)
+                    .exit();
+            }
             init_logging(&args.log);
             run::run(*args)
         }

@@ -92,3 +92,18 @@ fn exec_without_command_is_rejected() {
     );
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn the_agent_ports_must_differ() {
+    assert_rejected(
+        &["--outbound-port", "4200", "--inbound-port", "4200"],
+        "--inbound-port",
+        "4200",
+    );
+    assert_rejected(&["--inbound-port", "4191"], "--admin-addr", "4191");
+    assert_rejected(
+        &["--admin-addr", "127.0.0.1:4140"],
+        "--outbound-port",
+        "4140",
+    );
+}
