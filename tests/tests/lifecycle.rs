@@ -277,7 +277,8 @@ fn a_second_agent_on_the_same_port_refuses_to_start() {
         "/sys/fs/bpf/{}",
         other.path().file_name().unwrap().display()
     );
-    let cni_socket = integration_tests::temp_dir("second-cni").join("cni.sock");
+    let cni_dir = integration_tests::temp_dir("second-cni");
+    let cni_socket = cni_dir.join("cni.sock");
     let second = |outbound: u16, inbound: u16| {
         let output = run(
             Command::new(integration_tests::sockmesh_bin())
@@ -324,4 +325,5 @@ fn a_second_agent_on_the_same_port_refuses_to_start() {
     );
     assert_eq!(server.received(1)[0].bytes, 5000);
     first.assert_metric("tcp_open_total", &[], 1);
+    std::fs::remove_dir_all(cni_dir).ok();
 }
