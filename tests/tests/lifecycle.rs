@@ -35,6 +35,21 @@ fn attached_programs(cgroup: &TestCgroup) -> Vec<&'static str> {
         .collect()
 }
 
+/// A client in `cgroup` sends `server` 5,000 bytes in 1,000-byte writes: it reaches the
+/// server itself (its peer address is the server's) and every byte arrives.
+fn assert_one_bulk_transfer_arrives(cgroup: &TestCgroup, server: &PatternServer) {
+    let report = probe(
+        cgroup,
+        &["bulk", &server.addr().to_string(), "5000", "1000"],
+        LIMIT,
+    );
+    assert!(
+        report.contains(&format!("peer={}", server.addr())),
+        "{report}"
+    );
+    assert_eq!(server.received(1)[0].bytes, 5000);
+}
+
 /// The commands in the README's "Inspecting with bpftool" block, with the default paths
 /// replaced by this test's cgroup and pin dir.
 fn readme_bpftool_commands(cgroup: &TestCgroup, agent: &Agent) -> Vec<Vec<String>> {
@@ -125,16 +140,7 @@ fn killed_agent_fails_open() {
     );
 
     // Nothing listens on the proxy port any more, so this only works if it goes direct.
-    let report = probe(
-        &cgroup,
-        &["bulk", &server.addr().to_string(), "5000", "1000"],
-        LIMIT,
-    );
-    assert!(
-        report.contains(&format!("peer={}", server.addr())),
-        "{report}"
-    );
-    assert_eq!(server.received(1)[0].bytes, 5000);
+    assert_one_bulk_transfer_arrives(&cgroup, &server);
 }
 
 #[test]
@@ -314,16 +320,7 @@ fn a_second_agent_on_the_same_port_refuses_to_start() {
     }
 
     assert_eq!(attached_programs(&cgroup), PROGRAMS);
-    let report = probe(
-        &cgroup,
-        &["bulk", &server.addr().to_string(), "5000", "1000"],
-        LIMIT,
-    );
-    assert!(
-        report.contains(&format!("peer={}", server.addr())),
-        "{report}"
-    );
-    assert_eq!(server.received(1)[0].bytes, 5000);
+    assert_one_bulk_transfer_arrives(&cgroup, &server);
     first.assert_metric("tcp_open_total", &[], 1);
     std::fs::remove_dir_all(cni_dir).ok();
 }
