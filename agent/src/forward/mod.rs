@@ -1,5 +1,5 @@
 //! Forwarding: moving bytes between the client and its original destination. `http` proxies
-//! requests (HTTP/1 forwarded as bytes, h2c through hyper). Opaque connections have one entry
+//! requests (HTTP/1 forwarded as bytes, h2c frames passed through unchanged). Opaque connections have one entry
 //! point, `OpaqueForwarding::forward`, which owns their path: `opaque` splices raw TCP through
 //! `pipe`'s pooled pipes, and a connection that turns out chatty is handed to `kernel`
 //! (sockmap) while few connections are busy (`busy`), or else copied (`copy`, through a
@@ -140,9 +140,7 @@ impl OpaqueForwarding {
             }
         }
     }
-}
 
-impl OpaqueForwarding {
     /// Whether a connection that turned chatty goes to the kernel: only while few connections
     /// are busy (this one included), and while the kernel forwards fewer than
     /// `IN_KERNEL_PER_BUSY` times as many, busy or idle.
