@@ -94,7 +94,11 @@ async fn serve(config: Config, loaded: LoadedPolicy) -> Result<()> {
             let accelerator = intercept
                 .accelerator()
                 .context("--accelerate local (see `sockmesh check`)")?;
-            tracing::warn!("--accelerate local is experimental (docs/design-sk-msg.md)");
+            tracing::warn!(
+                "--accelerate local is experimental: on kernels without the tcp_bpf fix in \
+                 docs/experiments/ (6.18 among them), blocking applications that send and \
+                 receive on one socket at once get EAGAIN; `sockmesh check` says which this is"
+            );
             Some(Arc::new(accelerator))
         }
     };

@@ -398,6 +398,63 @@ fn check_passes_here_and_names_a_missing_cgroup() {
     assert!(out.contains("fix:"), "{out}");
 }
 
+/// `sockmesh check`'s blocking-read probe against docs/experiments/tcp_bpf_spurious_eagain.c,
+/// the same experiment written without the agent (C, raw bpf(2), a `return SK_PASS` program)
+/// and built here: both must say the same of this kernel. On 6.18 both find EAGAIN; on a
+/// kernel with docs/experiments/tcp_bpf_wait_again.patch both find a read that waits.
+#[test]
+#[ignore = "needs root (bpf(2) and sockmaps): run by `cargo xtask test` as root"]
+fn check_finds_what_the_c_reproducer_finds_about_blocking_reads() {
+    require_privileged!();
+    let dir = temp_dir("spurious-eagain");
+    let reproducer = dir.join("spurious");
+    let source = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/experiments/tcp_bpf_spurious_eagain.c"
+    );
+    run_ok(
+        Command::new("cc")
+            .args(["-O2", "-pthread", "-o"])
+            .arg(&reproducer)
+            .arg(source),
+        LIMIT,
+    );
+    // "msg" is the application socket of --accelerate local, as in the agent's probe.
+    let reproduced = run(Command::new(&reproducer).arg("msg"), LIMIT);
+    let report = String::from_utf8_lossy(&reproduced.stdout).into_owned();
+    let _ = std::fs::remove_dir_all(&dir);
+    let kernel_answers_eagain = match reproduced.status.code() {
+        Some(0) => false,
+        Some(1) => true,
+        _ => panic!(
+            "the reproducer could not run ({}): {report}",
+            reproduced.status
+        ),
+    };
+    assert!(report.contains("msg: "), "{report}");
+
+    let check = run_ok(Command::new(sockmesh_bin()).arg("check"), LIMIT);
+    let probe = check
+        .lines()
+        .find(|line| line.starts_with("[info] sk_msg"))
+        .unwrap_or_else(|| panic!("no sk_msg line: {check}"));
+    let expected = if kernel_answers_eagain {
+        "a blocking read while the same socket sends answers EAGAIN"
+    } else {
+        "a blocking read while the same socket sends waits for data, as plain TCP does"
+    };
+    assert!(
+        probe.contains(expected),
+        "reproducer:\n{report}\ncheck: {probe}"
+    );
+    if kernel_answers_eagain {
+        assert!(
+            probe.starts_with("[info] sk_msg         unsafe for the fast path"),
+            "{probe}"
+        );
+    }
+}
+
 /// Debian's Prometheus scrapes the agent every second; its query API then returns our series.
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]

@@ -88,8 +88,8 @@ fn accelerate_local() -> String {
         .and_then(|mut ebpf| Ok(crate::accel::Accelerator::attach(&mut ebpf).map(drop)?));
     match loaded {
         Ok(()) => format!(
-            "--accelerate local can run here (experimental, off by default: on 6.18 \
-             blocking full-duplex applications get EAGAIN; docs/design-sk-msg.md){}",
+            "--accelerate local can run here (experimental, off by default: the sk_msg \
+             line says what this kernel does that the mode must not; docs/design-sk-msg.md){}",
             foreign_socket_maps()
         ),
         Err(error) => format!("--accelerate local cannot run here: {error:#}"),
