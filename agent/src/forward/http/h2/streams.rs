@@ -84,6 +84,8 @@ struct RequestFields {
     host: String,
     path: String,
     grpc: bool,
+    /// The fields already taken in this block, by `Self::bit`.
+    taken: u8,
 }
 
 impl RequestFields {
@@ -93,6 +95,7 @@ impl RequestFields {
         self.host.clear();
         self.path.clear();
         self.grpc = false;
+        self.taken = 0;
     }
 
     /// The fields whose values are decoded even when not indexed: :path only for the tap.
@@ -101,16 +104,37 @@ impl RequestFields {
             || (watched && name == b":path")
     }
 
+    /// Keeps the first occurrence of each field and ignores the rest, without looking at
+    /// them: a repeated pseudo-header field is malformed anyway (RFC 9113 section 8.3), and a
+    /// hostile block of one-byte references to one large table entry (64 KiB of them to a 4
+    /// KiB value) must cost neither memory nor a copy per reference.
     fn take(&mut self, name: &[u8], value: &[u8]) {
-        let text = std::str::from_utf8(value).unwrap_or("");
-        match name {
-            b":method" => self.method.push_str(text),
-            b":authority" => self.authority.push_str(text),
-            b"host" => self.host.push_str(text),
-            b":path" => self.path.push_str(text),
-            b"content-type" => self.grpc = text.starts_with("application/grpc"),
-            _ => {}
+        let Some(bit) = Self::bit(name) else {
+            return;
+        };
+        if self.taken & bit != 0 {
+            return;
         }
+        self.taken |= bit;
+        let text = || std::str::from_utf8(value).unwrap_or("");
+        match name {
+            b":method" => self.method.push_str(text()),
+            b":authority" => self.authority.push_str(text()),
+            b"host" => self.host.push_str(text()),
+            b":path" => self.path.push_str(text()),
+            _ => self.grpc = value.starts_with(b"application/grpc"),
+        }
+    }
+
+    fn bit(name: &[u8]) -> Option<u8> {
+        Some(match name {
+            b":method" => 1,
+            b":authority" => 2,
+            b"host" => 4,
+            b":path" => 8,
+            b"content-type" => 16,
+            _ => return None,
+        })
     }
 
     /// :authority, else the Host field (RFC 9113 section 8.3.1).
@@ -332,20 +356,38 @@ fn decode(
         .map_err(|_| ScanError::Hpack)
 }
 
+/// A response's :status: three digits (RFC 9110 section 15), else none.
+fn parse_status(value: &[u8]) -> Option<u16> {
+    match value {
+        [a, b, c] if value.iter().all(u8::is_ascii_digit) => {
+            Some(u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0'))
+        }
+        _ => None,
+    }
+}
+
+/// A grpc-status as a metric label: the code when it is a number of up to three digits (gRPC
+/// defines 0 to 16), else "invalid", so that a server cannot make a series per response.
+fn grpc_status_label(value: &[u8]) -> String {
+    if (1..=3).contains(&value.len()) && value.iter().all(u8::is_ascii_digit) {
+        String::from_utf8_lossy(value).into_owned()
+    } else {
+        "invalid".to_string()
+    }
+}
+
 impl ResponseFields {
     fn wanted(name: &[u8]) -> bool {
         matches!(name, b":status" | b"grpc-status")
     }
 
+    /// The first :status and grpc-status, as for requests (`RequestFields::take`): a
+    /// block repeating a reference to a large entry costs no copy per reference.
     fn take(&mut self, name: &[u8], value: &[u8]) {
         match name {
-            b":status" => {
-                self.status = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|status| status.parse().ok())
-            }
-            b"grpc-status" => {
-                self.grpc_status = std::str::from_utf8(value).ok().map(str::to_string);
+            b":status" if self.status.is_none() => self.status = parse_status(value),
+            b"grpc-status" if self.grpc_status.is_none() => {
+                self.grpc_status = Some(grpc_status_label(value));
             }
             _ => {}
         }
@@ -476,5 +518,75 @@ impl Streams {
         self.last_processed = Some(last);
         self.open
             .retain(|&id, stream| id <= last || stream.responded);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header block of one literal :authority of `len` bytes added to the table, then
+    /// `references` one-byte references to it (index 62, the newest dynamic entry).
+    fn amplifying_block(len: usize, references: usize) -> Vec<u8> {
+        assert!((127..127 + 128 * 128).contains(&len));
+        let rest = len - 127;
+        let mut block = vec![0x41, 0x7f, 0x80 | (rest & 0x7f) as u8, (rest >> 7) as u8];
+        block.extend(std::iter::repeat_n(b'a', len));
+        block.extend(std::iter::repeat_n(0xbe, references));
+        block
+    }
+
+    #[test]
+    fn a_request_keeps_one_copy_of_a_field_however_often_it_is_referenced() {
+        // 64 KiB of references to a 4,000-byte entry: 240 MB kept when every reference was
+        // appended.
+        let block = amplifying_block(4000, 60_000);
+        let mut decoder = HpackDecoder::new(DEFAULT_TABLE_SIZE);
+        let mut request = RequestFields::default();
+        decode(
+            &mut decoder,
+            &block,
+            |_| true,
+            |name, value| request.take(name, value),
+        )
+        .unwrap();
+        assert_eq!(request.authority.len(), 4000);
+        assert!(request.authority.bytes().all(|byte| byte == b'a'));
+
+        // The next block of the connection starts afresh.
+        request.clear();
+        let block = [
+            0x41, 0x0b, b'e', b'x', b'a', b'm', b'p', b'l', b'e', b'.', b'c', b'o', b'm',
+        ];
+        decode(
+            &mut decoder,
+            &block,
+            |_| true,
+            |name, value| request.take(name, value),
+        )
+        .unwrap();
+        assert_eq!(request.authority(), "example.com");
+    }
+
+    #[test]
+    fn a_response_keeps_the_first_status_and_a_bounded_grpc_status() {
+        let mut fields = ResponseFields::default();
+        fields.take(b":status", b"200");
+        fields.take(b":status", b"503");
+        fields.take(b"grpc-status", b"14");
+        fields.take(b"grpc-status", b"0");
+        assert_eq!(fields.status, Some(200));
+        assert_eq!(fields.grpc_status.as_deref(), Some("14"));
+
+        assert_eq!(parse_status(b"404"), Some(404));
+        for bad in [&b""[..], b"20", b"2000", b"2x0", b"+20", "٢٠٠".as_bytes()] {
+            assert_eq!(parse_status(bad), None, "{bad:?}");
+        }
+        // A server cannot put text of its choosing into a label.
+        assert_eq!(grpc_status_label(b"0"), "0");
+        assert_eq!(grpc_status_label(b"16"), "16");
+        for bad in [&b""[..], b"1234", b"ok", b"\xff", &[b'1'; 4000][..]] {
+            assert_eq!(grpc_status_label(bad), "invalid", "{bad:?}");
+        }
     }
 }
