@@ -169,6 +169,10 @@ pub struct FrameScanner {
     /// Open while a header block awaits its END_HEADERS; its bytes so far.
     block: Option<Block>,
     block_bytes: Vec<u8>,
+    /// A whole frame has been scanned. Nothing may be put in before: a server's first frame
+    /// must be its SETTINGS (RFC 9113 section 3.4), and clients treat anything else first as
+    /// a connection error.
+    framed: bool,
 }
 
 impl FrameScanner {
@@ -191,13 +195,15 @@ impl FrameScanner {
             payload: Vec::new(),
             block: None,
             block_bytes: Vec::new(),
+            framed: false,
         }
     }
 
     /// Whether the bytes so far end between two frames, outside any header block: where a
     /// frame may be put in.
     pub fn at_frame_boundary(&self) -> bool {
-        self.preface_left == 0
+        self.framed
+            && self.preface_left == 0
             && self.head_filled == 0
             && self.frame.is_none()
             && self.block.is_none()
@@ -285,6 +291,7 @@ impl FrameScanner {
         payload: &[u8],
         on_event: &mut impl FnMut(Event<'_>) -> Result<(), ScanError>,
     ) -> Result<(), ScanError> {
+        self.framed = true;
         let stream = head.stream;
         match head.kind {
             kind::DATA if head.has(flag::END_STREAM) => on_event(Event::DataEnd { stream }),
@@ -421,6 +428,19 @@ pub(crate) mod tests {
                 .unwrap();
         }
         events
+    }
+
+    #[test]
+    fn nothing_goes_in_before_the_servers_first_frame_is_whole() {
+        let mut scanner = FrameScanner::server();
+        assert!(!scanner.at_frame_boundary(), "before any byte");
+        let settings = frame(kind::SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]);
+        scan_in_pieces(&mut scanner, &settings[..5], 5);
+        assert!(!scanner.at_frame_boundary(), "inside the SETTINGS head");
+        scan_in_pieces(&mut scanner, &settings[5..12], 7);
+        assert!(!scanner.at_frame_boundary(), "inside the SETTINGS payload");
+        scan_in_pieces(&mut scanner, &settings[12..], 3);
+        assert!(scanner.at_frame_boundary(), "after the SETTINGS");
     }
 
     fn conversation() -> Vec<u8> {
