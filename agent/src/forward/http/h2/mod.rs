@@ -556,6 +556,49 @@ mod tests {
         assert_eq!(responses(&proxy, dst, 0, ""), 0);
     }
 
+    /// A header block on a stream id the client may no longer open (at or below one it
+    /// opened before, as trailers of a stream the server already ended are) is not counted as
+    /// a request, nor as a failure when the connection ends.
+    #[tokio::test]
+    async fn headers_on_a_stream_id_already_passed_are_not_a_new_request() {
+        let (mut app_client, dst, proxy, connection, received, hang_up) =
+            through_forward_to_unanswering().await;
+        let authority = dst.to_string();
+        // :method GET, :scheme http, :path / (static table), :authority (literal).
+        let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
+        block.extend_from_slice(authority.as_bytes());
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(0x4, 0, 0, &[]));
+        // HEADERS, END_STREAM | END_HEADERS, on stream 3, then on stream 1 (passed already).
+        bytes.extend(frame(0x1, 0x5, 3, &block));
+        app_client.write_all(&bytes).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), received.notified())
+            .await
+            .expect("the origin gets the request");
+        app_client
+            .write_all(&frame(0x1, 0x5, 1, &[0x82, 0x86, 0x84]))
+            .await
+            .unwrap();
+        hang_up.notify_one();
+        // The origin's end reaches the client, which then closes its side.
+        let mut passed_on = Vec::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            app_client.read_to_end(&mut passed_on),
+        )
+        .await
+        .expect("the origin's end reaches the client")
+        .unwrap();
+        drop(app_client);
+
+        tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .expect("forwarding ends with the origin's connection")
+            .unwrap();
+        assert_eq!(requests(&proxy, dst), 1);
+        assert_eq!(responses(&proxy, dst, 0, ""), 1);
+    }
+
     /// At shutdown the client gets a GOAWAY from the agent: a stream in flight finishes, no
     /// new one starts, and the client closes the connection, which ends the forwarding.
     #[tokio::test]

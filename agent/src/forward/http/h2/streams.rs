@@ -175,6 +175,10 @@ struct Streams {
     /// The lowest last stream id of the server's GOAWAYs, once it has sent one: streams above
     /// it were never processed.
     last_processed: Option<u32>,
+    /// The highest stream id a request was recorded on: a client opens streams in increasing
+    /// order (RFC 9113 section 5.1.1), so a header block on one at or below it that is no
+    /// longer open is not a request (the trailers of a stream the server already ended).
+    newest_request: u32,
 }
 
 /// One HTTP/2 connection's observation, fed each direction's bytes as they are read.
@@ -198,6 +202,7 @@ impl Http2Observer {
                 proxy,
                 open: HashMap::new(),
                 last_processed: None,
+                newest_request: 0,
             },
             unobserved: false,
             first_to_end: None,
@@ -424,9 +429,10 @@ impl Streams {
         decode(decoder, block, wanted, |name, value| {
             request.take(name, value)
         })?;
-        if self.open.contains_key(&stream) {
+        if self.open.contains_key(&stream) || stream <= self.newest_request {
             return Ok(());
         }
+        self.newest_request = stream;
         if self.open.len() >= MAX_OPEN_STREAMS {
             return Err(ScanError::TooManyStreams);
         }
