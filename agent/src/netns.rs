@@ -22,6 +22,9 @@ use crate::{
     sys::{self, netns_cookie},
 };
 
+/// statfs(2)'s f_type of namespace files (linux/magic.h).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
 /// An open network namespace and its cookie (what the kernel programs key namespaces by).
 #[derive(Debug)]
 pub struct Netns {
@@ -45,8 +48,16 @@ impl Netns {
         })
     }
 
-    /// Opens a network namespace file (`/var/run/netns/NAME`, `/proc/PID/ns/net`).
+    /// Opens a network namespace file (`/var/run/netns/NAME`, `/proc/PID/ns/net`). Nothing
+    /// else is opened: a FIFO's open would block for ever and a device's can act (a
+    /// watchdog's arms it).
     pub fn open(path: &Path) -> io::Result<Self> {
+        if sys::file_system_type(path)? != NSFS_MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a namespace file", path.display()),
+            ));
+        }
         let file = File::open(path)?;
         let mut netns = Self { file, cookie: 0 };
         let probe = netns.run(|| Socket::new(Domain::IPV4, Type::STREAM, None))??;
@@ -179,5 +190,54 @@ impl Origin {
             None => create(),
             Some(netns) => netns.run(create)?,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::mpsc, time::Duration};
+
+    use super::*;
+
+    /// Opens `path` on a thread of its own, bounded: a FIFO's open blocks for ever.
+    fn open_bounded(path: &Path) -> io::Result<Netns> {
+        let (sender, receiver) = mpsc::channel();
+        let path = path.to_path_buf();
+        std::thread::spawn(move || sender.send(Netns::open(&path)));
+        receiver
+            .recv_timeout(Duration::from_secs(10))
+            .expect("Netns::open did not return")
+    }
+
+    #[test]
+    fn only_namespace_files_are_opened() {
+        let dir = std::env::temp_dir().join(format!("sockmesh-netns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo");
+        let plain = dir.join("plain");
+        std::fs::write(&plain, b"not a namespace").unwrap();
+        for path in [&fifo, &plain, Path::new("/dev/null")] {
+            let error = open_bounded(path).expect_err("opened a non-namespace file");
+            assert_eq!(
+                error.kind(),
+                io::ErrorKind::InvalidInput,
+                "{path:?}: {error}"
+            );
+            assert!(
+                error.to_string().contains("is not a namespace file"),
+                "{error}"
+            );
+        }
+        let missing = open_bounded(&dir.join("missing")).expect_err("opened a missing file");
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // What the check lets through: the thread's own namespace file is one.
+        let own = sys::file_system_type(Path::new("/proc/thread-self/ns/net")).unwrap();
+        assert_eq!(own, NSFS_MAGIC);
     }
 }

@@ -462,11 +462,17 @@ fn listen_inbound(
 
 /// Pod mode: re-adopts the registered pods, then serves CNI registrations (and drops pods
 /// whose namespace vanished). Returns the CNI socket's task.
+///
+/// The socket is bound before the registry is read: a plugin whose ADD finds no socket
+/// registers the pod on disk instead, and one that did so after the read would stay
+/// unmeshed until the next restart. Bound first, its connect waits in the backlog and is
+/// answered once the registered pods are adopted.
 async fn start_pod_mode(
     socket: &std::path::Path,
     pods: Arc<Pods>,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
+    let cni = CniSocket::bind(socket)?;
     let adopt = Arc::clone(&pods);
     let (adopted, dropped) = tokio::task::spawn_blocking(move || adopt.adopt_registered())
         .await
@@ -476,7 +482,6 @@ async fn start_pod_mode(
         Arc::clone(&pods),
         shutdown.child_token(),
     ));
-    let cni = CniSocket::bind(socket)?;
     tracing::info!(socket = %socket.display(), "serving CNI registrations");
     Ok(tokio::spawn(cni.serve(pods, shutdown.child_token())))
 }

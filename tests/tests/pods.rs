@@ -332,6 +332,30 @@ fn del_closes_the_pods_listeners_and_forgets_it() {
     assert!(!check.status.success());
     let error: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
     assert_eq!(error["code"], 100, "{error}");
+
+    // A DEL whose registry file cannot be removed (here a directory stands in its place)
+    // still stops serving the pod; the error reaches the plugin's log, and DEL succeeds.
+    let b_file = agent
+        .cni_socket
+        .with_file_name("pods")
+        .join(format!("{}.json", b.container_id));
+    fs::remove_file(&b_file).unwrap();
+    fs::create_dir(&b_file).unwrap();
+    let deleted = b.sockmesh_cni("DEL");
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(
+        String::from_utf8_lossy(&deleted.stderr).contains("DEL: "),
+        "{deleted:?}"
+    );
+    agent.assert_metric("sockmesh_served_pods", &[], 0);
+    assert!(
+        eventually(Duration::from_secs(10), || !connects_from(
+            &b.netns_path,
+            listener
+        )),
+        "B's listener is still open after its DEL"
+    );
+    fs::remove_dir(&b_file).unwrap();
 }
 
 #[test]

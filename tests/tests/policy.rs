@@ -173,6 +173,24 @@ fn per_pod_policy_applies_to_its_pods_only_and_reloads_without_a_restart() {
     assert_eq!(curl(&web, &url(8080)), "200");
     agent.assert_metric("tcp_open_total", &labels("web", "outbound", "8080"), 1);
     assert!(agent.log_text().contains("policy file rejected"));
+
+    // Removed pods leave the effective policy (which would otherwise list every pod ever
+    // served); the others stay.
+    let effective_pods = || {
+        let (_, config) = agent.get("/config.json").unwrap();
+        let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+        config["effective_policy"]["pods"].clone()
+    };
+    let db2 = network.add_pod("db-2", &cgroup);
+    let pods = effective_pods();
+    assert_eq!(pods["test-ns/db-2"]["opaque_ports"], "8080", "{pods}");
+    assert!(pods.get("test-ns/web").is_some(), "{pods}");
+    assert!(db2.sockmesh_cni("DEL").status.success());
+    assert!(web.sockmesh_cni("DEL").status.success());
+    let pods = effective_pods();
+    assert!(pods.get("test-ns/db-2").is_none(), "{pods}");
+    assert!(pods.get("test-ns/web").is_none(), "{pods}");
+    assert_eq!(pods["test-ns/db-1"]["opaque_ports"], "8080", "{pods}");
     drop(servers);
 }
 

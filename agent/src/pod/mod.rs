@@ -160,17 +160,15 @@ impl Pods {
             return Err(PodError::InvalidContainerId(container_id.to_string()));
         }
         let removed = self.lock().remove(container_id);
+        // Retired before the store is touched: the pod has left the map, so a store error
+        // returned first would leave its kernel entries and listeners with nobody to remove
+        // them.
+        let retired = removed.map(|pod| self.retire(pod)).is_some();
         self.config
             .store
             .remove(container_id)
             .map_err(PodError::Store)?;
-        Ok(match removed {
-            Some(pod) => {
-                self.retire(pod);
-                true
-            }
-            None => false,
-        })
+        Ok(retired)
     }
 
     /// Stops serving pods whose namespace file is gone without a DEL (a runtime that crashed
@@ -316,6 +314,9 @@ impl Pods {
                 .remove_addresses(netns_cookie, &entry.info.ips);
             entry.stop_accepting.cancel();
             entry.drain.abort.cancel();
+            config
+                .enforcer
+                .forget_pod(&workload.namespace, &workload.name, netns_cookie);
             return Err(error);
         }
         tracing::info!(
@@ -369,6 +370,9 @@ impl Pods {
             .remove_addresses(pod.netns_cookie(), &pod.info.ips);
         config.inbound.forget_ports(pod.netns_cookie());
         pod.stop_accepting.cancel();
+        config
+            .enforcer
+            .forget_pod(&pod.info.namespace, &pod.info.name, pod.netns_cookie());
         let stale = config.proxy.forget_netns(pod.netns_cookie());
         config.proxy.metrics.served_pods.dec();
         tracing::info!(

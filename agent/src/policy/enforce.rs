@@ -45,6 +45,9 @@ struct State {
     next_id: u32,
     /// The effective policy per workload, for /config.json.
     effective: serde_json::Value,
+    /// Whose entry each `effective["pods"]` key is (the pod's netns cookie): a pod removed
+    /// after another of the same name was added must not take the new one's entry along.
+    pod_entries: HashMap<String, u64>,
 }
 
 impl Enforcer {
@@ -62,6 +65,7 @@ impl Enforcer {
                 ids: Vec::new(),
                 next_id: 1,
                 effective: serde_json::json!({}),
+                pod_entries: HashMap::new(),
             }),
             cgroup_root: cgroup_root.to_path_buf(),
             cgroup_mount: mount.to_path_buf(),
@@ -78,9 +82,25 @@ impl Enforcer {
         if workload != WorkloadPolicy::default()
             && let Some(pods) = state.effective["pods"].as_object_mut()
         {
-            pods.insert(format!("{}/{}", pod.namespace, pod.name), json(&workload));
+            let key = pod_key(&pod.namespace, &pod.name);
+            pods.insert(key.clone(), json(&workload));
+            state.pod_entries.insert(key, pod.origin.netns_cookie);
         }
         state.id_for(&workload)
+    }
+
+    /// Takes a pod that is no longer served (removed, or its ADD failed) out of the effective
+    /// policy, which would otherwise list every pod the agent ever served.
+    pub fn forget_pod(&self, namespace: &str, name: &str, netns_cookie: u64) {
+        let mut state = self.state.lock();
+        let key = pod_key(namespace, name);
+        if state.pod_entries.get(&key) != Some(&netns_cookie) {
+            return;
+        }
+        state.pod_entries.remove(&key);
+        if let Some(pods) = state.effective["pods"].as_object_mut() {
+            pods.remove(&key);
+        }
     }
 
     /// Applies `policy` (a new one, or the same after pods or cgroups changed) to every served
@@ -95,6 +115,7 @@ impl Enforcer {
         state.policy = policy;
         let mut used = Vec::new();
         let mut effective_pods = serde_json::Map::new();
+        state.pod_entries.clear();
         for pod in pods {
             let workload = state.policy.for_pod(&pod.namespace, &pod.name);
             let id = state.id_for(&workload)?;
@@ -102,7 +123,9 @@ impl Enforcer {
             *pod.origin.policy_opaque_ports.write() = workload.opaque_ports.clone();
             used.push(id);
             if workload != WorkloadPolicy::default() {
-                effective_pods.insert(format!("{}/{}", pod.namespace, pod.name), json(&workload));
+                let key = pod_key(&pod.namespace, &pod.name);
+                effective_pods.insert(key.clone(), json(&workload));
+                state.pod_entries.insert(key, pod.origin.netns_cookie);
             }
         }
         let mut effective_cgroups = serde_json::Map::new();
@@ -149,6 +172,10 @@ impl Enforcer {
     fn cgroups_below_root(&self) -> Vec<(u64, String)> {
         crate::cgroup::subtree(&self.cgroup_root, &self.cgroup_mount)
     }
+}
+
+fn pod_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
 }
 
 impl State {
