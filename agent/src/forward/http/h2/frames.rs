@@ -53,8 +53,10 @@ pub enum Event<'a> {
     DataEnd {
         stream: u32,
     },
+    /// RST_STREAM and its error code.
     Reset {
         stream: u32,
+        code: u32,
     },
     /// A SETTINGS frame (not an ACK) and the HEADER_TABLE_SIZE it sets, if it does.
     Settings {
@@ -327,7 +329,10 @@ impl FrameScanner {
                 let bytes = std::mem::take(&mut self.block_bytes);
                 on_event(block.event(&bytes))
             }
-            kind::RST_STREAM if payload.len() == 4 => on_event(Event::Reset { stream }),
+            kind::RST_STREAM if payload.len() == 4 => on_event(Event::Reset {
+                stream,
+                code: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
+            }),
             kind::RST_STREAM => Err(ScanError::Malformed("RST_STREAM length")),
             kind::SETTINGS if head.has(flag::ACK) => Ok(()),
             kind::SETTINGS => {
@@ -419,7 +424,7 @@ pub(crate) mod tests {
                             block,
                         } => Owned::Headers(stream, end_stream, push, block.to_vec()),
                         Event::DataEnd { stream } => Owned::DataEnd(stream),
-                        Event::Reset { stream } => Owned::Reset(stream),
+                        Event::Reset { stream, .. } => Owned::Reset(stream),
                         Event::Settings { header_table_size } => Owned::Settings(header_table_size),
                         Event::GoAway { last_stream } => Owned::GoAway(last_stream),
                     });

@@ -599,6 +599,63 @@ mod tests {
         assert_eq!(responses(&proxy, dst, 0, ""), 1);
     }
 
+    /// A stream the server resets before answering it is a failure without a status, unless
+    /// the reset says REFUSED_STREAM (never processed: the client may retry it).
+    #[tokio::test]
+    async fn a_stream_the_server_resets_unanswered_is_a_failure_unless_refused() {
+        const INTERNAL_ERROR: u32 = 0x2;
+        const REFUSED_STREAM: u32 = 0x7;
+        for (code, failures) in [(INTERNAL_ERROR, 1), (REFUSED_STREAM, 0)] {
+            let (mut app_client, dst, proxy, connection) =
+                through_forward_to(move |stream| resetting_origin(stream, code)).await;
+            app_client.write_all(&get_on_stream_1(dst)).await.unwrap();
+            // The server's SETTINGS and its RST_STREAM reach the client.
+            let mut answer = vec![0; 9 + 6 + 9 + 4];
+            tokio::time::timeout(Duration::from_secs(10), app_client.read_exact(&mut answer))
+                .await
+                .expect("the reset reaches the client")
+                .unwrap();
+            assert_eq!(&answer[9 + 6..][3..4], &[0x3], "RST_STREAM");
+            drop(app_client);
+            tokio::time::timeout(Duration::from_secs(10), connection)
+                .await
+                .expect("forwarding ends with the client's connection")
+                .unwrap();
+            assert_eq!(requests(&proxy, dst), 1, "code {code}");
+            assert_eq!(responses(&proxy, dst, 0, ""), failures, "code {code}");
+        }
+    }
+
+    /// The client's preface, an empty SETTINGS and a GET on stream 1 (END_STREAM).
+    fn get_on_stream_1(dst: SocketAddr) -> Vec<u8> {
+        let authority = dst.to_string();
+        // :method GET, :scheme http, :path / (static table), :authority (literal).
+        let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
+        block.extend_from_slice(authority.as_bytes());
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(0x4, 0, 0, &[]));
+        bytes.extend(frame(0x1, 0x5, 1, &block));
+        bytes
+    }
+
+    /// An origin of raw frames: once it has the client's request (`get_on_stream_1`), it
+    /// sends its SETTINGS and resets stream 1 with `code`, then waits for the client to go.
+    async fn resetting_origin(mut stream: TcpStream, code: u32) {
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        // Preface (24), SETTINGS (9), HEADERS head (9) and its block: at least 50 bytes.
+        while request.len() < 50 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(len) => request.extend_from_slice(&buf[..len]),
+            }
+        }
+        let mut answer = frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]);
+        answer.extend(frame(0x3, 0, 1, &code.to_be_bytes()));
+        let _ = stream.write_all(&answer).await;
+        let _ = stream.read_to_end(&mut request).await;
+    }
+
     /// At shutdown the client gets a GOAWAY from the agent: a stream in flight finishes, no
     /// new one starts, and the client closes the connection, which ends the forwarding.
     #[tokio::test]

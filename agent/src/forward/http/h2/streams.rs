@@ -225,7 +225,7 @@ impl Http2Observer {
             } => streams.request_headers(stream, decoder, block),
             // A client may not push; its block still updates the server's table.
             Event::Headers { block, .. } => decode(decoder, block, |_| false, |_, _| {}),
-            Event::Reset { stream } => {
+            Event::Reset { stream, .. } => {
                 streams.reset(stream);
                 Ok(())
             }
@@ -270,8 +270,8 @@ impl Http2Observer {
                 streams.response_end(stream);
                 Ok(())
             }
-            Event::Reset { stream } => {
-                streams.reset(stream);
+            Event::Reset { stream, code } => {
+                streams.reset_by_server(stream, code);
                 Ok(())
             }
             Event::Settings {
@@ -513,6 +513,23 @@ impl Streams {
             stream.record.finish_with(status, stream.grpc_status, true);
         }
         self.release_if_idle();
+    }
+
+    /// The server reset a stream: one it had not answered is a failure without a status
+    /// (the client gets no response), unless the code is REFUSED_STREAM, which says it was
+    /// never processed (RFC 9113 section 8.7: the client may retry it).
+    fn reset_by_server(&mut self, id: u32, code: u32) {
+        const REFUSED_STREAM: u32 = 0x7;
+        if code != REFUSED_STREAM
+            && let Some(stream) = self.open.get(&id)
+            && !stream.responded
+            && let Some(stream) = self.open.remove(&id)
+        {
+            stream.record.finish_with(NO_STATUS, None, true);
+            self.release_if_idle();
+            return;
+        }
+        self.reset(id);
     }
 
     /// The server's GOAWAY: streams above `last_stream` were never processed (and those the
