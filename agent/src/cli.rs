@@ -194,7 +194,7 @@ pub struct RunArgs {
           value_parser = parse_duration)]
     pub detect_timeout: Duration,
     /// How long an HTTP request may wait for the upstream's response headers before the client
-    /// gets 504.
+    /// gets 504, counted from the last request byte that moved.
     #[arg(long, env = "SOCKMESH_UPSTREAM_TIMEOUT", default_value = "30s",
           value_parser = parse_duration)]
     pub upstream_timeout: Duration,

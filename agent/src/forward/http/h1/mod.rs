@@ -21,7 +21,7 @@ use std::{
     io,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll, Waker},
     time::Duration,
@@ -581,6 +581,55 @@ mod head_timeout_tests {
         assert_eq!(&response, b"HTTP/1.1 408");
         assert_eq!(test_support::errors(&proxy, "head_timeout"), 1);
         drip.abort();
+    }
+
+    /// test_support::proxy's --upstream-timeout.
+    const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+    const UPLOAD_HEAD: &[u8] = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\n";
+
+    /// An upload that takes four times the upstream timeout, a byte every 20 s, to a server
+    /// that answers once it has all of it: the upload is never cut while it moves.
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_longer_than_the_upstream_timeout_is_not_cut_while_it_moves() {
+        let (client, mut server, proxy, _task) = proxied().await;
+        let (mut reader, mut writer) = client.into_split();
+        let upload = tokio::spawn(async move {
+            writer.write_all(UPLOAD_HEAD).await.unwrap();
+            for byte in b"abcdef" {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                writer.write_all(&[*byte]).await.unwrap();
+            }
+            writer
+        });
+        let mut request = vec![0u8; UPLOAD_HEAD.len() + 6];
+        server.read_exact(&mut request).await.unwrap();
+        assert!(request.ends_with(b"abcdef"));
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = [0u8; 15];
+        reader.read_exact(&mut response).await.unwrap();
+        assert_eq!(&response, b"HTTP/1.1 200 OK");
+        assert_eq!(test_support::errors(&proxy, "upstream_timeout"), 0);
+        upload.await.unwrap();
+    }
+
+    /// An upload that stops halfway, and a server that waits for the rest: 504 once the
+    /// request has not moved for the upstream timeout.
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_that_stops_gets_504_after_the_upstream_timeout() {
+        let (mut client, mut server, proxy, _task) = proxied().await;
+        client.write_all(UPLOAD_HEAD).await.unwrap();
+        client.write_all(b"abc").await.unwrap();
+        let mut request = vec![0u8; UPLOAD_HEAD.len() + 3];
+        server.read_exact(&mut request).await.unwrap();
+        let stopped = Instant::now();
+        let mut response = [0u8; 12];
+        client.read_exact(&mut response).await.unwrap();
+        assert_eq!(&response, b"HTTP/1.1 504");
+        assert_eq!(stopped.elapsed(), UPSTREAM_TIMEOUT);
+        assert_eq!(test_support::errors(&proxy, "upstream_timeout"), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,7 +19,10 @@ pub(super) struct Upstream {
 
 impl Upstream {
     /// Sends the request (head and body) and brings the response back to the client. The
-    /// request body and the response move concurrently.
+    /// request body and the response move concurrently. The server has `upstream_timeout` to
+    /// begin its response, counted from the last request byte that moved: an upload that
+    /// keeps moving is never cut, however long it takes (counted from the request's start,
+    /// every upload over 30 s got a 504 from a healthy server).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn exchange(
         &mut self,
@@ -43,6 +46,7 @@ impl Upstream {
         };
         let (mut client_read, mut client_write) = client.split();
         let (mut server_read, mut server_write) = server.split();
+        let progress = RequestProgress::new();
         let request_side = async {
             if request.framing == Framing::Empty {
                 // The head stays in the client's buffer until the response is in, so that it
@@ -52,6 +56,7 @@ impl Upstream {
                     .await
                     .map_err(Failure::Upstream)?;
                 counters.client_to_server(request.len as u64);
+                progress.moved();
                 return Ok(());
             }
             forward_message(
@@ -60,24 +65,27 @@ impl Upstream {
                 &mut server_write,
                 request.len,
                 request.framing,
-                |bytes| counters.client_to_server(bytes),
+                |bytes| {
+                    counters.client_to_server(bytes);
+                    progress.moved();
+                },
             )
             .await
             .map_err(|error| error.failure(Sender::Client))
         };
         let response_side = async {
-            let response = tokio::time::timeout(
-                proxy.upstream_timeout,
-                read_response_head(
-                    &mut server_read,
-                    server_buf,
-                    &mut client_write,
-                    request,
-                    counters,
-                ),
-            )
-            .await
-            .map_err(|_| Failure::Timeout)??;
+            let response = progress
+                .bound(
+                    proxy.upstream_timeout,
+                    read_response_head(
+                        &mut server_read,
+                        server_buf,
+                        &mut client_write,
+                        request,
+                        counters,
+                    ),
+                )
+                .await??;
             record.response_started(response.status);
             response_started.store(true, Ordering::Relaxed);
             forward_message(
@@ -120,6 +128,55 @@ impl Upstream {
             );
         }
         Ok(())
+    }
+}
+
+/// When a request's bytes last moved, for the wait on its response head.
+struct RequestProgress {
+    start: Instant,
+    /// Since `start`, in nanoseconds (an atomic: both sides of the exchange see it).
+    last_moved: AtomicU64,
+}
+
+impl RequestProgress {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_moved: AtomicU64::new(0),
+        }
+    }
+
+    fn moved(&self) {
+        let since_start = self.start.elapsed().as_nanos();
+        self.last_moved.store(
+            u64::try_from(since_start).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn deadline(&self, timeout: Duration) -> Instant {
+        self.start + Duration::from_nanos(self.last_moved.load(Ordering::Relaxed)) + timeout
+    }
+
+    /// `wait`, or `Failure::Timeout` once `timeout` has passed since the request last moved.
+    async fn bound<T>(
+        &self,
+        timeout: Duration,
+        wait: impl Future<Output = T>,
+    ) -> Result<T, Failure> {
+        tokio::pin!(wait);
+        loop {
+            let deadline = self.deadline(timeout);
+            tokio::select! {
+                result = &mut wait => return Ok(result),
+                () = tokio::time::sleep_until(deadline) => {
+                    // The request may have moved while this slept: wait on from there.
+                    if self.deadline(timeout) <= Instant::now() {
+                        return Err(Failure::Timeout);
+                    }
+                }
+            }
+        }
     }
 }
 
