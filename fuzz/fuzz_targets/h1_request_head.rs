@@ -4,8 +4,8 @@
 //! - it accepts exactly what httparse (same limits) takes as a complete head, at the same
 //!   length, with httparse's method and target; httparse's incomplete is "need more" below
 //!   64 KiB and "too large" from there; its errors are ours (too many fields: too large);
-//! - of the complete heads, it refuses exactly those whose framing the reference in
-//!   `sockmesh_fuzz::http` calls ambiguous, and frames, persists, tunnels and names the
+//! - of the complete heads, it refuses exactly those with a bare LF and those whose framing
+//!   the reference in `sockmesh_fuzz::http` calls ambiguous, and frames, persists, tunnels and names the
 //!   authority of the rest as the reference does;
 //! - parsing any prefix gives "need more" before the head's end and the same head after it
 //!   (the forwarder parses its growing buffer after every read);
@@ -58,6 +58,13 @@ fn check_against_httparse(buf: &[u8], parsed: &Result<Option<RequestHead>, HeadE
         }
         Ok(httparse::Status::Complete(len)) => len,
     };
+    // Every line ends in CRLF: a bare LF is a line's end to httparse and maybe not to the
+    // server, so such a head is refused before its fields are read.
+    let bare_lf = (0..len).any(|at| buf[at] == b'\n' && (at == 0 || buf[at - 1] != b'\r'));
+    if bare_lf {
+        assert_eq!(parsed, &Err(HeadError::Framing));
+        return true;
+    }
     let (method, target, version) = (
         request.method.expect("complete"),
         request.path.expect("complete"),

@@ -66,7 +66,8 @@ impl FramingFields {
                         Ok(value) => codings.extend(
                             value
                                 .split(',')
-                                .map(|coding| coding.trim().to_ascii_lowercase())
+                                // Optional whitespace: SP and HTAB (RFC 9110 5.6.3).
+                                .map(|coding| coding.trim_matches([' ', '\t']).to_ascii_lowercase())
                                 .filter(|coding| !coding.is_empty()),
                         ),
                         Err(_) => fields.bad_coding = true,

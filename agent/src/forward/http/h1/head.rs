@@ -103,6 +103,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
     let Some(len) = head_len(request.parse(buf), buf)? else {
         return Ok(None);
     };
+    if has_bare_lf(&buf[..len]) {
+        return Err(HeadError::Framing);
+    }
     let (Some(method), Some(target), Some(version)) =
         (request.method, request.path, request.version)
     else {
@@ -149,6 +152,16 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
         keep_alive: fields.keep_alive(version),
         wants_tunnel: is_connect || fields.upgrade,
     }))
+}
+
+/// Whether a line of `head` ends in a bare LF. httparse takes one as a line's end; a server
+/// may not (RFC 9112 2.2 leaves it to the recipient) and, as RFC 9110 5.5 allows, read it as a
+/// space inside a field's value: `X: y\nContent-Length: 40` would then carry no length, and
+/// the body the agent forwards would be the server's next request.
+fn has_bare_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(at, &byte)| byte == b'\n' && (at == 0 || head[at - 1] != b'\r'))
 }
 
 /// The response head at the start of `buf` for `request`, or None if not complete yet.
@@ -252,7 +265,11 @@ impl<'a> Fields<'a> {
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 fields.transfer_encoding = true;
                 let value = str::from_utf8(header.value).map_err(|_| HeadError::Framing)?;
-                if let Some(last) = value.rsplit(',').map(str::trim).find(|c| !c.is_empty()) {
+                // Optional whitespace is spaces and tabs only (RFC 9110 5.6.3): `str::trim`
+                // would also take a no-break space (which httparse lets into values) and call
+                // "chunked\u{a0}" chunked where a server sees an unknown coding.
+                let codings = value.rsplit(',').map(|c| c.trim_matches([' ', '\t']));
+                if let Some(last) = codings.into_iter().find(|c| !c.is_empty()) {
                     fields.chunked_last = last.eq_ignore_ascii_case("chunked");
                 }
             } else if name.eq_ignore_ascii_case("connection") {
@@ -357,6 +374,12 @@ mod tests {
             "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
             // HTTP/1.0 has no chunked coding (RFC 9112 6.1; hyper refuses it too).
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            // Optional whitespace is SP and HTAB only: a no-break space makes another coding.
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\u{a0}\r\n\r\n",
+            // A bare LF ends a line for httparse, maybe not for the server.
+            "POST / HTTP/1.1\r\nHost: a\r\nX: y\nContent-Length: 40\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n\n",
         ] {
             assert_eq!(refused(smuggling), HeadError::Framing, "{smuggling}");
         }
@@ -372,6 +395,14 @@ mod tests {
             refused(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
             HeadError::TooLarge
         );
+    }
+
+    #[test]
+    fn codings_take_spaces_and_tabs_around_them() {
+        for value in ["chunked", " chunked", "chunked\t", "gzip , \tchunked "] {
+            let head = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {value}\r\n\r\n");
+            assert_eq!(request(&head).framing, Framing::Chunked, "{value:?}");
+        }
     }
 
     #[test]

@@ -165,10 +165,18 @@ impl Session {
         // not a timeout per read, or a client dripping one line at a time would hold the
         // connection (and its upstream) for ever.
         let mut deadline = None;
+        // How much of the buffer the last parse saw: a head can only complete (or outgrow
+        // its limit) with a line's end or more bytes than the limit, so reads without either
+        // are not parsed again (a head sent a byte at a time was parsed whole per byte).
+        let mut parsed = 0;
         loop {
             if !self.client_buf.is_empty() {
-                if let Some(request) = head::parse_request(&self.client_buf)? {
-                    return Ok(Some(request));
+                let new = &self.client_buf[parsed.min(self.client_buf.len())..];
+                if new.contains(&b'\n') || self.client_buf.len() >= head::MAX_HEAD_BYTES {
+                    if let Some(request) = head::parse_request(&self.client_buf)? {
+                        return Ok(Some(request));
+                    }
+                    parsed = self.client_buf.len();
                 }
                 deadline.get_or_insert_with(|| Instant::now() + self.proxy.head_timeout);
             }
@@ -630,6 +638,30 @@ mod head_timeout_tests {
         assert_eq!(&response, b"HTTP/1.1 504");
         assert_eq!(stopped.elapsed(), UPSTREAM_TIMEOUT);
         assert_eq!(test_support::errors(&proxy, "upstream_timeout"), 1);
+    }
+
+    /// A head sent a byte at a time (parsed only when a line ends) arrives whole, once; so
+    /// do a body's bytes and the next request behind it.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_sent_a_byte_at_a_time_is_forwarded_once() {
+        let (mut client, mut server, _proxy, _task) = proxied().await;
+        let request = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nokGET /next HTTP/1.1\r\nHost: a\r\n\r\n";
+        for byte in request {
+            client.write_all(&[*byte]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let first = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok";
+        let mut forwarded = vec![0u8; first.len()];
+        server.read_exact(&mut forwarded).await.unwrap();
+        assert_eq!(forwarded, first);
+        server
+            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        let second = &request[first.len()..];
+        let mut forwarded = vec![0u8; second.len()];
+        server.read_exact(&mut forwarded).await.unwrap();
+        assert_eq!(forwarded, second);
     }
 
     #[tokio::test(start_paused = true)]
