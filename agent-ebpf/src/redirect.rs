@@ -23,6 +23,8 @@ use crate::maps::{
 };
 
 const SOCK_STREAM: u32 = 1;
+/// lo's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 
 pub(crate) enum Decision {
@@ -78,11 +80,22 @@ pub fn connect6(ctx: &SockAddrContext) {
         cgroup: current_cgroup(),
     };
     let served = served_netns(ctx);
-    let decision = decide(sa, config, served, &dst, || skip_network_v6(ip6));
+    let decision = decide(sa, config, served, &dst, || {
+        needs_its_interface(ip6) || skip_network_v6(ip6)
+    });
     if let (true, Some(served)) = (record(ctx, decision, &dst), served) {
         set_user_ip6(sa, &config.proxy_ip6);
         sa.user_port = u32::from(served.proxy_port.to_be());
     }
+}
+
+/// Link-local (fe80::/10) and multicast (ff00::/8) destinations are reached through one
+/// interface, named by the connect's scope id, which the original destination does not keep:
+/// the agent's own connect would fail (EINVAL), so they go direct.
+#[inline(always)]
+fn needs_its_interface(ip6: [u32; 4]) -> bool {
+    let [first, second, ..] = ip6[0].to_ne_bytes();
+    first == 0xff || (first == 0xfe && second & 0xc0 == 0x80)
 }
 
 /// Writes `user_ip6` one word at a time: the verifier refuses the byte-wise copy the compiler
@@ -148,9 +161,17 @@ fn decide(
         return Decision::BypassUnservedNetns;
     };
     // SAFETY: for sock_addr programs the verifier types ctx->sk as a non-null socket.
-    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
+    let (mark, bound_dev_if) = unsafe {
+        let sk = sa.__bindgen_anon_1.sk;
+        ((*sk).mark, (*sk).bound_dev_if)
+    };
     if mark == config.bypass_mark || is_proxy(config, &served, dst) {
         return Decision::BypassSelf;
+    }
+    // A socket bound to an interface (SO_BINDTODEVICE) other than lo cannot reach the agent's
+    // loopback listener: redirected, its connect would fail where the direct one works.
+    if bound_dev_if != 0 && bound_dev_if != LOOPBACK_IFINDEX {
+        return Decision::BypassNetwork;
     }
     if port_in(&SKIP_PORTS, dst.port) {
         return Decision::BypassPort;

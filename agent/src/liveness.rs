@@ -36,9 +36,17 @@ pub const RESERVED_FDS: u64 = 256;
 /// are being spliced.
 pub const FDS_PER_CONNECTION: u64 = 4;
 
+/// The most connections the agent takes at once, whatever the open-file limit or
+/// --max-connections say: the kernel's original-destination maps hold
+/// MAX_TRACKED_CONNECTIONS entries and evict the oldest beyond (an evicted entry's connection
+/// is reset on accept, or its close goes uncounted and shrinks the budget for good). A
+/// quarter is left for closes not yet reported and for the LRU, which may evict before it is
+/// quite full.
+pub const MAX_BUDGET: u64 = agent_common::MAX_TRACKED_CONNECTIONS as u64 * 3 / 4;
+
 /// The connection budget a limit of `open_files` descriptors allows.
 pub fn budget_for(open_files: u64, other_reserved: u64) -> u64 {
-    open_files.saturating_sub(RESERVED_FDS + other_reserved) / FDS_PER_CONNECTION
+    (open_files.saturating_sub(RESERVED_FDS + other_reserved) / FDS_PER_CONNECTION).min(MAX_BUDGET)
 }
 
 /// One heartbeat per proxy thread: CLOCK_MONOTONIC nanoseconds of its latest tick.
@@ -117,7 +125,7 @@ impl Publisher {
     /// The budget now.
     pub fn budget(&self) -> u64 {
         if let Some(max) = self.max_connections {
-            return max;
+            return max.min(MAX_BUDGET);
         }
         let limit = sys::open_file_limit().map_or(0, |(soft, _)| soft);
         budget_for(limit, (self.other_reserved)())
@@ -176,6 +184,9 @@ mod tests {
         assert_eq!(budget_for(300, 0), 11);
         assert_eq!(budget_for(300, 8), 9);
         assert_eq!(budget_for(100, 0), 0);
+        // A node's usual hard limits (2^20) would allow more than the kernel's maps track.
+        assert_eq!(budget_for(1 << 20, 0), MAX_BUDGET);
+        assert_eq!(MAX_BUDGET, 49_152);
     }
 
     #[test]

@@ -72,20 +72,29 @@ pub fn lookup(
         Err(io::ErrorKind::NotFound.into())
     };
     let entry = map.take(&tuple);
-    if let Ok(dst) = answered {
-        let cgroup = entry.map_or(0, |entry| entry.cgroup);
-        return (Some(Found { dst, cgroup }), Lookup::Getsockopt);
-    }
-    match entry {
-        Some(entry) => (
-            Some(Found {
-                dst: to_socket_addr(&entry),
-                cgroup: entry.cgroup,
-            }),
-            Lookup::Map,
-        ),
-        None => (None, Lookup::NotFound),
-    }
+    decide(answered, entry)
+}
+
+/// The lookup's answer from what getsockopt said and the map entry. The entry decides: the
+/// hook answers from it, so an answer without one, or another answer, came from the kernel's
+/// conntrack (the hook passes on a miss, and is detached first when the agent stops), which
+/// names this connection's own destination, the agent's listener: dialing that would loop
+/// through the agent until it ran out of descriptors.
+fn decide(answered: io::Result<SocketAddr>, entry: Option<OriginalDst>) -> (Option<Found>, Lookup) {
+    let Some(entry) = entry else {
+        return (None, Lookup::NotFound);
+    };
+    let dst = to_socket_addr(&entry);
+    let how = if answered.is_ok_and(|answer| answer == dst) {
+        Lookup::Getsockopt
+    } else {
+        Lookup::Map
+    };
+    let found = Found {
+        dst,
+        cgroup: entry.cgroup,
+    };
+    (Some(found), how)
 }
 
 /// getsockopt(SOL_IP|SOL_IPV6, SO_ORIGINAL_DST), through socket2.
@@ -165,6 +174,34 @@ mod tests {
             ..OriginalDst::default()
         };
         assert_eq!(to_socket_addr(&v6), "[fd00::1]:443".parse().unwrap());
+    }
+
+    #[test]
+    fn the_map_entry_decides_what_getsockopt_said() {
+        let entry = OriginalDst {
+            addr: [u32::from_ne_bytes([10, 1, 2, 3]), 0, 0, 0],
+            port: 8080,
+            family: AF_INET,
+            cgroup: 7,
+            ..OriginalDst::default()
+        };
+        let dst: SocketAddr = "10.1.2.3:8080".parse().unwrap();
+        let listener: SocketAddr = "127.0.0.1:4140".parse().unwrap();
+        let found = Some(Found { dst, cgroup: 7 });
+        // The hook answered from the entry.
+        assert_eq!(decide(Ok(dst), Some(entry)), (found, Lookup::Getsockopt));
+        // conntrack answered (the hook detached while the backlog drains): the entry wins.
+        assert_eq!(decide(Ok(listener), Some(entry)), (found, Lookup::Map));
+        assert_eq!(
+            decide(Err(io::ErrorKind::NotFound.into()), Some(entry)),
+            (found, Lookup::Map)
+        );
+        // No entry: conntrack's answer is the agent's own listener, never dialled.
+        assert_eq!(decide(Ok(listener), None), (None, Lookup::NotFound));
+        assert_eq!(
+            decide(Err(io::ErrorKind::NotFound.into()), None),
+            (None, Lookup::NotFound)
+        );
     }
 
     #[test]

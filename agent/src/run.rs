@@ -511,6 +511,15 @@ fn liveness_publisher(
     admin: &Arc<AdminState>,
     proxy: &Proxy,
 ) -> Result<Publisher> {
+    if let Some(max) = config.max_connections
+        && max > crate::liveness::MAX_BUDGET
+    {
+        tracing::warn!(
+            max_connections = max,
+            taken = crate::liveness::MAX_BUDGET,
+            "--max-connections is over what the kernel's connection maps track; using their bound"
+        );
+    }
     // An outbound and an inbound pair per proxy thread.
     let listeners_per_pod = 4 * threads.handles.len() as u64;
     let metrics = Arc::clone(&admin.metrics);

@@ -418,6 +418,64 @@ fn a_removed_pods_metric_series_go_after_the_retention_unless_it_comes_back() {
     agent.assert_metric("sockmesh_served_pods", &[], 1);
 }
 
+/// An IPv6 link-local destination is reached through the interface its scope id names, which
+/// the original destination does not keep, and a socket bound to an interface cannot reach the
+/// agent on lo: both connects go direct (redirected, they failed where direct ones work).
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn link_local_destinations_go_direct() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("podll");
+    let agent = agent_with_opaque_redis(&cgroup, None);
+    let network = PodNetwork::new(&agent.cni_socket);
+    let a = network.add_pod("a", &cgroup);
+    let b = network.add_pod("b", &cgroup);
+    for (pod, address) in [(&a, "fe80::a/64"), (&b, "fe80::b/64")] {
+        run_ok(
+            Command::new("nsenter")
+                .arg(format!("--net={}", pod.netns_path.display()))
+                .args(["ip", "-6", "addr", "add", address, "dev", "eth0", "nodad"]),
+            LIMIT,
+        );
+    }
+    let any = SocketAddr::from(([0u16; 8], REDIS_PORT));
+    let _redis = b.server(ServerProcess::redis_command(any), any, None);
+    let pong = run_ok(
+        a.command("redis-cli")
+            .args(["-h", "fe80::b%eth0", "-p", &REDIS_PORT.to_string(), "PING"]),
+        LIMIT,
+    );
+    assert_eq!(pong.trim(), "PONG");
+
+    // A socket bound to eth0 (curl --interface: SO_BINDTODEVICE) cannot reach the agent on
+    // lo; it goes direct too.
+    let www = temp_dir("podll");
+    write_file(&www.join("blob"), 1000);
+    let http = SocketAddr::new(b.ip, 8080);
+    let _http = b.server(ServerProcess::http_command(&www, http), http, None);
+    let status = run_ok(
+        a.command("curl").args([
+            "-sS",
+            "--interface",
+            "eth0",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{http}/blob"),
+        ]),
+        LIMIT,
+    );
+    assert_eq!(status, "200");
+    let bypassed = agent.metrics().count(
+        "sockmesh_kernel_connects_total",
+        &[("decision", "bypassed_network")],
+    );
+    assert!(bypassed >= 2, "bypassed_network {bypassed}");
+    agent.assert_metric("tcp_open_total", &[("pod", "a")], 0);
+    let _ = fs::remove_dir_all(&www);
+}
+
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
 fn host_network_pods_are_left_alone() {
