@@ -295,11 +295,22 @@ async fn pump(
     };
     tokio::pin!(tripped);
     let mut watching_gate = chatty.is_some();
+    // A destination that cannot take more while the gate has tripped calls the hand-off off:
+    // the other direction may have stopped for it, and this one's destination may be waiting
+    // on exactly that direction (a server blocked writing what nobody reads any more). The
+    // other pump then starts again (`splice_bidirectional` watches `disabled`).
+    let blocked = || {
+        if let Some(gate) = chatty
+            && gate.tripped.is_cancelled()
+        {
+            gate.disable();
+        }
+    };
     loop {
         tokio::select! {
             biased;
             () = &mut tripped, if watching_gate => {
-                match empty_source(src, dst, pipes, &on_bytes).await? {
+                match empty_source(src, dst, pipes, &on_bytes, &blocked).await? {
                     Emptied::Empty => return Ok(PumpEnd::Stopped),
                     Emptied::Eof => return Ok(PumpEnd::Eof),
                     Emptied::StillBusy => {
@@ -319,7 +330,7 @@ async fn pump(
                 splice(src.stream.as_raw_fd(), pipe.write_fd(), pipe.capacity())
             })
         };
-        match move_chunk(src, dst, pipes, &on_bytes, splice_in).await? {
+        match move_chunk(src, dst, pipes, &on_bytes, &blocked, splice_in).await? {
             Chunk::Eof => return Ok(PumpEnd::Eof),
             Chunk::Moved(bytes) => {
                 if let Some(gate) = chatty {
@@ -347,6 +358,7 @@ async fn move_chunk(
     dst: Side<'_>,
     pipes: &PipePool,
     on_bytes: &impl Fn(u64),
+    blocked: &impl Fn(),
     splice_in: impl FnOnce(&Pipe) -> io::Result<usize>,
 ) -> Result<Chunk, Failure> {
     let pipe = pipes.take().map_err(Failure::tag("allocating a pipe"))?;
@@ -354,7 +366,7 @@ async fn move_chunk(
         Ok(0) => Chunk::Eof,
         Ok(filled) => {
             // On error the pipe may still hold bytes: it is dropped, not pooled.
-            drain(&pipe, filled, dst.stream, on_bytes)
+            drain(&pipe, filled, dst.stream, on_bytes, blocked)
                 .await
                 .map_err(Failure::tag(dst.writing))?;
             Chunk::Moved(filled)
@@ -389,10 +401,11 @@ async fn empty_source(
     dst: Side<'_>,
     pipes: &PipePool,
     on_bytes: &impl Fn(u64),
+    blocked: &impl Fn(),
 ) -> Result<Emptied, Failure> {
     let splice_in = |pipe: &Pipe| splice(src.stream.as_raw_fd(), pipe.write_fd(), pipe.capacity());
     for _ in 0..MAX_EMPTYING_SPLICES {
-        match move_chunk(src, dst, pipes, on_bytes, splice_in).await? {
+        match move_chunk(src, dst, pipes, on_bytes, blocked, splice_in).await? {
             Chunk::Eof => return Ok(Emptied::Eof),
             Chunk::Moved(_) => {}
             Chunk::Nothing => return Ok(Emptied::Empty),
@@ -401,13 +414,15 @@ async fn empty_source(
     Ok(Emptied::StillBusy)
 }
 
-/// Splices `len` bytes out of `pipe` into `dst`. On error the pipe is dropped by the caller
-/// (it may still hold bytes, so it must not go back to the pool).
+/// Splices `len` bytes out of `pipe` into `dst`, calling `blocked` each time `dst` cannot take
+/// more. On error the pipe is dropped by the caller (it may still hold bytes, so it must not
+/// go back to the pool).
 async fn drain(
     pipe: &Pipe,
     mut len: usize,
     dst: &TcpStream,
     on_bytes: &impl Fn(u64),
+    blocked: &impl Fn(),
 ) -> io::Result<()> {
     while len > 0 {
         dst.writable().await?;
@@ -418,7 +433,7 @@ async fn drain(
                 len -= moved;
                 on_bytes(moved as u64);
             }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => blocked(),
             Err(error) => return Err(error),
         }
     }
@@ -456,6 +471,98 @@ mod tests {
             gate.observe(100);
         }
         assert!(!gate.tripped.is_cancelled());
+    }
+
+    /// The gate trips while both directions are busy and the server's socket happens to be
+    /// empty: the download stops for the hand-off while the upload still moves a chunk. The
+    /// server (an echo writing each chunk back before it reads on) fills its send buffer with
+    /// nobody reading, stops reading, and the upload's chunk can no longer go out: the
+    /// hand-off must be called off and the download started again, or the connection hangs
+    /// for ever. The server's side holds a few KiB, the chunk queued at the agent 64 KiB.
+    #[tokio::test]
+    async fn a_hand_off_that_would_block_a_busy_direction_is_called_off() {
+        use std::io::{Read, Write};
+
+        use crate::forward::http::test_support;
+
+        const TOTAL: usize = 192 << 10;
+        let (app_client, proxy_client) = test_support::loopback_pair().await;
+        let (proxy_server, app_server) = test_support::loopback_pair().await;
+        for socket in [&proxy_server, &app_server] {
+            let socket = SockRef::from(socket);
+            socket.set_send_buffer_size(4096).unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+        }
+        // The applications on threads of their own, with blocking sockets: the client writes
+        // and reads at once, the echo writes each chunk back before it reads on.
+        let blocking = |stream: tokio::net::TcpStream| {
+            let stream = stream.into_std().unwrap();
+            stream.set_nonblocking(false).unwrap();
+            stream
+        };
+        let app_server = blocking(app_server);
+        let echo = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(len @ 1..) = (&app_server).read(&mut buf) {
+                (&app_server).write_all(&buf[..len]).unwrap();
+            }
+            let _ = app_server.shutdown(std::net::Shutdown::Write);
+        });
+        let app_client = blocking(app_client);
+        let writer = app_client.try_clone().unwrap();
+        let upload = std::thread::spawn(move || {
+            let block = vec![7u8; 64 * 1024];
+            for _ in 0..TOTAL / block.len() {
+                (&writer).write_all(&block).unwrap();
+            }
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let download = std::thread::spawn(move || {
+            let mut echoed = Vec::new();
+            let _ = (&app_client).read_to_end(&mut echoed);
+            let _ = done.send(());
+            echoed
+        });
+        let queued = async {
+            while crate::sys::bytes_readable(&proxy_client).unwrap() < 64 * 1024 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), queued)
+            .await
+            .expect("the upload did not start");
+
+        let dst = proxy_server.peer_addr().unwrap();
+        let proxy = test_support::proxy(Duration::from_secs(10));
+        let counters = test_support::counters(&proxy, dst);
+        let pipes = PipePool::new(4);
+        let gate = ChattyGate::new();
+        gate.tripped.cancel();
+        // A hand-off (both directions stopped between messages) goes on spliced here, standing
+        // in for the kernel's forwarding.
+        let spliced = async {
+            match splice_bidirectional(proxy_client, proxy_server, &pipes, &counters, Some(&gate))
+                .await
+            {
+                Spliced::Chatty(client, server) => {
+                    splice_to_end(client, server, &pipes, &counters).await
+                }
+                Spliced::Done(outcome) => outcome,
+            }
+        };
+        let spliced = tokio::time::timeout(Duration::from_secs(30), async {
+            let (spliced, _) = tokio::join!(spliced, finished);
+            spliced
+        })
+        .await
+        .expect("the connection hung");
+        let echoed = download.join().unwrap();
+        upload.join().unwrap();
+        echo.join().unwrap();
+        assert!(matches!(spliced, Outcome::Closed));
+        assert_eq!(echoed.len(), TOTAL);
+        assert!(echoed.iter().all(|&byte| byte == 7));
     }
 
     #[test]
