@@ -36,6 +36,56 @@ use crate::{
     tap::{Tap, TapEvent, now_ms},
 };
 
+/// A connection in `tcp_open_connections`, for as long as its task lives. A task dropped
+/// before it finished (a removed pod's drain ran out, or the agent's grace period) still
+/// leaves the gauge and counts its close, as `errno="ECONNABORTED"`: the agent cut it.
+struct OpenConnection<'a> {
+    metrics: &'a Metrics,
+    labels: &'a TcpLabels,
+    open: bool,
+}
+
+impl<'a> OpenConnection<'a> {
+    fn count(metrics: &'a Metrics, labels: &'a TcpLabels) -> Self {
+        metrics.tcp_open_connections.get_or_create(labels).inc();
+        Self {
+            metrics,
+            labels,
+            open: true,
+        }
+    }
+
+    /// The connection ended on its own; its close is counted by the caller, with its reason.
+    fn closed(mut self) {
+        self.leave();
+    }
+
+    fn leave(&mut self) {
+        if std::mem::take(&mut self.open) {
+            self.metrics
+                .tcp_open_connections
+                .get_or_create(self.labels)
+                .dec();
+        }
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        self.leave();
+        let close = TcpCloseLabels {
+            direction: self.labels.direction,
+            target_port: self.labels.target_port,
+            errno: "ECONNABORTED",
+            workload: self.labels.workload.clone(),
+        };
+        self.metrics.tcp_close_total.get_or_create(&close).inc();
+    }
+}
+
 /// With no upstream, detection only decides between a 502 and a reset: an HTTP client sends its
 /// request at once, so a silent client is reset after this long, not the full detect timeout.
 const UNREACHABLE_DETECT_LIMIT: Duration = Duration::from_secs(1);
@@ -202,8 +252,7 @@ pub async fn handle(client: TcpStream, accepted: Accepted, origin: Arc<Origin>, 
     };
     let metrics = &proxy.metrics;
     metrics.tcp_open_total.get_or_create(&labels).inc();
-    let open = metrics.tcp_open_connections.get_or_create(&labels).clone();
-    open.inc();
+    let open = OpenConnection::count(metrics, &labels);
     let counters = ByteCounters::new(metrics, &labels);
 
     // Connect before detecting: a server that speaks first must be heard at once.
@@ -225,7 +274,7 @@ pub async fn handle(client: TcpStream, accepted: Accepted, origin: Arc<Origin>, 
             (protocol, CloseReason::ConnectFailed(error))
         }
     };
-    open.dec();
+    open.closed();
     reason.log(id, peer, dst);
     let errno = reason.errno();
     let close = TcpCloseLabels {

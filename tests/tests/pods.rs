@@ -418,6 +418,66 @@ fn a_removed_pods_metric_series_go_after_the_retention_unless_it_comes_back() {
     agent.assert_metric("sockmesh_served_pods", &[], 1);
 }
 
+/// A removed pod's connection still open when its drain (`--shutdown-grace`) ends is cut,
+/// and leaves the books right: out of `tcp_open_connections`, its close counted.
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn a_connection_cut_at_the_pods_drain_deadline_is_counted_closed() {
+    require_privileged!();
+    let cgroup = TestCgroup::new("podcut");
+    let agent = Agent::start_with(
+        &cgroup,
+        AgentOptions {
+            args: vec![
+                format!("--opaque-ports={REDIS_PORT}"),
+                "--shutdown-grace=1s".to_string(),
+            ],
+            ..AgentOptions::default()
+        },
+    );
+    let network = PodNetwork::new(&agent.cni_socket);
+    let a = network.add_pod("a", &cgroup);
+    let b = network.add_pod("b", &cgroup);
+    let (_redis, redis) = redis_in(&b);
+    // A subscriber's connection stays open until it is cut.
+    let mut subscriber = a
+        .command("redis-cli")
+        .args([
+            "-h",
+            &redis.ip().to_string(),
+            "-p",
+            &redis.port().to_string(),
+            "SUBSCRIBE",
+            "news",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let open_in_a = || {
+        agent
+            .metrics()
+            .count("tcp_open_connections", &[("pod", "a")])
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || open_in_a() == 1),
+        "the subscriber is proxied"
+    );
+    assert!(a.sockmesh_cni("DEL").status.success());
+    assert!(
+        eventually(Duration::from_secs(10), || open_in_a() == 0),
+        "still open after the drain: {}",
+        open_in_a()
+    );
+    agent.assert_metric(
+        "tcp_close_total",
+        &[("pod", "a"), ("errno", "ECONNABORTED")],
+        1,
+    );
+    let _ = subscriber.kill();
+    let _ = subscriber.wait();
+}
+
 /// An IPv6 link-local destination is reached through the interface its scope id names, which
 /// the original destination does not keep, and a socket bound to an interface cannot reach the
 /// agent on lo: both connects go direct (redirected, they failed where direct ones work).
