@@ -71,6 +71,12 @@ pub enum InterceptError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "another sockmesh agent is running with the pin dir {} (its heartbeat is fresh): stop \
+         it, or give this agent another --pin-dir",
+        path.display()
+    )]
+    PinDirInUse { path: PathBuf },
     #[error("removing stale pin {}", path.display())]
     RemoveStalePin {
         path: PathBuf,
@@ -238,6 +244,8 @@ impl Intercept {
         if EBPF_OBJECT.is_empty() {
             return Err(InterceptError::NoObject);
         }
+        // Before anything is made: a failed start removes the pins it finds (as its own).
+        refuse_a_live_agents_pins(&config.pin_dir)?;
         let ebpf = EbpfLoader::new()
             .load(EBPF_OBJECT)
             .map_err(InterceptError::Load)?;
@@ -941,6 +949,41 @@ pub fn ipv6_words(addr: Ipv6Addr) -> [u32; 4] {
             octets[i * 4 + 3],
         ])
     })
+}
+
+/// Refuses a pin dir whose LIVENESS heartbeat still moves: another agent is running with it,
+/// and replacing its pins would break it (its proxy threads open ORIG_BY_TUPLE by path), as
+/// would removing them when this agent exits. A heartbeat that is fresh but does not move
+/// within its timeout is an agent that just died (a crash, then an immediate restart): its
+/// pins are replaced, as are those of any agent whose heartbeat is stale.
+fn refuse_a_live_agents_pins(pin_dir: &Path) -> Result<()> {
+    let path = pin_dir.join(map_names::LIVENESS);
+    let read = || {
+        MapData::from_pin(&path)
+            .ok()
+            .and_then(|data| aya::maps::Map::from_map_data(data).ok())
+            .and_then(|map| Array::<MapData, AgentLiveness>::try_from(map).ok())
+            .and_then(|map| map.get(&0, 0).ok())
+    };
+    let Some(first) = read() else {
+        return Ok(());
+    };
+    let age = crate::sys::monotonic_ns().saturating_sub(first.heartbeat_ns);
+    if first.heartbeat_ns == 0 || age > first.timeout_ns {
+        return Ok(());
+    }
+    // A live agent ticks every HEARTBEAT_PERIOD; wait out what is left of the timeout (at
+    // most the timeout itself, 1 s by default) and look again.
+    let wait = first.timeout_ns.saturating_sub(age)
+        + 2 * crate::liveness::HEARTBEAT_PERIOD.as_nanos() as u64;
+    #[allow(clippy::disallowed_methods)] // start-up, before any runtime work
+    std::thread::sleep(std::time::Duration::from_nanos(wait));
+    match read() {
+        Some(now) if now.heartbeat_ns != first.heartbeat_ns => Err(InterceptError::PinDirInUse {
+            path: pin_dir.to_path_buf(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Makes sure the pin dir exists on a bpffs, mounting bpffs at /sys/fs/bpf when it is missing.

@@ -143,6 +143,24 @@ fn killed_agent_fails_open() {
     assert_one_bulk_transfer_arrives(&cgroup, &server);
 }
 
+/// An agent started again at once after a crash (its heartbeat still fresh in the pins it
+/// left) takes those pins over: a heartbeat that does not move is no running agent.
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn an_agent_restarted_at_once_after_a_crash_takes_its_pins_over() {
+    require_privileged!();
+    let server = PatternServer::start("127.0.0.1:0", 1000);
+    let cgroup = TestCgroup::new("restart");
+    let mut crashed = Agent::start(&cgroup);
+    crashed.signal(libc::SIGKILL);
+    crashed.wait_exit();
+    let restarted = Agent::start(&cgroup);
+    assert_eq!(restarted.pin_dir, crashed.pin_dir);
+    assert_eq!(attached_programs(&cgroup), PROGRAMS);
+    assert_one_bulk_transfer_arrives(&cgroup, &server);
+    restarted.assert_metric("tcp_open_total", &[], 1);
+}
+
 #[test]
 #[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
 fn sigterm_lets_an_open_transfer_finish() {
@@ -285,7 +303,7 @@ fn a_second_agent_on_the_same_port_refuses_to_start() {
     );
     let cni_dir = integration_tests::temp_dir("second-cni");
     let cni_socket = cni_dir.join("cni.sock");
-    let second = |outbound: u16, inbound: u16| {
+    let second = |outbound: u16, inbound: u16, pin_dir: &str| {
         let output = run(
             Command::new(integration_tests::sockmesh_bin())
                 .arg("run")
@@ -294,7 +312,7 @@ fn a_second_agent_on_the_same_port_refuses_to_start() {
                 .args(["--outbound-port", &outbound.to_string()])
                 .args(["--inbound-port", &inbound.to_string()])
                 .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
-                .args(["--pin-dir", &pin_dir])
+                .args(["--pin-dir", pin_dir])
                 .arg("--cni-socket")
                 .arg(&cni_socket),
             // It fails before it attaches anything; one that started would be killed here.
@@ -309,7 +327,7 @@ fn a_second_agent_on_the_same_port_refuses_to_start() {
         (first.outbound_port, free_port(), first.outbound_port),
         (free_port(), first.inbound_port, first.inbound_port),
     ] {
-        let (code, stderr) = second(outbound, inbound);
+        let (code, stderr) = second(outbound, inbound, &pin_dir);
         assert_eq!(code, Some(1), "{stderr}");
         let message = format!("port {taken} is already in use on 127.0.0.1");
         assert!(stderr.contains(&message), "{stderr}");
@@ -318,6 +336,15 @@ fn a_second_agent_on_the_same_port_refuses_to_start() {
             "the second agent left programs attached"
         );
     }
+    // Other ports, but the first agent's pin dir: its pins would be replaced under it.
+    let (code, stderr) = second(free_port(), free_port(), &first.pin_dir.to_string_lossy());
+    assert_eq!(code, Some(1), "{stderr}");
+    let message = format!(
+        "another sockmesh agent is running with the pin dir {}",
+        first.pin_dir.display()
+    );
+    assert!(stderr.contains(&message), "{stderr}");
+    assert!(attached_programs(&other).is_empty());
 
     assert_eq!(attached_programs(&cgroup), PROGRAMS);
     assert_one_bulk_transfer_arrives(&cgroup, &server);
