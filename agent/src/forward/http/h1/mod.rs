@@ -218,8 +218,7 @@ impl Session {
             self.write_local(502).await?;
             return Ok(Next::Close);
         };
-        // Set once the response head went to the client: after that, a failure can only close.
-        let response_started = AtomicBool::new(false);
+        let response = upstream::ResponseProgress::default();
         let mut retried = false;
         let response = loop {
             let result = upstream
@@ -228,13 +227,13 @@ impl Session {
                     &mut self.client_buf,
                     request,
                     &mut record,
-                    &response_started,
+                    &response,
                     &self.proxy,
                     &self.conn,
                 )
                 .await;
             match result {
-                Ok(response) => break response,
+                Ok(head) => break head,
                 // A reused connection the server closed just as the request went out (an idle
                 // timeout racing us): nothing was answered, so an idempotent request without a
                 // body is sent once more, on a fresh connection.
@@ -243,7 +242,7 @@ impl Session {
                         && upstream.reused
                         && request.is_retryable()
                         && upstream.buf.is_empty()
-                        && !response_started.load(Ordering::Relaxed) =>
+                        && !response.started.load(Ordering::Relaxed) =>
                 {
                     tracing::debug!(%error, "reused upstream connection was closed; retrying");
                     upstream.stream = None;
@@ -251,8 +250,7 @@ impl Session {
                 }
                 Err(failure) => {
                     upstream.stream = None;
-                    let started = response_started.load(Ordering::Relaxed);
-                    return self.failed(failure, record, started).await;
+                    return self.failed(failure, record, &response).await;
                 }
             }
         };
@@ -280,9 +278,17 @@ impl Session {
         &mut self,
         failure: Failure,
         record: ResponseRecord,
-        response_started: bool,
+        response: &upstream::ResponseProgress,
     ) -> io::Result<Next> {
+        let response_started = response.started.load(Ordering::Relaxed);
         tracing::debug!(?failure, response_started, "http/1 exchange failed");
+        if response.complete.load(Ordering::Relaxed) {
+            // The whole response reached the client (an early 413, or a 417 for a client that
+            // then sends no body): the request side's failure does not make it a failed one.
+            let status = record.status;
+            record.finish(status, false);
+            return Ok(Next::Close);
+        }
         if response_started {
             let status = record.status;
             record.finish(status, true);
@@ -500,7 +506,9 @@ mod tests {
 /// The head timeout on paused time: tokio's clock jumps to the next timer whenever the
 /// runtime is idle, so a 10 s timeout takes no real time, and the elapsed time is exact.
 #[cfg(test)]
-mod head_timeout_tests {
+/// One connection through `forward`, with the timers (head and upstream timeouts) on paused time
+/// where a test needs them.
+mod exchange_tests {
     use std::time::Duration;
 
     use tokio::{
@@ -621,6 +629,46 @@ mod head_timeout_tests {
         assert_eq!(&response, b"HTTP/1.1 200 OK");
         assert_eq!(test_support::errors(&proxy, "upstream_timeout"), 0);
         upload.await.unwrap();
+    }
+
+    /// A response that reaches the client whole before the request's body is done (an early
+    /// 413, after which the client stops sending) is recorded as it was, not as broken.
+    #[tokio::test]
+    async fn a_whole_response_before_the_request_ended_is_no_failure() {
+        let (mut client, mut server, proxy, task) = proxied().await;
+        let dst = server.local_addr().unwrap();
+        let head = format!("POST /upload HTTP/1.1\r\nHost: {dst}\r\nContent-Length: 10\r\n\r\n");
+        client.write_all(head.as_bytes()).await.unwrap();
+        client.write_all(b"abc").await.unwrap();
+        let mut request = vec![0u8; head.len() + 3];
+        server.read_exact(&mut request).await.unwrap();
+        let answer = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n";
+        server.write_all(answer).await.unwrap();
+        let mut response = vec![0u8; answer.len()];
+        client.read_exact(&mut response).await.unwrap();
+        assert_eq!(response, answer);
+        // The client gives up on the rest of its body.
+        client.shutdown().await.unwrap();
+        let _ = task.await.unwrap();
+        let responses = |classification| {
+            let labels = crate::metrics::http::ResponseLabels {
+                direction: crate::metrics::Direction::Outbound,
+                target_port: dst.port(),
+                authority: dst.to_string(),
+                status_code: 413,
+                classification,
+                grpc_status: String::new(),
+                workload: Default::default(),
+            };
+            proxy
+                .metrics
+                .http
+                .response_total
+                .get_or_create(&labels)
+                .get()
+        };
+        assert_eq!(responses("success"), 1);
+        assert_eq!(responses("failure"), 0);
     }
 
     /// An upload that stops halfway, and a server that waits for the rest: 504 once the

@@ -30,7 +30,7 @@ impl Upstream {
         client_buf: &mut BytesMut,
         request: &RequestHead,
         record: &mut ResponseRecord,
-        response_started: &AtomicBool,
+        response_progress: &ResponseProgress,
         proxy: &HttpProxy,
         conn: &ConnInfo,
     ) -> Result<ResponseHead, Failure> {
@@ -87,7 +87,7 @@ impl Upstream {
                 )
                 .await??;
             record.response_started(response.status);
-            response_started.store(true, Ordering::Relaxed);
+            response_progress.started.store(true, Ordering::Relaxed);
             forward_message(
                 &mut server_read,
                 server_buf,
@@ -98,6 +98,7 @@ impl Upstream {
             )
             .await
             .map_err(|error| error.failure(Sender::Server))?;
+            response_progress.complete.store(true, Ordering::Relaxed);
             Ok(response)
         };
         let ((), response) = tokio::try_join!(request_side, response_side)?;
@@ -129,6 +130,16 @@ impl Upstream {
         }
         Ok(())
     }
+}
+
+/// How far an exchange's response got, for what a failure of the exchange means.
+#[derive(Default)]
+pub(super) struct ResponseProgress {
+    /// Its head went to the client: after that, a failure can only close.
+    pub(super) started: AtomicBool,
+    /// All of it went to the client: a failure after that (the request side's) is no failure
+    /// of the response.
+    pub(super) complete: AtomicBool,
 }
 
 /// When a request's bytes last moved, for the wait on its response head.
