@@ -421,3 +421,45 @@ pub fn bytes_readable(socket: &impl AsRawFd) -> io::Result<usize> {
     }
     Ok(usize::try_from(bytes).unwrap_or(0))
 }
+
+/// SIOCATMARK (linux/sockios.h; libc does not name it on Linux).
+const SIOCATMARK: libc::Ioctl = 0x8905;
+
+/// SIOCATMARK: whether the next byte to read is TCP urgent data (the urgent mark).
+pub fn at_urgent_mark(socket: &impl AsRawFd) -> io::Result<bool> {
+    let mut at_mark: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int through the pointer, which points at `at_mark`.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCATMARK, &raw mut at_mark) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(at_mark != 0)
+}
+
+/// One non-blocking recv(2) with `flags` added: the bytes read (0 at EOF).
+pub fn recv_now(socket: &impl AsRawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of its length.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// One non-blocking send(2) with `flags` added (never SIGPIPE): the bytes sent.
+pub fn send_now(socket: &impl AsRawFd, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: buf is valid for reads of its length.
+    let n = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            flags | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}

@@ -171,6 +171,57 @@ fn userspace_copy_mode_is_byte_exact_too() {
     );
 }
 
+/// TCP urgent data (MSG_OOB: telnet's interrupt, FTP's ABOR) in the middle of a stream: the
+/// server gets every byte, the urgent one still urgent. splice(2) stops at the urgent byte and
+/// finds nothing more to take, so the agent forwarded "hell" and then nothing, for ever.
+#[test]
+#[ignore = "needs root and cgroup v2: run by `cargo xtask test` as root"]
+fn urgent_data_passes_through_still_urgent() {
+    require_privileged!();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        // A blocking read stops at the urgent byte (taken out of the stream: no SO_OOBINLINE).
+        let mut before = vec![0u8; 4];
+        stream.read_exact(&mut before).unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let urgent = loop {
+            match socket.recv_out_of_band(&mut byte) {
+                // SAFETY: recv wrote the one byte it reports.
+                Ok(1) => break Some(unsafe { byte[0].assume_init() }),
+                _ if std::time::Instant::now() > deadline => break None,
+                _ => thread::sleep(Duration::from_millis(1)),
+            }
+        };
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        (before, urgent, rest)
+    });
+    let cgroup = TestCgroup::new("urgent");
+    let _agent = Agent::start(&cgroup);
+    let script = format!(
+        "import socket\n\
+         s = socket.create_connection(('127.0.0.1', {}))\n\
+         s.sendall(b'hell')\n\
+         s.send(b'o', socket.MSG_OOB)\n\
+         s.sendall(b' world')\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         s.recv(1)\n",
+        addr.port()
+    );
+    run_ok(
+        cgroup.command("python3").args(["-c", &script]),
+        Duration::from_secs(20),
+    );
+    let (before, urgent, rest) = server.join().unwrap();
+    assert_eq!(before, b"hell");
+    assert_eq!(urgent, Some(b'o'));
+    assert_eq!(rest, b" world");
+}
+
 /// Fire and forget: connect, send, close at once. The client socket can be gone before the
 /// proxy has even accepted its connection; the bytes must still arrive.
 #[test]

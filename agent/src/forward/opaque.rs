@@ -306,6 +306,8 @@ async fn pump(
             gate.disable();
         }
     };
+    // Set when urgent data was passed on: bytes may wait behind it with no wake-up to come.
+    let mut splice_again = false;
     loop {
         tokio::select! {
             biased;
@@ -322,8 +324,10 @@ async fn pump(
                     }
                 }
             }
+            () = std::future::ready(()), if splice_again => {}
             readable = src.stream.readable() => readable.map_err(Failure::tag(src.reading))?,
         }
+        splice_again = false;
         // Through tokio, so that "nothing queued" clears the readiness that woke us.
         let splice_in = |pipe: &Pipe| {
             src.stream.try_io(Interest::READABLE, || {
@@ -337,9 +341,82 @@ async fn pump(
                     gate.observe(bytes);
                 }
             }
-            Chunk::Nothing => {}
+            Chunk::Nothing => match pass_urgent_data(src, dst, &on_bytes).await? {
+                Urgent::None => {}
+                Urgent::Passed => splice_again = true,
+                Urgent::Eof => return Ok(PumpEnd::Eof),
+            },
         }
     }
+}
+
+/// What `pass_urgent_data` found at the source.
+enum Urgent {
+    /// No urgent mark: the source has nothing queued.
+    None,
+    /// The urgent byte went on (still urgent), and the stream is past it.
+    Passed,
+    /// The stream ended right behind the urgent byte.
+    Eof,
+}
+
+/// splice(2) stops at TCP urgent data (`tcp_read_sock` stops at the urgent mark) and then
+/// reports nothing queued while bytes wait behind it, and no wake-up comes for them: a
+/// telnet interrupt or an FTP ABOR froze the direction for ever. At the mark the urgent byte
+/// is read out of band and sent on out of band (the other side sees it urgent, as sent), and
+/// one plain read steps the stream over it, the byte it reads (if any) passed on in order.
+async fn pass_urgent_data(
+    src: Side<'_>,
+    dst: Side<'_>,
+    on_bytes: &impl Fn(u64),
+) -> Result<Urgent, Failure> {
+    let reading = Failure::tag(src.reading);
+    if !crate::sys::at_urgent_mark(src.stream).map_err(reading)? {
+        return Ok(Urgent::None);
+    }
+    let mut byte = [0u8; 1];
+    match crate::sys::recv_now(src.stream, &mut byte, libc::MSG_OOB) {
+        Ok(1) => send_all(dst, &byte, libc::MSG_OOB, on_bytes).await?,
+        // Already read, or not there: the stream still steps over its place.
+        Ok(_) => {}
+        Err(error) if matches!(error.raw_os_error(), Some(libc::EINVAL | libc::EAGAIN)) => {}
+        Err(error) => return Err(Failure::tag(src.reading)(error)),
+    }
+    match crate::sys::recv_now(src.stream, &mut byte, 0) {
+        Ok(0) => Ok(Urgent::Eof),
+        Ok(_) => {
+            send_all(dst, &byte, 0, on_bytes).await?;
+            Ok(Urgent::Passed)
+        }
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(Urgent::Passed),
+        Err(error) => Err(Failure::tag(src.reading)(error)),
+    }
+}
+
+/// Sends `bytes` to `dst` with `flags` (MSG_OOB for urgent data), waiting while it is full.
+async fn send_all(
+    dst: Side<'_>,
+    mut bytes: &[u8],
+    flags: libc::c_int,
+    on_bytes: &impl Fn(u64),
+) -> Result<(), Failure> {
+    while !bytes.is_empty() {
+        dst.stream
+            .writable()
+            .await
+            .map_err(Failure::tag(dst.writing))?;
+        match dst.stream.try_io(Interest::WRITABLE, || {
+            crate::sys::send_now(dst.stream, bytes, flags)
+        }) {
+            Ok(sent) => {
+                on_bytes(sent as u64);
+                bytes = &bytes[sent..];
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(Failure::tag(dst.writing)(error)),
+        }
+    }
+    Ok(())
 }
 
 /// What one splice from the source found.
@@ -363,6 +440,9 @@ async fn move_chunk(
 ) -> Result<Chunk, Failure> {
     let pipe = pipes.take().map_err(Failure::tag("allocating a pipe"))?;
     let chunk = match splice_in(&pipe) {
+        // At an urgent mark splice(2) answers 0 once the peer's FIN is in, bytes still queued
+        // behind the mark: not the end (`pass_urgent_data` takes it from there).
+        Ok(0) if crate::sys::at_urgent_mark(src.stream).unwrap_or(false) => Chunk::Nothing,
         Ok(0) => Chunk::Eof,
         Ok(filled) => {
             // On error the pipe may still hold bytes: it is dropped, not pooled.
@@ -408,7 +488,12 @@ async fn empty_source(
         match move_chunk(src, dst, pipes, on_bytes, blocked, splice_in).await? {
             Chunk::Eof => return Ok(Emptied::Eof),
             Chunk::Moved(_) => {}
-            Chunk::Nothing => return Ok(Emptied::Empty),
+            // Bytes behind an urgent mark are still queued: not empty yet.
+            Chunk::Nothing => match pass_urgent_data(src, dst, on_bytes).await? {
+                Urgent::None => return Ok(Emptied::Empty),
+                Urgent::Passed => {}
+                Urgent::Eof => return Ok(Emptied::Eof),
+            },
         }
     }
     Ok(Emptied::StillBusy)
