@@ -264,7 +264,8 @@ pub struct RunArgs {
     pub policy: Option<PathBuf>,
     /// Unix socket where `sockmesh-cni` registers pods (pod mode); the pod registry is kept
     /// beside it, in `pods/`. An empty value turns pod mode off.
-    #[arg(long, env = "SOCKMESH_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
+    #[arg(long, env = "SOCKMESH_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET,
+          value_parser = parse_path_or_empty)]
     pub cni_socket: PathBuf,
     /// How long a removed pod's metric series stay on /metrics after its connections ended
     /// (so that the next scrapes see their last values); then they are removed.
@@ -350,6 +351,11 @@ impl RunArgs {
     }
 }
 
+/// A path, the empty one included (clap's own PathBuf parser refuses it).
+fn parse_path_or_empty(value: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(value))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +396,16 @@ mod tests {
         assert_eq!(json["skip_outbound_ports"], "4191");
         assert_eq!(json["detect_timeout_ms"], 10_000);
         assert_eq!(json["enable_shutdown_endpoint"], false);
+    }
+
+    #[test]
+    fn an_empty_cni_socket_turns_pod_mode_off() {
+        assert_eq!(config(&["--cni-socket", ""]).cni_socket, None);
+        assert_eq!(config(&["--cni-socket="]).cni_socket, None);
+        assert_eq!(
+            config(&[]).cni_socket,
+            Some(PathBuf::from(DEFAULT_CNI_SOCKET))
+        );
     }
 
     #[test]
