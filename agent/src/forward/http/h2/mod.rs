@@ -534,15 +534,7 @@ mod tests {
     async fn a_request_the_client_gives_up_on_is_not_recorded() {
         let (mut app_client, dst, proxy, connection, received, _hang_up) =
             through_forward_to_unanswering().await;
-        let authority = dst.to_string();
-        // :method GET, :scheme http, :path / (static table), :authority (literal).
-        let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
-        block.extend_from_slice(authority.as_bytes());
-        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        bytes.extend(frame(0x4, 0, 0, &[]));
-        // HEADERS, END_STREAM | END_HEADERS, stream 1.
-        bytes.extend(frame(0x1, 0x5, 1, &block));
-        app_client.write_all(&bytes).await.unwrap();
+        app_client.write_all(&get_on_stream(dst, 1)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), received.notified())
             .await
             .expect("the origin gets the request");
@@ -563,15 +555,8 @@ mod tests {
     async fn headers_on_a_stream_id_already_passed_are_not_a_new_request() {
         let (mut app_client, dst, proxy, connection, received, hang_up) =
             through_forward_to_unanswering().await;
-        let authority = dst.to_string();
-        // :method GET, :scheme http, :path / (static table), :authority (literal).
-        let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
-        block.extend_from_slice(authority.as_bytes());
-        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        bytes.extend(frame(0x4, 0, 0, &[]));
-        // HEADERS, END_STREAM | END_HEADERS, on stream 3, then on stream 1 (passed already).
-        bytes.extend(frame(0x1, 0x5, 3, &block));
-        app_client.write_all(&bytes).await.unwrap();
+        // A request on stream 3, then a header block on stream 1 (passed already).
+        app_client.write_all(&get_on_stream(dst, 3)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), received.notified())
             .await
             .expect("the origin gets the request");
@@ -608,7 +593,7 @@ mod tests {
         for (code, failures) in [(INTERNAL_ERROR, 1), (REFUSED_STREAM, 0)] {
             let (mut app_client, dst, proxy, connection) =
                 through_forward_to(move |stream| resetting_origin(stream, code)).await;
-            app_client.write_all(&get_on_stream_1(dst)).await.unwrap();
+            app_client.write_all(&get_on_stream(dst, 1)).await.unwrap();
             // The server's SETTINGS and its RST_STREAM reach the client.
             let mut answer = vec![0; 9 + 6 + 9 + 4];
             tokio::time::timeout(Duration::from_secs(10), app_client.read_exact(&mut answer))
@@ -626,19 +611,20 @@ mod tests {
         }
     }
 
-    /// The client's preface, an empty SETTINGS and a GET on stream 1 (END_STREAM).
-    fn get_on_stream_1(dst: SocketAddr) -> Vec<u8> {
+    /// In raw frames, the client's preface, an empty SETTINGS and a GET to `dst` on `stream`
+    /// (HEADERS with END_STREAM | END_HEADERS).
+    fn get_on_stream(dst: SocketAddr, stream: u32) -> Vec<u8> {
         let authority = dst.to_string();
         // :method GET, :scheme http, :path / (static table), :authority (literal).
         let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
         block.extend_from_slice(authority.as_bytes());
         let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         bytes.extend(frame(0x4, 0, 0, &[]));
-        bytes.extend(frame(0x1, 0x5, 1, &block));
+        bytes.extend(frame(0x1, 0x5, stream, &block));
         bytes
     }
 
-    /// An origin of raw frames: once it has the client's request (`get_on_stream_1`), it
+    /// An origin of raw frames: once it has the client's request (`get_on_stream`), it
     /// sends its SETTINGS and resets stream 1 with `code`, then waits for the client to go.
     async fn resetting_origin(mut stream: TcpStream, code: u32) {
         let mut request = Vec::new();
