@@ -56,9 +56,16 @@ type Result<T, E = AcceptError> = std::result::Result<T, E>;
 /// Binds the outbound listeners (IPv4 and IPv6 loopback) on `port` in `origin`'s network
 /// namespace, not yet registered with a runtime. With SO_REUSEPORT each proxy thread binds its
 /// own pair and the kernel spreads connections over them.
-pub fn bind_listeners(origin: &Origin, port: u16) -> Result<Vec<std::net::TcpListener>> {
+pub fn bind_listeners(
+    origin: &Origin,
+    port: u16,
+    keepalive: Option<Duration>,
+) -> Result<Vec<std::net::TcpListener>> {
     let [v4, v6] = loopback(port);
-    Ok(vec![bind(origin, v4)?, bind(origin, v6)?])
+    Ok(vec![
+        bind(origin, v4, keepalive)?,
+        bind(origin, v6, keepalive)?,
+    ])
 }
 
 fn loopback(port: u16) -> [SocketAddr; 2] {
@@ -99,13 +106,21 @@ fn socket(origin: &Origin, addr: SocketAddr) -> Result<Socket> {
     Ok(socket)
 }
 
-fn bind(origin: &Origin, addr: SocketAddr) -> Result<std::net::TcpListener> {
+fn bind(
+    origin: &Origin,
+    addr: SocketAddr,
+    keepalive: Option<Duration>,
+) -> Result<std::net::TcpListener> {
     let socket = socket(origin, addr)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
-    // Accepted sockets inherit it: the agent's writes to its clients are never held back by
-    // Nagle, and no connection pays a setsockopt of its own for it.
+    // Accepted sockets inherit both: the agent's writes to its clients are never held back by
+    // Nagle, a client that vanished is found by keepalive, and no connection pays a
+    // setsockopt of its own for either.
     socket.set_tcp_nodelay(true)?;
+    if let Some(idle) = keepalive {
+        socket.set_tcp_keepalive(&crate::connect::keepalive(idle))?;
+    }
     socket
         .bind(&addr.into())
         .map_err(|source| AcceptError::Bind { addr, source })?;
@@ -155,7 +170,11 @@ impl ProxyThreads {
         ensure_port_free(&scope.origin, port)?;
         let mut pairs = Vec::with_capacity(self.handles.len());
         for _ in &self.handles {
-            pairs.push(bind_listeners(&scope.origin, port)?);
+            pairs.push(bind_listeners(
+                &scope.origin,
+                port,
+                scope.proxy.keepalive(),
+            )?);
         }
         let first = pairs[0]
             .iter()
@@ -288,11 +307,14 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
-    /// The connections a listener accepts have TCP_NODELAY from it (Linux copies the
-    /// listener's TCP options into the socket it accepts): no connection needs a setsockopt.
+    /// The connections a listener accepts have TCP_NODELAY and the keepalive settings from it
+    /// (Linux copies the listener's socket and TCP options into the socket it accepts, and
+    /// starts its keepalive timer): no connection needs a setsockopt.
     #[test]
-    fn accepted_sockets_inherit_nodelay_from_the_listener() {
-        let listener = bind(&Origin::host(0), SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+    fn accepted_sockets_inherit_nodelay_and_keepalive_from_the_listener() {
+        let idle = Duration::from_secs(7);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let listener = bind(&Origin::host(0), addr, Some(idle)).unwrap();
         listener.set_nonblocking(false).unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
@@ -300,6 +322,12 @@ mod tests {
             accepted.nodelay().unwrap(),
             "the accepted socket has Nagle on"
         );
+        let options = socket2::SockRef::from(&accepted);
+        assert!(options.keepalive().unwrap(), "no keepalive");
+        assert_eq!(options.tcp_keepalive_time().unwrap(), idle);
+        assert_eq!(options.tcp_keepalive_interval().unwrap(), idle);
+        let off = bind(&Origin::host(0), addr, None).unwrap();
+        assert!(!socket2::SockRef::from(&off).keepalive().unwrap());
         assert_eq!(
             accepted.local_addr().unwrap(),
             listener.local_addr().unwrap(),

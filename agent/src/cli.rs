@@ -209,6 +209,12 @@ pub struct RunArgs {
     #[arg(long, env = "SOCKMESH_CONNECT_TIMEOUT", default_value = "10s",
           value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// TCP keepalive on both of the agent's sockets of every connection: a probe after this
+    /// long idle, then one every as long, so a peer gone without a word (a crashed node, a
+    /// dropped route) is found and its connection closed; 0s turns it off.
+    #[arg(long, env = "SOCKMESH_TCP_KEEPALIVE", default_value = "10s",
+          value_parser = parse_duration)]
+    pub tcp_keepalive: Duration,
     /// How opaque connections move bytes: sockmap (in the kernel, no wake-ups per message),
     /// splice (zero-copy through pipes) or userspace (read/write, for comparison).
     #[arg(
@@ -335,6 +341,7 @@ impl RunArgs {
             upstream_timeout: self.upstream_timeout,
             shutdown_grace: self.shutdown_grace,
             connect_timeout: self.connect_timeout,
+            tcp_keepalive: self.tcp_keepalive,
             enable_shutdown_endpoint: self.enable_shutdown_endpoint,
             copy_mode: self.copy_mode,
             accelerate: self.accelerate,
@@ -395,6 +402,7 @@ mod tests {
         );
         assert_eq!(json["skip_outbound_ports"], "4191");
         assert_eq!(json["detect_timeout_ms"], 10_000);
+        assert_eq!(json["tcp_keepalive_ms"], 10_000);
         assert_eq!(json["enable_shutdown_endpoint"], false);
     }
 

@@ -283,6 +283,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     #[serde(rename = "connect_timeout_ms", serialize_with = "as_millis")]
     pub connect_timeout: Duration,
+    /// TCP keepalive idle time and interval on the agent's sockets; zero: off.
+    #[serde(rename = "tcp_keepalive_ms", serialize_with = "as_millis")]
+    pub tcp_keepalive: Duration,
     /// Whether POST /shutdown (from loopback) stops the agent.
     pub enable_shutdown_endpoint: bool,
     pub copy_mode: CopyMode,

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use socket2::SockRef;
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
 
 use agent_common::INBOUND_PASSTHROUGH_IP4;
@@ -22,6 +22,15 @@ use crate::{metrics::Direction, netns::Origin};
 pub struct Dialer {
     pub bypass_mark: u32,
     pub timeout: Duration,
+    /// TCP keepalive for the upstream sockets (None: off); the listeners pass theirs on to
+    /// the sockets they accept.
+    pub keepalive: Option<Duration>,
+}
+
+/// Keepalive probes after `idle` without traffic, then every `idle`: with the kernel's 9
+/// probes, a peer that vanished is given up on after about ten times `idle`.
+pub fn keepalive(idle: Duration) -> TcpKeepalive {
+    TcpKeepalive::new().with_time(idle).with_interval(idle)
 }
 
 impl Dialer {
@@ -40,6 +49,9 @@ impl Dialer {
         })?;
         SockRef::from(&socket).set_mark(self.bypass_mark)?;
         socket.set_nodelay(true)?;
+        if let Some(idle) = self.keepalive {
+            SockRef::from(&socket).set_tcp_keepalive(&keepalive(idle))?;
+        }
         if direction == Direction::Inbound {
             // The source sk_lookup lets through: the passthrough address (IPv4), or the
             // workload's own address (IPv6). The port is chosen at connect: many connections
@@ -54,6 +66,36 @@ impl Dialer {
         match tokio::time::timeout(self.timeout, socket.connect(dst)).await {
             Ok(result) => result,
             Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent's own connections carry its keepalive, and none when it is off.
+    #[tokio::test]
+    async fn upstream_sockets_carry_the_keepalive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = listener.local_addr().unwrap();
+        for keepalive in [Some(Duration::from_secs(9)), None] {
+            let dialer = Dialer {
+                bypass_mark: 0,
+                timeout: Duration::from_secs(5),
+                keepalive,
+            };
+            let stream = dialer
+                .connect(dst, &Origin::host(0), Direction::Outbound)
+                .await
+                .unwrap();
+            let options = SockRef::from(&stream);
+            assert_eq!(options.keepalive().unwrap(), keepalive.is_some());
+            if let Some(idle) = keepalive {
+                assert_eq!(options.tcp_keepalive_time().unwrap(), idle);
+                assert_eq!(options.tcp_keepalive_interval().unwrap(), idle);
+            }
+            let _ = listener.accept().await.unwrap();
         }
     }
 }

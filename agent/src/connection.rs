@@ -117,6 +117,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// TCP keepalive for the agent's sockets, the listeners' included (None: off).
+    pub fn keepalive(&self) -> Option<Duration> {
+        self.dialer.keepalive
+    }
+
     pub fn new(
         metrics: Arc<Metrics>,
         tap: Arc<Tap>,
@@ -128,6 +133,7 @@ impl Proxy {
         let dialer = Dialer {
             bypass_mark: config.bypass_mark,
             timeout: config.connect_timeout,
+            keepalive: (!config.tcp_keepalive.is_zero()).then_some(config.tcp_keepalive),
         };
         let http = HttpProxy {
             metrics: Arc::clone(&metrics),

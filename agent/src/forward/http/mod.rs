@@ -178,6 +178,7 @@ pub(crate) mod test_support {
             dialer: Dialer {
                 bypass_mark: 0,
                 timeout: Duration::from_secs(1),
+                keepalive: None,
             },
             draining: CancellationToken::new(),
         })

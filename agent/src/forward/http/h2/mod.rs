@@ -87,6 +87,7 @@ pub fn observe_chunks(chunks: &[(bool, &[u8])]) {
         dialer: crate::connect::Dialer {
             bypass_mark: 0,
             timeout: std::time::Duration::from_secs(1),
+            keepalive: None,
         },
         draining: tokio_util::sync::CancellationToken::new(),
     });
