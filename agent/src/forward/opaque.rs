@@ -377,9 +377,12 @@ async fn pass_urgent_data(
     let mut byte = [0u8; 1];
     match crate::sys::recv_now(src.stream, &mut byte, libc::MSG_OOB) {
         Ok(1) => send_all(dst, &byte, libc::MSG_OOB, on_bytes).await?,
-        // Already read, or not there: the stream still steps over its place.
+        // The urgent pointer came ahead of its byte: the byte's arrival wakes the pump, and
+        // stepping over a place not yet filled would only spin.
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(Urgent::None),
+        // Already read: the stream still steps over its place.
         Ok(_) => {}
-        Err(error) if matches!(error.raw_os_error(), Some(libc::EINVAL | libc::EAGAIN)) => {}
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {}
         Err(error) => return Err(Failure::tag(src.reading)(error)),
     }
     match crate::sys::recv_now(src.stream, &mut byte, 0) {
