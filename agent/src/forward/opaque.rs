@@ -399,27 +399,14 @@ async fn pass_urgent_data(
 /// Sends `bytes` to `dst` with `flags` (MSG_OOB for urgent data), waiting while it is full.
 async fn send_all(
     dst: Side<'_>,
-    mut bytes: &[u8],
+    bytes: &[u8],
     flags: libc::c_int,
     on_bytes: &impl Fn(u64),
 ) -> Result<(), Failure> {
-    while !bytes.is_empty() {
-        dst.stream
-            .writable()
-            .await
-            .map_err(Failure::tag(dst.writing))?;
-        match dst.stream.try_io(Interest::WRITABLE, || {
-            crate::sys::send_now(dst.stream, bytes, flags)
-        }) {
-            Ok(sent) => {
-                on_bytes(sent as u64);
-                bytes = &bytes[sent..];
-            }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-            Err(error) => return Err(Failure::tag(dst.writing)(error)),
-        }
-    }
-    Ok(())
+    let send = |sent: usize| crate::sys::send_now(dst.stream, &bytes[sent..], flags);
+    write_out(dst.stream, bytes.len(), on_bytes, &|| {}, send)
+        .await
+        .map_err(Failure::tag(dst.writing))
 }
 
 /// What one splice from the source found.
@@ -507,19 +494,32 @@ async fn empty_source(
 /// go back to the pool).
 async fn drain(
     pipe: &Pipe,
-    mut len: usize,
+    len: usize,
     dst: &TcpStream,
     on_bytes: &impl Fn(u64),
     blocked: &impl Fn(),
 ) -> io::Result<()> {
-    while len > 0 {
+    let splice_out = |moved: usize| splice(pipe.read_fd(), dst.as_raw_fd(), len - moved);
+    write_out(dst, len, on_bytes, blocked, splice_out).await
+}
+
+/// Writes `len` bytes to `dst` with `write` (given how many went out so far, it writes some
+/// of the rest without blocking), waiting while `dst` is full and calling `blocked` each time
+/// it is.
+async fn write_out(
+    dst: &TcpStream,
+    len: usize,
+    on_bytes: &impl Fn(u64),
+    blocked: &impl Fn(),
+    mut write: impl FnMut(usize) -> io::Result<usize>,
+) -> io::Result<()> {
+    let mut moved = 0;
+    while moved < len {
         dst.writable().await?;
-        match dst.try_io(Interest::WRITABLE, || {
-            splice(pipe.read_fd(), dst.as_raw_fd(), len)
-        }) {
-            Ok(moved) => {
-                len -= moved;
-                on_bytes(moved as u64);
+        match dst.try_io(Interest::WRITABLE, || write(moved)) {
+            Ok(now) => {
+                moved += now;
+                on_bytes(now as u64);
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => blocked(),
             Err(error) => return Err(error),
