@@ -213,4 +213,29 @@ pub(crate) mod test_support {
         };
         proxy.metrics.http.errors_total.get_or_create(&labels).get()
     }
+
+    /// `response_total` of outbound requests to `dst` (as their authority) with these labels.
+    pub fn responses(
+        proxy: &HttpProxy,
+        dst: SocketAddr,
+        status_code: u16,
+        classification: &'static str,
+        grpc_status: &str,
+    ) -> u64 {
+        let labels = crate::metrics::http::ResponseLabels {
+            direction: Direction::Outbound,
+            target_port: dst.port(),
+            authority: dst.to_string(),
+            status_code,
+            classification,
+            grpc_status: grpc_status.to_string(),
+            workload: Default::default(),
+        };
+        proxy
+            .metrics
+            .http
+            .response_total
+            .get_or_create(&labels)
+            .get()
+    }
 }

@@ -650,23 +650,8 @@ mod exchange_tests {
         // The client gives up on the rest of its body.
         client.shutdown().await.unwrap();
         let _ = task.await.unwrap();
-        let responses = |classification| {
-            let labels = crate::metrics::http::ResponseLabels {
-                direction: crate::metrics::Direction::Outbound,
-                target_port: dst.port(),
-                authority: dst.to_string(),
-                status_code: 413,
-                classification,
-                grpc_status: String::new(),
-                workload: Default::default(),
-            };
-            proxy
-                .metrics
-                .http
-                .response_total
-                .get_or_create(&labels)
-                .get()
-        };
+        let responses =
+            |classification| test_support::responses(&proxy, dst, 413, classification, "");
         assert_eq!(responses("success"), 1);
         assert_eq!(responses("failure"), 0);
     }

@@ -277,21 +277,8 @@ mod tests {
         } else {
             status != 0 && status < 500
         };
-        let labels = ResponseLabels {
-            direction: Direction::Outbound,
-            target_port: dst.port(),
-            authority: dst.to_string(),
-            status_code: status,
-            classification: if success { "success" } else { "failure" },
-            grpc_status: grpc_status.to_string(),
-            workload: Default::default(),
-        };
-        proxy
-            .metrics
-            .http
-            .response_total
-            .get_or_create(&labels)
-            .get()
+        let classification = if success { "success" } else { "failure" };
+        test_support::responses(proxy, dst, status, classification, grpc_status)
     }
 
     /// `origin` behind `forward`: the client's socket, the origin's address, the proxy and
